@@ -1,0 +1,1 @@
+//! ansible backend (work in progress).

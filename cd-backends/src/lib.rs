@@ -1,0 +1,25 @@
+//! # cd-backends
+//!
+//! Deployers and stores that talk to the outside world. Each backend is a
+//! module behind its own cargo feature, so a user who deploys over SSH
+//! compiles no Terraform or container code.
+//!
+//! | feature | module | what |
+//! |---|---|---|
+//! | `local` | [`local`] | local processes health-checked over HTTP; a TCP router for blue-green |
+//! | `sqlite` | [`sqlite`] | the embedded durable store |
+//! | `ssh` | [`ssh`] | Capistrano-style releases on plain SSH hosts (russh) |
+//! | `terraform` | [`terraform`] | the terraform / tofu CLI |
+//! | `ansible` | [`ansible`] | ansible-playbook |
+#![forbid(unsafe_code)]
+
+#[cfg(feature = "local")]
+pub mod local;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+#[cfg(feature = "ssh")]
+pub mod ssh;
+#[cfg(feature = "terraform")]
+pub mod terraform;
+#[cfg(feature = "ansible")]
+pub mod ansible;

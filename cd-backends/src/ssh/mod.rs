@@ -1,0 +1,1 @@
+//! ssh backend (work in progress).

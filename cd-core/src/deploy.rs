@@ -1,0 +1,155 @@
+//! The `Deployer` trait: how a release gets onto a target.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::Result;
+use crate::event::Emitter;
+use crate::types::{Plan, Release, Revision, Target};
+
+/// What a deployer can do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployerCapabilities {
+    /// [`Deployer::rollback`] works.
+    pub rollback: bool,
+    /// Applying the release already live is a no-op.
+    pub idempotent: bool,
+    /// [`Deployer::plan`] shows real changes (a dry run), not only a summary.
+    pub dry_run: bool,
+}
+
+impl Default for DeployerCapabilities {
+    fn default() -> Self {
+        DeployerCapabilities {
+            rollback: true,
+            idempotent: true,
+            dry_run: false,
+        }
+    }
+}
+
+/// What a deployer is given while it changes things: where to report, when to
+/// stop, which environment it works for.
+#[derive(Debug, Clone)]
+pub struct DeployContext {
+    /// Emits events (progress per target and step).
+    pub events: Emitter,
+    /// Fires when the run is cancelled.
+    pub cancel: CancellationToken,
+    /// The environment (`staging`, `production`).
+    pub environment: String,
+}
+
+impl DeployContext {
+    /// A context with its parts.
+    pub fn new(events: Emitter, cancel: CancellationToken, environment: &str) -> Self {
+        DeployContext {
+            events,
+            cancel,
+            environment: environment.to_string(),
+        }
+    }
+
+    /// A context outside any run: events are dropped, nothing cancels.
+    pub fn detached(environment: &str) -> Self {
+        Self::new(Emitter::noop(), CancellationToken::new(), environment)
+    }
+}
+
+/// Puts releases on targets.
+///
+/// The contract every implementation keeps (and the conformance suite checks):
+/// - [`Deployer::plan`] changes nothing;
+/// - applying the version already live is a no-op;
+/// - [`Deployer::current`] tells the truth after any apply or rollback, and
+///   after a crash: a deployer reconciles from `current()` before it acts;
+/// - [`Deployer::rollback`] returns the target to `to` (or to the revision it
+///   kept before the last apply when `to` is `None`).
+///
+/// Rollout strategies ([`crate::strategy`]) are written once over this trait.
+#[async_trait]
+pub trait Deployer: Send + Sync + 'static {
+    /// A short name for the backend (`local`, `ssh`, `terraform`).
+    fn name(&self) -> &str;
+
+    /// What the deployer can do.
+    fn capabilities(&self) -> DeployerCapabilities {
+        DeployerCapabilities::default()
+    }
+
+    /// The targets this deployer knows (its fleet, its slots, its workspaces).
+    fn targets(&self) -> Vec<Target>;
+
+    /// What is live on `target`, if anything.
+    async fn current(&self, target: &Target) -> Result<Option<Revision>>;
+
+    /// What applying `release` to `target` would change. Changes nothing.
+    async fn plan(&self, release: &Release, target: &Target) -> Result<Plan>;
+
+    /// Carries out a plan and returns what is then live.
+    async fn apply(&self, plan: &Plan, cx: &DeployContext) -> Result<Revision>;
+
+    /// Returns `target` to `to`, or to the revision kept before the last
+    /// apply when `to` is `None`. Returns what is live afterwards (`None`
+    /// when nothing is: the first release was removed).
+    async fn rollback(
+        &self,
+        target: &Target,
+        to: Option<&Revision>,
+        cx: &DeployContext,
+    ) -> Result<Option<Revision>>;
+}
+
+#[async_trait]
+impl<D: Deployer + ?Sized> Deployer for Arc<D> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn capabilities(&self) -> DeployerCapabilities {
+        (**self).capabilities()
+    }
+    fn targets(&self) -> Vec<Target> {
+        (**self).targets()
+    }
+    async fn current(&self, target: &Target) -> Result<Option<Revision>> {
+        (**self).current(target).await
+    }
+    async fn plan(&self, release: &Release, target: &Target) -> Result<Plan> {
+        (**self).plan(release, target).await
+    }
+    async fn apply(&self, plan: &Plan, cx: &DeployContext) -> Result<Revision> {
+        (**self).apply(plan, cx).await
+    }
+    async fn rollback(
+        &self,
+        target: &Target,
+        to: Option<&Revision>,
+        cx: &DeployContext,
+    ) -> Result<Option<Revision>> {
+        (**self).rollback(target, to, cx).await
+    }
+}
+
+/// Sends traffic to one slot of a blue-green pair (a load balancer, a proxy,
+/// a DNS record, a symlink).
+#[async_trait]
+pub trait Router: Send + Sync + 'static {
+    /// The slot (target name) that serves traffic now, if any.
+    async fn active(&self) -> Result<Option<String>>;
+
+    /// Sends traffic to `slot`.
+    async fn switch(&self, slot: &str, cx: &DeployContext) -> Result<()>;
+}
+
+#[async_trait]
+impl<R: Router + ?Sized> Router for Arc<R> {
+    async fn active(&self) -> Result<Option<String>> {
+        (**self).active().await
+    }
+    async fn switch(&self, slot: &str, cx: &DeployContext) -> Result<()> {
+        (**self).switch(slot, cx).await
+    }
+}

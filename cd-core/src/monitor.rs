@@ -1,0 +1,290 @@
+//! Monitors and analysis: is the new release healthy?
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+use crate::event::{Emitter, EventKind};
+use crate::types::{Release, Target};
+
+/// How one sample looked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SampleStatus {
+    /// Healthy.
+    Ok,
+    /// Unhealthy (a threshold was crossed, a check failed).
+    Failing,
+    /// Nothing to judge by (no series, no requests). Never a silent pass.
+    NoData,
+}
+
+impl SampleStatus {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SampleStatus::Ok => "ok",
+            SampleStatus::Failing => "failing",
+            SampleStatus::NoData => "no_data",
+        }
+    }
+}
+
+/// One measurement from a [`Monitor`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// How it looked.
+    pub status: SampleStatus,
+    /// The measured value, if there is one.
+    pub value: Option<f64>,
+    /// For a person: what was measured and against what.
+    pub detail: String,
+}
+
+impl Sample {
+    /// A healthy sample.
+    pub fn ok(value: Option<f64>, detail: impl Into<String>) -> Self {
+        Sample {
+            status: SampleStatus::Ok,
+            value,
+            detail: detail.into(),
+        }
+    }
+
+    /// An unhealthy sample.
+    pub fn failing(value: Option<f64>, detail: impl Into<String>) -> Self {
+        Sample {
+            status: SampleStatus::Failing,
+            value,
+            detail: detail.into(),
+        }
+    }
+
+    /// A sample with nothing to judge by.
+    pub fn no_data(detail: impl Into<String>) -> Self {
+        Sample {
+            status: SampleStatus::NoData,
+            value: None,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// What a monitor is asked about.
+#[derive(Debug, Clone)]
+pub struct MonitorContext {
+    /// The targets under analysis (a canary's share, a new slot).
+    pub targets: Vec<Target>,
+    /// The release under analysis.
+    pub release: Release,
+    /// Where to report.
+    pub events: Emitter,
+    /// Fires when the run is cancelled.
+    pub cancel: CancellationToken,
+}
+
+/// Measures health: HTTP checks, Prometheus queries, log scans.
+#[async_trait]
+pub trait Monitor: Send + Sync + 'static {
+    /// A short name (`http http://.../health`, `prometheus error_rate`).
+    fn name(&self) -> String;
+
+    /// Takes one sample.
+    async fn sample(&self, cx: &MonitorContext) -> Result<Sample>;
+}
+
+#[async_trait]
+impl<M: Monitor + ?Sized> Monitor for Arc<M> {
+    fn name(&self) -> String {
+        (**self).name()
+    }
+    async fn sample(&self, cx: &MonitorContext) -> Result<Sample> {
+        (**self).sample(cx).await
+    }
+}
+
+/// What an analysis concluded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", content = "reason", rename_all = "snake_case")]
+pub enum AnalysisOutcome {
+    /// Healthy.
+    Pass,
+    /// Unhealthy.
+    Fail(String),
+    /// Not enough to judge by. Strategies treat it as a failure unless told
+    /// otherwise: no data is never a silent pass.
+    Inconclusive(String),
+}
+
+impl AnalysisOutcome {
+    /// Whether it passed.
+    pub fn is_pass(&self) -> bool {
+        matches!(self, AnalysisOutcome::Pass)
+    }
+}
+
+impl fmt::Display for AnalysisOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AnalysisOutcome::Pass => f.write_str("pass"),
+            AnalysisOutcome::Fail(r) => write!(f, "fail: {r}"),
+            AnalysisOutcome::Inconclusive(r) => write!(f, "inconclusive: {r}"),
+        }
+    }
+}
+
+/// Turns samples into a verdict, in the manner of Argo Rollouts' analysis:
+/// `count` samples `interval` apart; more than `failure_limit` failing samples
+/// fail it; more than `consecutive_error_limit` monitor errors in a row fail
+/// it; more than `inconclusive_limit` no-data samples, or no healthy sample at
+/// all, make it inconclusive.
+///
+/// ```
+/// use std::time::Duration;
+/// use cd_core::Analysis;
+/// let a = Analysis::new().count(5).interval(Duration::from_secs(2)).failure_limit(1);
+/// assert_eq!(a.total_duration(), Duration::from_secs(8));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Analysis {
+    /// Time between samples.
+    pub interval: Duration,
+    /// How many samples.
+    pub count: u32,
+    /// Failing samples tolerated.
+    pub failure_limit: u32,
+    /// Monitor errors in a row tolerated.
+    pub consecutive_error_limit: u32,
+    /// No-data samples tolerated.
+    pub inconclusive_limit: u32,
+}
+
+impl Default for Analysis {
+    fn default() -> Self {
+        Analysis {
+            interval: Duration::from_secs(5),
+            count: 3,
+            failure_limit: 0,
+            consecutive_error_limit: 2,
+            inconclusive_limit: 0,
+        }
+    }
+}
+
+impl Analysis {
+    /// Defaults: 3 samples 5 s apart, no failure tolerated, 2 errors in a row tolerated.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the interval.
+    pub fn interval(mut self, d: Duration) -> Self {
+        self.interval = d;
+        self
+    }
+
+    /// Sets the sample count (at least 1).
+    pub fn count(mut self, n: u32) -> Self {
+        self.count = n.max(1);
+        self
+    }
+
+    /// Sets the failing samples tolerated.
+    pub fn failure_limit(mut self, n: u32) -> Self {
+        self.failure_limit = n;
+        self
+    }
+
+    /// Sets the monitor errors in a row tolerated.
+    pub fn consecutive_error_limit(mut self, n: u32) -> Self {
+        self.consecutive_error_limit = n;
+        self
+    }
+
+    /// Sets the no-data samples tolerated.
+    pub fn inconclusive_limit(mut self, n: u32) -> Self {
+        self.inconclusive_limit = n;
+        self
+    }
+
+    /// Time from first to last sample.
+    pub fn total_duration(&self) -> Duration {
+        self.interval * self.count.saturating_sub(1)
+    }
+
+    /// Samples `monitor` and concludes. Emits one event per sample. Returns
+    /// an error only when cancelled.
+    pub async fn run(&self, monitor: &dyn Monitor, cx: &MonitorContext) -> Result<AnalysisOutcome> {
+        let name = monitor.name();
+        let (mut ok, mut failing, mut no_data, mut errors_in_row) = (0u32, 0u32, 0u32, 0u32);
+        let mut last_failure = String::new();
+        for i in 0..self.count {
+            if i > 0 {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.interval) => {}
+                    _ = cx.cancel.cancelled() => return Err(Error::cancelled()),
+                }
+            }
+            let sample = tokio::select! {
+                s = monitor.sample(cx) => s,
+                _ = cx.cancel.cancelled() => return Err(Error::cancelled()),
+            };
+            match sample {
+                Ok(s) => {
+                    errors_in_row = 0;
+                    cx.events.emit(EventKind::AnalysisSample {
+                        monitor: name.clone(),
+                        status: s.status.as_str().into(),
+                        value: s.value,
+                        detail: s.detail.clone(),
+                    });
+                    match s.status {
+                        SampleStatus::Ok => ok += 1,
+                        SampleStatus::Failing => {
+                            failing += 1;
+                            last_failure = s.detail;
+                        }
+                        SampleStatus::NoData => no_data += 1,
+                    }
+                }
+                Err(e) => {
+                    if e.kind() == crate::ErrorKind::Cancelled {
+                        return Err(e);
+                    }
+                    errors_in_row += 1;
+                    cx.events.emit(EventKind::AnalysisSample {
+                        monitor: name.clone(),
+                        status: "error".into(),
+                        value: None,
+                        detail: e.to_string(),
+                    });
+                    if errors_in_row > self.consecutive_error_limit {
+                        return Ok(AnalysisOutcome::Fail(format!(
+                            "{name}: {errors_in_row} errors in a row, last: {e}"
+                        )));
+                    }
+                }
+            }
+            if failing > self.failure_limit {
+                return Ok(AnalysisOutcome::Fail(format!(
+                    "{name}: {failing} failing sample(s) > limit {}: {last_failure}",
+                    self.failure_limit
+                )));
+            }
+        }
+        if no_data > self.inconclusive_limit {
+            return Ok(AnalysisOutcome::Inconclusive(format!(
+                "{name}: {no_data} sample(s) without data"
+            )));
+        }
+        if ok == 0 {
+            return Ok(AnalysisOutcome::Inconclusive(format!("{name}: no healthy sample")));
+        }
+        Ok(AnalysisOutcome::Pass)
+    }
+}

@@ -1,0 +1,589 @@
+//! The durable record of runs: the `Store` trait and `MemoryStore`.
+//!
+//! A store keeps runs, node states and outputs, append-only events,
+//! approvals, environment locks (leases) and release history per
+//! environment. [`MemoryStore`] lives here; SQLite (embedded default) and
+//! Postgres live in `cd-backends`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorInfo, Result};
+use crate::event::{Event, RunStatus};
+use crate::types::{Release, Revision};
+
+/// One run of a pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Unique id.
+    pub id: String,
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Hash of the pipeline's definition (nodes, edges, kinds, settings).
+    pub definition_hash: String,
+    /// What is delivered.
+    pub release: Release,
+    /// The environment.
+    pub environment: String,
+    /// How it stands.
+    pub status: RunStatus,
+    /// Who started it.
+    pub started_by: String,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Where a node stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeStatus {
+    /// Not started.
+    Pending,
+    /// Running now (or interrupted by a crash).
+    Running,
+    /// A gate that said wait.
+    Waiting,
+    /// Done.
+    Succeeded,
+    /// Failed for good.
+    Failed,
+    /// Not run (upstream failure, cancellation).
+    Skipped,
+    /// Cancelled while running.
+    Cancelled,
+    /// Succeeded, then compensated.
+    RolledBack,
+    /// Succeeded, then compensation failed.
+    RollbackFailed,
+}
+
+impl NodeStatus {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeStatus::Pending => "pending",
+            NodeStatus::Running => "running",
+            NodeStatus::Waiting => "waiting",
+            NodeStatus::Succeeded => "succeeded",
+            NodeStatus::Failed => "failed",
+            NodeStatus::Skipped => "skipped",
+            NodeStatus::Cancelled => "cancelled",
+            NodeStatus::RolledBack => "rolled_back",
+            NodeStatus::RollbackFailed => "rollback_failed",
+        }
+    }
+
+    /// Parses [`NodeStatus::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "pending" => NodeStatus::Pending,
+            "running" => NodeStatus::Running,
+            "waiting" => NodeStatus::Waiting,
+            "succeeded" => NodeStatus::Succeeded,
+            "failed" => NodeStatus::Failed,
+            "skipped" => NodeStatus::Skipped,
+            "cancelled" => NodeStatus::Cancelled,
+            "rolled_back" => NodeStatus::RolledBack,
+            "rollback_failed" => NodeStatus::RollbackFailed,
+            _ => return None,
+        })
+    }
+
+    /// Whether the node completed its work (and its output is valid).
+    pub fn completed(self) -> bool {
+        matches!(
+            self,
+            NodeStatus::Succeeded | NodeStatus::RolledBack | NodeStatus::RollbackFailed
+        )
+    }
+}
+
+impl fmt::Display for NodeStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One node of one run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The run.
+    pub run_id: String,
+    /// The node's name.
+    pub node: String,
+    /// Where it stands.
+    pub status: NodeStatus,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// What it produced (secrets scrubbed).
+    pub output: Option<serde_json::Value>,
+    /// Why it failed.
+    pub error: Option<ErrorInfo>,
+    /// When its first attempt started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it ended.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// For a waiting gate: when to ask again.
+    pub recheck_at: Option<DateTime<Utc>>,
+}
+
+impl NodeRecord {
+    /// A pending record.
+    pub fn pending(run_id: &str, node: &str) -> Self {
+        NodeRecord {
+            run_id: run_id.into(),
+            node: node.into(),
+            status: NodeStatus::Pending,
+            attempts: 0,
+            output: None,
+            error: None,
+            started_at: None,
+            finished_at: None,
+            recheck_at: None,
+        }
+    }
+}
+
+/// A person's decision on an approval gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// Go.
+    Approve,
+    /// Stop.
+    Reject,
+}
+
+/// One approval or rejection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalRecord {
+    /// The run.
+    pub run_id: String,
+    /// The gate node.
+    pub node: String,
+    /// Who.
+    pub approver: String,
+    /// What.
+    pub decision: Decision,
+    /// Why.
+    pub comment: Option<String>,
+    /// When.
+    pub at: DateTime<Utc>,
+}
+
+/// A held environment lock: a lease that expires unless renewed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The environment locked.
+    pub environment: String,
+    /// Who holds it (host:pid or a person).
+    pub holder: String,
+    /// The run holding it.
+    pub run_id: Option<String>,
+    /// Why (shown to waiters).
+    pub message: String,
+    /// When it was taken.
+    pub acquired_at: DateTime<Utc>,
+    /// When it was last renewed.
+    pub renewed_at: DateTime<Utc>,
+    /// When it lapses unless renewed.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A request for an environment lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockRequest {
+    /// The environment.
+    pub environment: String,
+    /// Who asks.
+    pub holder: String,
+    /// For which run.
+    pub run_id: Option<String>,
+    /// Why.
+    pub message: String,
+    /// Lease duration.
+    pub ttl: Duration,
+}
+
+/// The answer to a lock request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockAttempt {
+    /// The lease is yours.
+    Acquired(Lease),
+    /// Someone else holds it (or an older waiter is ahead of you); here is
+    /// the current holder's lease, if there is one.
+    Busy(Option<Lease>),
+}
+
+/// The state of a release in an environment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseStatus {
+    /// Being deployed.
+    Deploying,
+    /// Live now.
+    Live,
+    /// Was live; a newer release replaced it.
+    Superseded,
+    /// Deployed, then rolled back.
+    RolledBack,
+    /// Failed to deploy (and was rolled back where possible).
+    Failed,
+}
+
+impl ReleaseStatus {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleaseStatus::Deploying => "deploying",
+            ReleaseStatus::Live => "live",
+            ReleaseStatus::Superseded => "superseded",
+            ReleaseStatus::RolledBack => "rolled_back",
+            ReleaseStatus::Failed => "failed",
+        }
+    }
+
+    /// Parses [`ReleaseStatus::as_str`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "deploying" => ReleaseStatus::Deploying,
+            "live" => ReleaseStatus::Live,
+            "superseded" => ReleaseStatus::Superseded,
+            "rolled_back" => ReleaseStatus::RolledBack,
+            "failed" => ReleaseStatus::Failed,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for ReleaseStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One release in one environment's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    /// Unique id.
+    pub id: String,
+    /// The environment.
+    pub environment: String,
+    /// The version.
+    pub version: String,
+    /// The full release (artifact, config), for redeploying it later.
+    pub release: Release,
+    /// What went live on each target.
+    pub revisions: Vec<Revision>,
+    /// How it stands.
+    pub status: ReleaseStatus,
+    /// The run that deployed it.
+    pub run_id: Option<String>,
+    /// Who deployed it.
+    pub actor: String,
+    /// When it was recorded.
+    pub at: DateTime<Utc>,
+    /// When its status last changed.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Durable state of runs. Implementations must be safe to share between
+/// tasks; a method that returns `Ok` has made its write durable.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Records a new run.
+    async fn create_run(&self, run: &RunRecord) -> Result<()>;
+    /// Sets a run's status (and its end time, for final statuses).
+    async fn set_run_status(&self, run_id: &str, status: RunStatus, finished_at: Option<DateTime<Utc>>) -> Result<()>;
+    /// A run by id.
+    async fn get_run(&self, run_id: &str) -> Result<Option<RunRecord>>;
+    /// The newest runs first.
+    async fn list_runs(&self, limit: usize) -> Result<Vec<RunRecord>>;
+
+    /// Creates or replaces a node's record.
+    async fn put_node(&self, node: &NodeRecord) -> Result<()>;
+    /// All node records of a run.
+    async fn nodes(&self, run_id: &str) -> Result<Vec<NodeRecord>>;
+
+    /// Appends events (already numbered by the emitter).
+    async fn append_events(&self, events: &[Event]) -> Result<()>;
+    /// Events of a run with `seq > after_seq`, in order, at most `limit`.
+    async fn events(&self, run_id: &str, after_seq: u64, limit: usize) -> Result<Vec<Event>>;
+
+    /// Records an approval or rejection.
+    async fn put_approval(&self, approval: &ApprovalRecord) -> Result<()>;
+    /// Approvals of one gate of one run, oldest first.
+    async fn approvals(&self, run_id: &str, node: &str) -> Result<Vec<ApprovalRecord>>;
+
+    /// Takes the environment lock if it is free (or its lease expired) and no
+    /// older live waiter is ahead; otherwise records the request as waiting
+    /// and returns the holder.
+    async fn try_acquire_lock(&self, req: &LockRequest) -> Result<LockAttempt>;
+    /// Extends a held lease. Fails with [`crate::ErrorKind::Locked`] when the
+    /// lease was lost (expired and taken, or force-unlocked).
+    async fn renew_lock(&self, environment: &str, holder: &str, ttl: Duration) -> Result<Lease>;
+    /// Releases a held lease (and any waiting request of `holder`). Returns
+    /// whether `holder` held it.
+    async fn release_lock(&self, environment: &str, holder: &str) -> Result<bool>;
+    /// Breaks a lock whoever holds it; returns the broken lease.
+    async fn force_unlock(&self, environment: &str) -> Result<Option<Lease>>;
+    /// Live (unexpired) leases.
+    async fn locks(&self) -> Result<Vec<Lease>>;
+
+    /// Creates or replaces (by id) a release record.
+    async fn put_release(&self, release: &ReleaseRecord) -> Result<()>;
+    /// An environment's releases, newest first.
+    async fn release_history(&self, environment: &str, limit: usize) -> Result<Vec<ReleaseRecord>>;
+}
+
+/// A store in memory: fast, shared between tasks, gone with the process.
+///
+/// ```
+/// # tokio_test_block(async {
+/// use cd_core::{MemoryStore, Store};
+/// let store = MemoryStore::new();
+/// assert!(store.list_runs(10).await.unwrap().is_empty());
+/// # });
+/// # fn tokio_test_block<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+/// # }
+/// ```
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<MemoryInner>,
+}
+
+#[derive(Default)]
+struct MemoryInner {
+    runs: BTreeMap<String, RunRecord>,
+    nodes: HashMap<(String, String), NodeRecord>,
+    events: HashMap<String, Vec<Event>>,
+    approvals: Vec<ApprovalRecord>,
+    locks: HashMap<String, Lease>,
+    // environment -> waiting holders with the time they last asked
+    waiters: HashMap<String, Vec<(String, DateTime<Utc>, DateTime<Utc>)>>,
+    releases: Vec<ReleaseRecord>,
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MemoryStore")
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn ttl_chrono(ttl: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60))
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn create_run(&self, run: &RunRecord) -> Result<()> {
+        self.lock().runs.insert(run.id.clone(), run.clone());
+        Ok(())
+    }
+
+    async fn set_run_status(&self, run_id: &str, status: RunStatus, finished_at: Option<DateTime<Utc>>) -> Result<()> {
+        let mut g = self.lock();
+        let run = g
+            .runs
+            .get_mut(run_id)
+            .ok_or_else(|| Error::new(crate::ErrorKind::NotFound, format!("no run {run_id}")))?;
+        run.status = status;
+        run.finished_at = finished_at;
+        Ok(())
+    }
+
+    async fn get_run(&self, run_id: &str) -> Result<Option<RunRecord>> {
+        Ok(self.lock().runs.get(run_id).cloned())
+    }
+
+    async fn list_runs(&self, limit: usize) -> Result<Vec<RunRecord>> {
+        let mut runs: Vec<_> = self.lock().runs.values().cloned().collect();
+        runs.sort_by(|a, b| b.started_at.cmp(&a.started_at));
+        runs.truncate(limit);
+        Ok(runs)
+    }
+
+    async fn put_node(&self, node: &NodeRecord) -> Result<()> {
+        self.lock()
+            .nodes
+            .insert((node.run_id.clone(), node.node.clone()), node.clone());
+        Ok(())
+    }
+
+    async fn nodes(&self, run_id: &str) -> Result<Vec<NodeRecord>> {
+        let g = self.lock();
+        let mut v: Vec<_> = g
+            .nodes
+            .values()
+            .filter(|n| n.run_id == run_id)
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.node.cmp(&b.node)));
+        Ok(v)
+    }
+
+    async fn append_events(&self, events: &[Event]) -> Result<()> {
+        let mut g = self.lock();
+        for e in events {
+            g.events.entry(e.run_id.clone()).or_default().push(e.clone());
+        }
+        Ok(())
+    }
+
+    async fn events(&self, run_id: &str, after_seq: u64, limit: usize) -> Result<Vec<Event>> {
+        let g = self.lock();
+        let mut v: Vec<_> = g
+            .events
+            .get(run_id)
+            .map(|evs| evs.iter().filter(|e| e.seq > after_seq).cloned().collect())
+            .unwrap_or_default();
+        v.sort_by_key(|e| e.seq);
+        v.truncate(limit);
+        Ok(v)
+    }
+
+    async fn put_approval(&self, approval: &ApprovalRecord) -> Result<()> {
+        self.lock().approvals.push(approval.clone());
+        Ok(())
+    }
+
+    async fn approvals(&self, run_id: &str, node: &str) -> Result<Vec<ApprovalRecord>> {
+        Ok(self
+            .lock()
+            .approvals
+            .iter()
+            .filter(|a| a.run_id == run_id && a.node == node)
+            .cloned()
+            .collect())
+    }
+
+    async fn try_acquire_lock(&self, req: &LockRequest) -> Result<LockAttempt> {
+        let now = Utc::now();
+        let ttl = ttl_chrono(req.ttl);
+        let mut g = self.lock();
+        let g = &mut *g;
+        if let Some(lease) = g.locks.get(&req.environment) {
+            if lease.expires_at > now && lease.holder != req.holder {
+                let holder = lease.clone();
+                let w = g.waiters.entry(req.environment.clone()).or_default();
+                match w.iter_mut().find(|(h, _, _)| *h == req.holder) {
+                    Some(entry) => entry.2 = now,
+                    None => w.push((req.holder.clone(), now, now)),
+                }
+                return Ok(LockAttempt::Busy(Some(holder)));
+            }
+        }
+        // Free: the oldest waiter that asked recently goes first.
+        let waiters = g.waiters.entry(req.environment.clone()).or_default();
+        waiters.retain(|(_, _, last)| *last + ttl > now);
+        if let Some((first, _, _)) = waiters.first() {
+            if *first != req.holder {
+                if !waiters.iter().any(|(h, _, _)| *h == req.holder) {
+                    waiters.push((req.holder.clone(), now, now));
+                } else if let Some(e) = waiters.iter_mut().find(|(h, _, _)| *h == req.holder) {
+                    e.2 = now;
+                }
+                return Ok(LockAttempt::Busy(None));
+            }
+        }
+        waiters.retain(|(h, _, _)| *h != req.holder);
+        let lease = Lease {
+            environment: req.environment.clone(),
+            holder: req.holder.clone(),
+            run_id: req.run_id.clone(),
+            message: req.message.clone(),
+            acquired_at: now,
+            renewed_at: now,
+            expires_at: now + ttl,
+        };
+        g.locks.insert(req.environment.clone(), lease.clone());
+        Ok(LockAttempt::Acquired(lease))
+    }
+
+    async fn renew_lock(&self, environment: &str, holder: &str, ttl: Duration) -> Result<Lease> {
+        let now = Utc::now();
+        let mut g = self.lock();
+        match g.locks.get_mut(environment) {
+            Some(l) if l.holder == holder => {
+                l.renewed_at = now;
+                l.expires_at = now + ttl_chrono(ttl);
+                Ok(l.clone())
+            }
+            _ => Err(Error::new(
+                crate::ErrorKind::Locked,
+                format!("lock on environment `{environment}` was lost by {holder}"),
+            )),
+        }
+    }
+
+    async fn release_lock(&self, environment: &str, holder: &str) -> Result<bool> {
+        let mut g = self.lock();
+        if let Some(w) = g.waiters.get_mut(environment) {
+            w.retain(|(h, _, _)| h != holder);
+        }
+        if g.locks.get(environment).is_some_and(|l| l.holder == holder) {
+            g.locks.remove(environment);
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    async fn force_unlock(&self, environment: &str) -> Result<Option<Lease>> {
+        Ok(self.lock().locks.remove(environment))
+    }
+
+    async fn locks(&self) -> Result<Vec<Lease>> {
+        let now = Utc::now();
+        let mut v: Vec<_> = self
+            .lock()
+            .locks
+            .values()
+            .filter(|l| l.expires_at > now)
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.environment.cmp(&b.environment));
+        Ok(v)
+    }
+
+    async fn put_release(&self, release: &ReleaseRecord) -> Result<()> {
+        let mut g = self.lock();
+        match g.releases.iter_mut().find(|r| r.id == release.id) {
+            Some(r) => *r = release.clone(),
+            None => g.releases.push(release.clone()),
+        }
+        Ok(())
+    }
+
+    async fn release_history(&self, environment: &str, limit: usize) -> Result<Vec<ReleaseRecord>> {
+        let g = self.lock();
+        let mut v: Vec<_> = g
+            .releases
+            .iter()
+            .filter(|r| r.environment == environment)
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| b.at.cmp(&a.at));
+        v.truncate(limit);
+        Ok(v)
+    }
+}

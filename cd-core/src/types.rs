@@ -1,0 +1,259 @@
+//! The values a delivery speaks: releases, targets, revisions and plans.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// What is being delivered: a version, an optional artifact and configuration.
+///
+/// ```
+/// use cd_core::Release;
+/// let r = Release::new("v42").artifact("target/app.tar.gz").config("replicas", 3);
+/// assert_eq!(r.version, "v42");
+/// assert_eq!(r.config["replicas"], 3);
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Release {
+    /// The version label, unique per environment history (`v42`, a git sha).
+    pub version: String,
+    /// The file that is deployed, if the release has one.
+    pub artifact: Option<Artifact>,
+    /// Free-form configuration passed to deployers (Terraform variables,
+    /// Ansible extra vars, environment variables, ...).
+    pub config: BTreeMap<String, serde_json::Value>,
+}
+
+impl Release {
+    /// A release with a version and nothing else.
+    pub fn new(version: impl Into<String>) -> Self {
+        Release {
+            version: version.into(),
+            artifact: None,
+            config: BTreeMap::new(),
+        }
+    }
+
+    /// Sets the artifact file.
+    pub fn artifact(mut self, path: impl Into<PathBuf>) -> Self {
+        self.artifact = Some(Artifact {
+            path: path.into(),
+            sha256: None,
+        });
+        self
+    }
+
+    /// Sets the artifact with its expected sha256 (hex).
+    pub fn artifact_with_sha256(mut self, path: impl Into<PathBuf>, sha256: impl Into<String>) -> Self {
+        self.artifact = Some(Artifact {
+            path: path.into(),
+            sha256: Some(sha256.into()),
+        });
+        self
+    }
+
+    /// Adds a configuration value.
+    pub fn config(mut self, key: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+        self.config.insert(key.into(), value.into());
+        self
+    }
+}
+
+impl fmt::Display for Release {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.version)
+    }
+}
+
+/// A file that a release delivers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Artifact {
+    /// Where the file is on the machine running the pipeline.
+    pub path: PathBuf,
+    /// Its expected sha256, lowercase hex, when known in advance.
+    pub sha256: Option<String>,
+}
+
+/// Where a release goes: a host, a slot, a workspace, a container group.
+///
+/// ```
+/// use cd_core::Target;
+/// let t = Target::new("web1").address("127.0.0.2:22").label("role", "web");
+/// assert_eq!(t.label_value("role"), Some("web"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Target {
+    /// A unique, human-readable name (`web1`, `blue`, `staging`).
+    pub name: String,
+    /// How to reach it (`host:port`, a URL, a directory), if it needs one.
+    pub address: Option<String>,
+    /// Labels: groups, slots, roles.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Target {
+    /// A target with a name.
+    pub fn new(name: impl Into<String>) -> Self {
+        Target {
+            name: name.into(),
+            address: None,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// Sets the address.
+    pub fn address(mut self, address: impl Into<String>) -> Self {
+        self.address = Some(address.into());
+        self
+    }
+
+    /// Adds a label.
+    pub fn label(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    /// A label's value.
+    pub fn label_value(&self, key: &str) -> Option<&str> {
+        self.labels.get(key).map(String::as_str)
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+/// What is live on a target after a deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revision {
+    /// The target's name.
+    pub target: String,
+    /// The release version that is live.
+    pub version: String,
+    /// A backend-specific identifier (a release directory, a pid, a state
+    /// serial, a container id).
+    pub id: String,
+    /// When it went live, if known.
+    pub deployed_at: Option<DateTime<Utc>>,
+    /// Backend-specific details (outputs, ports, checksums).
+    #[serde(default)]
+    pub detail: serde_json::Value,
+}
+
+impl Revision {
+    /// A revision of `version` on `target` with a backend id.
+    pub fn new(target: impl Into<String>, version: impl Into<String>, id: impl Into<String>) -> Self {
+        Revision {
+            target: target.into(),
+            version: version.into(),
+            id: id.into(),
+            deployed_at: Some(Utc::now()),
+            detail: serde_json::Value::Null,
+        }
+    }
+
+    /// Attaches details.
+    pub fn detail(mut self, detail: serde_json::Value) -> Self {
+        self.detail = detail;
+        self
+    }
+}
+
+/// What a change does to one resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeAction {
+    /// Nothing changes.
+    NoOp,
+    /// The resource is created.
+    Create,
+    /// The resource is changed in place.
+    Update,
+    /// The resource is destroyed and created again.
+    Replace,
+    /// The resource is destroyed.
+    Delete,
+    /// The resource is read (data source).
+    Read,
+}
+
+impl fmt::Display for ChangeAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ChangeAction::NoOp => "no-op",
+            ChangeAction::Create => "create",
+            ChangeAction::Update => "update",
+            ChangeAction::Replace => "replace",
+            ChangeAction::Delete => "delete",
+            ChangeAction::Read => "read",
+        })
+    }
+}
+
+/// One planned change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    /// What happens.
+    pub action: ChangeAction,
+    /// What it happens to (a resource address, a file, `current`).
+    pub address: String,
+    /// Backend-specific details (before/after values).
+    #[serde(default)]
+    pub detail: serde_json::Value,
+}
+
+impl Change {
+    /// A change of `action` to `address`.
+    pub fn new(action: ChangeAction, address: impl Into<String>) -> Self {
+        Change {
+            action,
+            address: address.into(),
+            detail: serde_json::Value::Null,
+        }
+    }
+}
+
+/// What a deployer would do to put a release on a target. Planning never
+/// changes anything; [`crate::Deployer::apply`] carries the plan out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The release to deploy.
+    pub release: Release,
+    /// Where.
+    pub target: Target,
+    /// What is live there now.
+    pub current: Option<Revision>,
+    /// The changes, in order.
+    pub changes: Vec<Change>,
+    /// Backend-specific data `apply` needs (a saved plan file, checksums).
+    #[serde(default)]
+    pub detail: serde_json::Value,
+}
+
+impl Plan {
+    /// A plan with no changes yet.
+    pub fn new(release: Release, target: Target, current: Option<Revision>) -> Self {
+        Plan {
+            release,
+            target,
+            current,
+            changes: Vec::new(),
+            detail: serde_json::Value::Null,
+        }
+    }
+
+    /// Adds a change.
+    pub fn change(mut self, change: Change) -> Self {
+        self.changes.push(change);
+        self
+    }
+
+    /// Whether applying the plan changes nothing.
+    pub fn is_noop(&self) -> bool {
+        self.changes.iter().all(|c| c.action == ChangeAction::NoOp)
+    }
+}
