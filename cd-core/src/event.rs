@@ -224,18 +224,38 @@ pub struct Event {
 impl fmt::Display for Event {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let node = self.node.as_deref().unwrap_or("-");
-        write!(f, "#{} {} [{}] ", self.seq, self.at.format("%H:%M:%S%.3f"), node)?;
+        write!(
+            f,
+            "#{} {} [{}] ",
+            self.seq,
+            self.at.format("%H:%M:%S%.3f"),
+            node
+        )?;
         match &self.kind {
-            EventKind::RunStarted { pipeline, release, environment } => {
-                write!(f, "run started: pipeline {pipeline}, release {release}, env {environment}")
+            EventKind::RunStarted {
+                pipeline,
+                release,
+                environment,
+            } => {
+                write!(
+                    f,
+                    "run started: pipeline {pipeline}, release {release}, env {environment}"
+                )
             }
             EventKind::RunResumed => write!(f, "run resumed"),
             EventKind::RunFinished { status } => write!(f, "run finished: {status}"),
             EventKind::NodeStarted { attempt } => write!(f, "started (attempt {attempt})"),
             EventKind::NodeSucceeded { duration_ms } => write!(f, "succeeded in {duration_ms} ms"),
             EventKind::NodeFailed { error } => write!(f, "failed: {error}"),
-            EventKind::NodeRetrying { attempt, delay_ms, error } => {
-                write!(f, "attempt {attempt} failed ({error}); retrying in {delay_ms} ms")
+            EventKind::NodeRetrying {
+                attempt,
+                delay_ms,
+                error,
+            } => {
+                write!(
+                    f,
+                    "attempt {attempt} failed ({error}); retrying in {delay_ms} ms"
+                )
             }
             EventKind::NodeTimedOut { timeout_ms } => write!(f, "timed out after {timeout_ms} ms"),
             EventKind::NodeSkipped { reason } => write!(f, "skipped: {reason}"),
@@ -243,12 +263,21 @@ impl fmt::Display for Event {
             EventKind::RollbackStarted => write!(f, "rolling back"),
             EventKind::RolledBack { duration_ms } => write!(f, "rolled back in {duration_ms} ms"),
             EventKind::RollbackFailed { error } => write!(f, "rollback failed: {error}"),
-            EventKind::GateWaiting { reason, recheck_after_ms } => {
+            EventKind::GateWaiting {
+                reason,
+                recheck_after_ms,
+            } => {
                 write!(f, "waiting: {reason} (recheck in {recheck_after_ms} ms)")
             }
             EventKind::GatePassed => write!(f, "gate passed"),
             EventKind::GateFailed { reason } => write!(f, "gate failed: {reason}"),
-            EventKind::Progress { target, step, status, duration_ms, message } => {
+            EventKind::Progress {
+                target,
+                step,
+                status,
+                duration_ms,
+                message,
+            } => {
                 if let Some(t) = target {
                     write!(f, "{t}: ")?;
                 }
@@ -262,7 +291,12 @@ impl fmt::Display for Event {
                 Ok(())
             }
             EventKind::Rollout { strategy, message } => write!(f, "{strategy}: {message}"),
-            EventKind::AnalysisSample { monitor, status, value, detail } => {
+            EventKind::AnalysisSample {
+                monitor,
+                status,
+                value,
+                detail,
+            } => {
                 write!(f, "analysis {monitor}: {status}")?;
                 if let Some(v) = value {
                     write!(f, " value={v}")?;
@@ -270,7 +304,11 @@ impl fmt::Display for Event {
                 write!(f, " {detail}")
             }
             EventKind::Log { level, message } => write!(f, "{level:?}: {message}"),
-            EventKind::Lock { environment, status, message } => {
+            EventKind::Lock {
+                environment,
+                status,
+                message,
+            } => {
                 write!(f, "lock {environment} {status}: {message}")
             }
             EventKind::Custom { name, data } => write!(f, "{name}: {data}"),
@@ -294,15 +332,24 @@ impl EventSink for TracingSink {
             EventKind::NodeFailed { .. }
             | EventKind::RollbackFailed { .. }
             | EventKind::GateFailed { .. }
-            | EventKind::Log { level: LogLevel::Error, .. } => {
+            | EventKind::Log {
+                level: LogLevel::Error,
+                ..
+            } => {
                 tracing::error!(target: "cd::event", run = %event.run_id, "{event}")
             }
             EventKind::NodeRetrying { .. }
             | EventKind::NodeTimedOut { .. }
-            | EventKind::Log { level: LogLevel::Warn, .. } => {
+            | EventKind::Log {
+                level: LogLevel::Warn,
+                ..
+            } => {
                 tracing::warn!(target: "cd::event", run = %event.run_id, "{event}")
             }
-            EventKind::Log { level: LogLevel::Debug, .. } => {
+            EventKind::Log {
+                level: LogLevel::Debug,
+                ..
+            } => {
                 tracing::debug!(target: "cd::event", run = %event.run_id, "{event}")
             }
             _ => tracing::info!(target: "cd::event", run = %event.run_id, "{event}"),

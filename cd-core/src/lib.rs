@@ -63,8 +63,8 @@ pub use stage::{
     Verdict,
 };
 pub use store::{
-    ApprovalRecord, Decision, Lease, LockAttempt, LockRequest, MemoryStore, NodeRecord,
-    NodeStatus, ReleaseRecord, ReleaseStatus, RunRecord, Store,
+    ApprovalRecord, Decision, Lease, LockAttempt, LockRequest, MemoryStore, NodeRecord, NodeStatus,
+    ReleaseRecord, ReleaseStatus, RunRecord, Store,
 };
 pub use strategy::{BlueGreen, Canary, Rolling, RolloutReport, Strategy};
 pub use types::{Artifact, Change, ChangeAction, Plan, Release, Revision, Target};

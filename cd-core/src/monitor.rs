@@ -283,7 +283,9 @@ impl Analysis {
             )));
         }
         if ok == 0 {
-            return Ok(AnalysisOutcome::Inconclusive(format!("{name}: no healthy sample")));
+            return Ok(AnalysisOutcome::Inconclusive(format!(
+                "{name}: no healthy sample"
+            )));
         }
         Ok(AnalysisOutcome::Pass)
     }

@@ -30,7 +30,9 @@ pub enum PipelineError {
         node: String,
     },
     /// A node needs a node that does not exist.
-    #[error("pipeline `{pipeline}`: node `{node}` needs `{needs}`, which is not a node of the pipeline")]
+    #[error(
+        "pipeline `{pipeline}`: node `{node}` needs `{needs}`, which is not a node of the pipeline"
+    )]
     UnknownDependency {
         /// The pipeline.
         pipeline: String,
@@ -448,7 +450,10 @@ fn find_cycle(graph: &DiGraph<usize, ()>, nodes: &[NodeSpec]) -> Vec<String> {
         let members: BTreeSet<NodeIndex> = scc.iter().copied().collect();
         // Start at the member defined first, walk edges inside the SCC until a
         // node repeats.
-        let start = *scc.iter().min_by_key(|ix| graph[**ix]).expect("non-empty scc");
+        let start = *scc
+            .iter()
+            .min_by_key(|ix| graph[**ix])
+            .expect("non-empty scc");
         let mut path = vec![start];
         let mut cur = start;
         loop {
@@ -458,8 +463,10 @@ fn find_cycle(graph: &DiGraph<usize, ()>, nodes: &[NodeSpec]) -> Vec<String> {
                 .min_by_key(|n| graph[*n])
                 .expect("scc member has an edge inside the scc");
             if let Some(pos) = path.iter().position(|&p| p == next) {
-                let mut cycle: Vec<String> =
-                    path[pos..].iter().map(|ix| nodes[graph[*ix]].name.clone()).collect();
+                let mut cycle: Vec<String> = path[pos..]
+                    .iter()
+                    .map(|ix| nodes[graph[*ix]].name.clone())
+                    .collect();
                 cycle.push(nodes[graph[next]].name.clone());
                 return cycle;
             }

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -65,6 +65,27 @@ impl StageOutput {
     }
 }
 
+/// Outputs of completed nodes, shared by every node of a run.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Outputs(Arc<RwLock<BTreeMap<String, StageOutput>>>);
+
+impl Outputs {
+    pub(crate) fn from_map(map: BTreeMap<String, StageOutput>) -> Self {
+        Outputs(Arc::new(RwLock::new(map)))
+    }
+    pub(crate) fn get(&self, node: &str) -> Option<StageOutput> {
+        self.0.read().ok().and_then(|m| m.get(node).cloned())
+    }
+    pub(crate) fn insert(&self, node: &str, output: StageOutput) {
+        if let Ok(mut m) = self.0.write() {
+            m.insert(node.to_string(), output);
+        }
+    }
+    pub(crate) fn snapshot(&self) -> BTreeMap<String, StageOutput> {
+        self.0.read().map(|m| m.clone()).unwrap_or_default()
+    }
+}
+
 /// What a stage can do beyond running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Capabilities {
@@ -84,7 +105,8 @@ pub struct StageContext {
     pub(crate) attempt: u32,
     pub(crate) release: Arc<Release>,
     pub(crate) environment: String,
-    pub(crate) outputs: Arc<BTreeMap<String, StageOutput>>,
+    pub(crate) outputs: Outputs,
+    pub(crate) outcome: Option<crate::event::RunStatus>,
     pub(crate) emitter: Emitter,
     pub(crate) cancel: CancellationToken,
     pub(crate) store: Arc<dyn Store>,
@@ -114,7 +136,8 @@ impl StageContext {
             attempt: 1,
             release: Arc::new(release),
             environment: "default".into(),
-            outputs: Arc::new(BTreeMap::new()),
+            outputs: Outputs::default(),
+            outcome: None,
             emitter: Emitter::noop().for_node(node),
             cancel: CancellationToken::new(),
             store,
@@ -129,7 +152,7 @@ impl StageContext {
 
     /// Replaces the outputs visible to the stage.
     pub fn with_outputs(mut self, outputs: BTreeMap<String, StageOutput>) -> Self {
-        self.outputs = Arc::new(outputs);
+        self.outputs = Outputs::from_map(outputs);
         self
     }
 
@@ -170,21 +193,25 @@ impl StageContext {
     }
 
     /// The output of a completed node, by name.
-    pub fn output(&self, node: &str) -> Option<&StageOutput> {
+    pub fn output(&self, node: &str) -> Option<StageOutput> {
         self.outputs.get(node)
     }
 
     /// The output of a completed node, or an error naming it.
-    pub fn require_output(&self, node: &str) -> Result<&StageOutput> {
+    pub fn require_output(&self, node: &str) -> Result<StageOutput> {
         self.output(node).ok_or_else(|| {
-            Error::invalid(format!("no output from node `{node}`"))
-                .with("node", &self.node)
+            Error::invalid(format!("no output from node `{node}`")).with("node", &self.node)
         })
     }
 
-    /// All outputs visible to this node.
-    pub fn outputs(&self) -> &BTreeMap<String, StageOutput> {
-        &self.outputs
+    /// All outputs of completed nodes.
+    pub fn outputs(&self) -> BTreeMap<String, StageOutput> {
+        self.outputs.snapshot()
+    }
+
+    /// For `finally` nodes: how the run went (before the finally nodes ran).
+    pub fn run_outcome(&self) -> Option<crate::event::RunStatus> {
+        self.outcome
     }
 
     /// Emits events attributed to this node.

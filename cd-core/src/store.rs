@@ -302,7 +302,12 @@ pub trait Store: Send + Sync + 'static {
     /// Records a new run.
     async fn create_run(&self, run: &RunRecord) -> Result<()>;
     /// Sets a run's status (and its end time, for final statuses).
-    async fn set_run_status(&self, run_id: &str, status: RunStatus, finished_at: Option<DateTime<Utc>>) -> Result<()>;
+    async fn set_run_status(
+        &self,
+        run_id: &str,
+        status: RunStatus,
+        finished_at: Option<DateTime<Utc>>,
+    ) -> Result<()>;
     /// A run by id.
     async fn get_run(&self, run_id: &str) -> Result<Option<RunRecord>>;
     /// The newest runs first.
@@ -361,6 +366,9 @@ pub struct MemoryStore {
     inner: Mutex<MemoryInner>,
 }
 
+/// A waiting holder: (holder, first asked, last asked).
+type Waiter = (String, DateTime<Utc>, DateTime<Utc>);
+
 #[derive(Default)]
 struct MemoryInner {
     runs: BTreeMap<String, RunRecord>,
@@ -369,7 +377,7 @@ struct MemoryInner {
     approvals: Vec<ApprovalRecord>,
     locks: HashMap<String, Lease>,
     // environment -> waiting holders with the time they last asked
-    waiters: HashMap<String, Vec<(String, DateTime<Utc>, DateTime<Utc>)>>,
+    waiters: HashMap<String, Vec<Waiter>>,
     releases: Vec<ReleaseRecord>,
 }
 
@@ -401,7 +409,12 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    async fn set_run_status(&self, run_id: &str, status: RunStatus, finished_at: Option<DateTime<Utc>>) -> Result<()> {
+    async fn set_run_status(
+        &self,
+        run_id: &str,
+        status: RunStatus,
+        finished_at: Option<DateTime<Utc>>,
+    ) -> Result<()> {
         let mut g = self.lock();
         let run = g
             .runs
@@ -418,7 +431,7 @@ impl Store for MemoryStore {
 
     async fn list_runs(&self, limit: usize) -> Result<Vec<RunRecord>> {
         let mut runs: Vec<_> = self.lock().runs.values().cloned().collect();
-        runs.sort_by(|a, b| b.started_at.cmp(&a.started_at));
+        runs.sort_by_key(|r| std::cmp::Reverse(r.started_at));
         runs.truncate(limit);
         Ok(runs)
     }
@@ -445,7 +458,10 @@ impl Store for MemoryStore {
     async fn append_events(&self, events: &[Event]) -> Result<()> {
         let mut g = self.lock();
         for e in events {
-            g.events.entry(e.run_id.clone()).or_default().push(e.clone());
+            g.events
+                .entry(e.run_id.clone())
+                .or_default()
+                .push(e.clone());
         }
         Ok(())
     }
@@ -582,7 +598,7 @@ impl Store for MemoryStore {
             .filter(|r| r.environment == environment)
             .cloned()
             .collect();
-        v.sort_by(|a, b| b.at.cmp(&a.at));
+        v.sort_by_key(|r| std::cmp::Reverse(r.at));
         v.truncate(limit);
         Ok(v)
     }

@@ -46,7 +46,11 @@ impl Release {
     }
 
     /// Sets the artifact with its expected sha256 (hex).
-    pub fn artifact_with_sha256(mut self, path: impl Into<PathBuf>, sha256: impl Into<String>) -> Self {
+    pub fn artifact_with_sha256(
+        mut self,
+        path: impl Into<PathBuf>,
+        sha256: impl Into<String>,
+    ) -> Self {
         self.artifact = Some(Artifact {
             path: path.into(),
             sha256: Some(sha256.into()),
@@ -146,7 +150,11 @@ pub struct Revision {
 
 impl Revision {
     /// A revision of `version` on `target` with a backend id.
-    pub fn new(target: impl Into<String>, version: impl Into<String>, id: impl Into<String>) -> Self {
+    pub fn new(
+        target: impl Into<String>,
+        version: impl Into<String>,
+        id: impl Into<String>,
+    ) -> Self {
         Revision {
             target: target.into(),
             version: version.into(),

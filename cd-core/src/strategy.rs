@@ -1,0 +1,638 @@
+//! Rollout strategies, written once over any [`Deployer`]: rolling,
+//! blue-green and canary, with automatic rollback.
+//!
+//! A strategy deploys a release to a set of targets and returns a
+//! [`RolloutReport`] that says what it switched and what was live before;
+//! [`Strategy::rollback`] undoes a completed rollout from that report (the
+//! runner's compensation uses it through the `Deploy` stage).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::future::join_all;
+use serde::{Deserialize, Serialize};
+
+use crate::deploy::{DeployContext, Deployer, Router};
+use crate::error::{Error, ErrorInfo, ErrorKind, Result};
+use crate::event::EventKind;
+use crate::monitor::{Analysis, AnalysisOutcome, Monitor, MonitorContext};
+use crate::types::{Release, Revision, Target};
+
+/// What a rollout did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RolloutReport {
+    /// `rolling`, `canary` or `blue_green`.
+    pub strategy: String,
+    /// The release version.
+    pub version: String,
+    /// What is live on each target the rollout switched (or found already
+    /// on the release).
+    pub deployed: Vec<Revision>,
+    /// What was live on each switched target before, by target name.
+    pub previous: BTreeMap<String, Option<Revision>>,
+    /// Targets whose deployment failed (tolerated by `max_failures`).
+    pub failed: Vec<(String, ErrorInfo)>,
+    /// For blue-green: the slot serving traffic after the rollout.
+    pub active_slot: Option<String>,
+    /// For blue-green: the slot that served traffic before.
+    pub previous_slot: Option<String>,
+    /// Whether nothing changed (the release was already live everywhere).
+    pub noop: bool,
+}
+
+/// A way to roll a release out over a deployer's targets.
+#[async_trait]
+pub trait Strategy: Send + Sync + 'static {
+    /// `rolling`, `canary`, `blue_green`.
+    fn name(&self) -> &str;
+
+    /// Rolls `release` out to `targets`. On failure, everything the rollout
+    /// switched is rolled back before the error is returned.
+    async fn deploy(
+        &self,
+        deployer: &dyn Deployer,
+        release: &Release,
+        targets: &[Target],
+        cx: &DeployContext,
+    ) -> Result<RolloutReport>;
+
+    /// Undoes a completed rollout (compensation).
+    async fn rollback(
+        &self,
+        deployer: &dyn Deployer,
+        report: &RolloutReport,
+        cx: &DeployContext,
+    ) -> Result<()> {
+        revert(
+            deployer,
+            &report.deployed,
+            &report.previous,
+            self.name(),
+            cx,
+        )
+        .await
+    }
+}
+
+/// Rolls back `switched` targets to what `previous` says was live. Returns the
+/// first error after trying every target.
+async fn revert(
+    deployer: &dyn Deployer,
+    switched: &[Revision],
+    previous: &BTreeMap<String, Option<Revision>>,
+    strategy: &str,
+    cx: &DeployContext,
+) -> Result<()> {
+    let targets: BTreeMap<String, Target> = deployer
+        .targets()
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect();
+    let jobs = switched
+        .iter()
+        .filter(|rev| {
+            // A target already on the release before the rollout stays.
+            !matches!(previous.get(&rev.target), Some(Some(p)) if p.version == rev.version)
+        })
+        .map(|rev| {
+            let target = targets
+                .get(&rev.target)
+                .cloned()
+                .unwrap_or_else(|| Target::new(rev.target.clone()));
+            let prev = previous.get(&rev.target).cloned().flatten();
+            async move {
+                let t = std::time::Instant::now();
+                let r = deployer.rollback(&target, prev.as_ref(), cx).await;
+                cx.events.progress(
+                    Some(&target.name),
+                    "rollback",
+                    if r.is_ok() { "ok" } else { "failed" },
+                    Some(t.elapsed()),
+                    Some(match (&r, &prev) {
+                        (Err(e), _) => e.to_string(),
+                        (Ok(_), Some(p)) => format!("back on {}", p.version),
+                        (Ok(_), None) => "removed (nothing was live before)".into(),
+                    }),
+                );
+                r.map(|_| ())
+            }
+        });
+    let results = join_all(jobs).await;
+    if !switched.is_empty() {
+        cx.events.emit(EventKind::Rollout {
+            strategy: strategy.into(),
+            message: format!(
+                "rolled back {} target(s): {}",
+                switched.len(),
+                switched
+                    .iter()
+                    .map(|r| r.target.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        });
+    }
+    results.into_iter().find(|r| r.is_err()).unwrap_or(Ok(()))
+}
+
+/// Deploys one target: reads what is live, plans, applies unless the plan is
+/// a no-op. Returns (previous, now live).
+async fn deploy_one(
+    deployer: &dyn Deployer,
+    release: &Release,
+    target: &Target,
+    cx: &DeployContext,
+) -> Result<(Option<Revision>, Revision, bool)> {
+    if cx.cancel.is_cancelled() {
+        return Err(Error::cancelled().with("target", &target.name));
+    }
+    let previous = deployer
+        .current(target)
+        .await
+        .map_err(|e| e.with("target", &target.name).with("step", "current"))?;
+    if let Some(p) = &previous {
+        if p.version == release.version {
+            cx.events.progress(
+                Some(&target.name),
+                "deploy",
+                "skipped",
+                None,
+                Some(format!("{} already live", p.version)),
+            );
+            return Ok((previous.clone(), p.clone(), true));
+        }
+    }
+    let plan = deployer
+        .plan(release, target)
+        .await
+        .map_err(|e| e.with("target", &target.name).with("step", "plan"))?;
+    let t = std::time::Instant::now();
+    let rev = deployer
+        .apply(&plan, cx)
+        .await
+        .map_err(|e| e.with("target", &target.name))?;
+    cx.events.progress(
+        Some(&target.name),
+        "deploy",
+        "ok",
+        Some(t.elapsed()),
+        Some(format!("{} live", rev.version)),
+    );
+    Ok((previous, rev, false))
+}
+
+/// Deploys a group of targets in parallel; returns successes and failures.
+async fn deploy_group(
+    deployer: &dyn Deployer,
+    release: &Release,
+    targets: &[Target],
+    cx: &DeployContext,
+    report: &mut RolloutReport,
+) -> Vec<(String, Error)> {
+    let results = join_all(targets.iter().map(|t| deploy_one(deployer, release, t, cx))).await;
+    let mut failures = Vec::new();
+    for (t, r) in targets.iter().zip(results) {
+        match r {
+            Ok((prev, rev, _noop)) => {
+                report.previous.insert(t.name.clone(), prev);
+                report.deployed.push(rev);
+            }
+            Err(e) => failures.push((t.name.clone(), e)),
+        }
+    }
+    failures
+}
+
+fn failure_error(strategy: &str, failures: &[(String, Error)], rolled_back: usize) -> Error {
+    let first = &failures[0].1;
+    let names: Vec<&str> = failures.iter().map(|(n, _)| n.as_str()).collect();
+    let msg = format!(
+        "{strategy} rollout failed on {} ({}); {rolled_back} switched target(s) rolled back; first error: {first}",
+        names.join(", "),
+        failures.len()
+    );
+    let kind = if first.kind() == ErrorKind::Cancelled {
+        ErrorKind::Cancelled
+    } else {
+        ErrorKind::Failed
+    };
+    Error::new(kind, msg)
+        .with("target", &failures[0].0)
+        .retryable(false)
+}
+
+async fn analyse(
+    monitor: &Option<(Arc<dyn Monitor>, Analysis)>,
+    release: &Release,
+    targets: Vec<Target>,
+    cx: &DeployContext,
+) -> Result<AnalysisOutcome> {
+    match monitor {
+        None => Ok(AnalysisOutcome::Pass),
+        Some((m, a)) => {
+            let mcx = MonitorContext {
+                targets,
+                release: release.clone(),
+                events: cx.events.clone(),
+                cancel: cx.cancel.clone(),
+            };
+            a.run(m.as_ref(), &mcx).await
+        }
+    }
+}
+
+/// Rolling update: batches of `batch_size` targets, one batch after another.
+/// More than `max_failures` failed targets stop the rollout and roll back
+/// every target already switched.
+///
+/// ```
+/// use cd_core::Rolling;
+/// let r = Rolling::new().batch_size(2).max_failures(1);
+/// # let _ = r;
+/// ```
+#[derive(Clone, Default)]
+pub struct Rolling {
+    batch_size: usize,
+    max_failures: usize,
+    monitor: Option<(Arc<dyn Monitor>, Analysis)>,
+}
+
+impl Rolling {
+    /// One target at a time, no failure tolerated.
+    pub fn new() -> Self {
+        Rolling {
+            batch_size: 1,
+            max_failures: 0,
+            monitor: None,
+        }
+    }
+
+    /// Targets per batch (at least 1).
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.batch_size = n.max(1);
+        self
+    }
+
+    /// Failed targets tolerated before the rollout stops and rolls back.
+    pub fn max_failures(mut self, n: usize) -> Self {
+        self.max_failures = n;
+        self
+    }
+
+    /// Analysis after each batch.
+    pub fn analysis(mut self, monitor: impl Monitor, analysis: Analysis) -> Self {
+        self.monitor = Some((Arc::new(monitor), analysis));
+        self
+    }
+}
+
+#[async_trait]
+impl Strategy for Rolling {
+    fn name(&self) -> &str {
+        "rolling"
+    }
+
+    async fn deploy(
+        &self,
+        deployer: &dyn Deployer,
+        release: &Release,
+        targets: &[Target],
+        cx: &DeployContext,
+    ) -> Result<RolloutReport> {
+        let mut report = RolloutReport {
+            strategy: "rolling".into(),
+            version: release.version.clone(),
+            ..Default::default()
+        };
+        let mut failures: Vec<(String, Error)> = Vec::new();
+        let batches: Vec<&[Target]> = targets.chunks(self.batch_size.max(1)).collect();
+        let total = batches.len();
+        for (b, batch) in batches.into_iter().enumerate() {
+            cx.events.emit(EventKind::Rollout {
+                strategy: "rolling".into(),
+                message: format!(
+                    "batch {}/{total}: {}",
+                    b + 1,
+                    batch
+                        .iter()
+                        .map(|t| t.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+            let before = report.deployed.len();
+            let mut f = deploy_group(deployer, release, batch, cx, &mut report).await;
+            failures.append(&mut f);
+            if failures.len() > self.max_failures || cx.cancel.is_cancelled() {
+                if failures.is_empty() {
+                    failures.push(("-".into(), Error::cancelled()));
+                }
+                let n = report.deployed.len();
+                revert(deployer, &report.deployed, &report.previous, "rolling", cx).await?;
+                return Err(failure_error("rolling", &failures, n));
+            }
+            let batch_targets: Vec<Target> = report.deployed[before..]
+                .iter()
+                .filter_map(|r| batch.iter().find(|t| t.name == r.target).cloned())
+                .collect();
+            let outcome = analyse(&self.monitor, release, batch_targets, cx).await?;
+            if !outcome.is_pass() {
+                let n = report.deployed.len();
+                revert(deployer, &report.deployed, &report.previous, "rolling", cx).await?;
+                return Err(Error::failed(format!(
+                    "rolling rollout stopped after batch {}: analysis {outcome}; {n} target(s) rolled back",
+                    b + 1
+                )));
+            }
+        }
+        report.noop = report.deployed.iter().all(
+            |r| matches!(report.previous.get(&r.target), Some(Some(p)) if p.version == r.version),
+        );
+        report.failed = failures
+            .iter()
+            .map(|(n, e)| (n.clone(), e.to_info()))
+            .collect();
+        Ok(report)
+    }
+}
+
+/// Canary: release to a growing share of targets (`steps` in percent, e.g.
+/// `[10, 50, 100]`), with analysis between steps. A failed deploy or a
+/// failing (or inconclusive) analysis aborts and rolls back every target
+/// switched so far.
+#[derive(Clone)]
+pub struct Canary {
+    steps: Vec<u32>,
+    monitor: Option<(Arc<dyn Monitor>, Analysis)>,
+    inconclusive_passes: bool,
+}
+
+impl Canary {
+    /// Steps in percent of targets; each step covers at least one more
+    /// target; a final 100 is added when missing.
+    pub fn new(steps: impl IntoIterator<Item = u32>) -> Self {
+        let mut steps: Vec<u32> = steps.into_iter().map(|s| s.clamp(1, 100)).collect();
+        if steps.last() != Some(&100) {
+            steps.push(100);
+        }
+        Canary {
+            steps,
+            monitor: None,
+            inconclusive_passes: false,
+        }
+    }
+
+    /// Analysis after each step but the last.
+    pub fn analysis(mut self, monitor: impl Monitor, analysis: Analysis) -> Self {
+        self.monitor = Some((Arc::new(monitor), analysis));
+        self
+    }
+
+    /// Analysis with a shared monitor.
+    pub fn analysis_arc(mut self, monitor: Arc<dyn Monitor>, analysis: Analysis) -> Self {
+        self.monitor = Some((monitor, analysis));
+        self
+    }
+
+    /// Treat an inconclusive analysis as a pass (default: abort).
+    pub fn inconclusive_passes(mut self, yes: bool) -> Self {
+        self.inconclusive_passes = yes;
+        self
+    }
+}
+
+#[async_trait]
+impl Strategy for Canary {
+    fn name(&self) -> &str {
+        "canary"
+    }
+
+    async fn deploy(
+        &self,
+        deployer: &dyn Deployer,
+        release: &Release,
+        targets: &[Target],
+        cx: &DeployContext,
+    ) -> Result<RolloutReport> {
+        let mut report = RolloutReport {
+            strategy: "canary".into(),
+            version: release.version.clone(),
+            ..Default::default()
+        };
+        let total = targets.len();
+        let mut done = 0usize;
+        for (s, pct) in self.steps.iter().enumerate() {
+            let want = ((total * *pct as usize).div_ceil(100))
+                .max(done + 1)
+                .min(total);
+            if want <= done {
+                continue;
+            }
+            let group = &targets[done..want];
+            cx.events.emit(EventKind::Rollout {
+                strategy: "canary".into(),
+                message: format!(
+                    "step {}/{}: {pct}% = {want} of {total} target(s)",
+                    s + 1,
+                    self.steps.len()
+                ),
+            });
+            let failures = deploy_group(deployer, release, group, cx, &mut report).await;
+            done = want;
+            if !failures.is_empty() {
+                let n = report.deployed.len();
+                revert(deployer, &report.deployed, &report.previous, "canary", cx).await?;
+                return Err(failure_error("canary", &failures, n));
+            }
+            if done < total {
+                let outcome = analyse(&self.monitor, release, targets[..done].to_vec(), cx).await?;
+                let pass = match &outcome {
+                    AnalysisOutcome::Pass => true,
+                    AnalysisOutcome::Inconclusive(_) => self.inconclusive_passes,
+                    AnalysisOutcome::Fail(_) => false,
+                };
+                if !pass {
+                    let n = report.deployed.len();
+                    cx.events.emit(EventKind::Rollout {
+                        strategy: "canary".into(),
+                        message: format!("abort at step {}: analysis {outcome}", s + 1),
+                    });
+                    revert(deployer, &report.deployed, &report.previous, "canary", cx).await?;
+                    return Err(Error::failed(format!(
+                        "canary aborted at step {} ({pct}%): analysis {outcome}; {n} target(s) rolled back",
+                        s + 1
+                    )));
+                }
+            }
+        }
+        cx.events.emit(EventKind::Rollout {
+            strategy: "canary".into(),
+            message: format!("promoted {} to all {total} target(s)", release.version),
+        });
+        report.noop = report.deployed.iter().all(
+            |r| matches!(report.previous.get(&r.target), Some(Some(p)) if p.version == r.version),
+        );
+        Ok(report)
+    }
+}
+
+/// Blue-green: deploy the idle slot, verify it, switch the router, keep the
+/// old slot as it was for rollback. The targets are the two slots.
+#[derive(Clone)]
+pub struct BlueGreen {
+    router: Arc<dyn Router>,
+    verify: Option<(Arc<dyn Monitor>, Analysis)>,
+}
+
+impl BlueGreen {
+    /// Blue-green over `router`.
+    pub fn new(router: impl Router) -> Self {
+        BlueGreen {
+            router: Arc::new(router),
+            verify: None,
+        }
+    }
+
+    /// Blue-green over a shared router.
+    pub fn with_router(router: Arc<dyn Router>) -> Self {
+        BlueGreen {
+            router,
+            verify: None,
+        }
+    }
+
+    /// Verifies the idle slot before the switch.
+    pub fn verify(mut self, monitor: impl Monitor, analysis: Analysis) -> Self {
+        self.verify = Some((Arc::new(monitor), analysis));
+        self
+    }
+
+    /// Verifies with a shared monitor.
+    pub fn verify_arc(mut self, monitor: Arc<dyn Monitor>, analysis: Analysis) -> Self {
+        self.verify = Some((monitor, analysis));
+        self
+    }
+}
+
+#[async_trait]
+impl Strategy for BlueGreen {
+    fn name(&self) -> &str {
+        "blue_green"
+    }
+
+    async fn deploy(
+        &self,
+        deployer: &dyn Deployer,
+        release: &Release,
+        targets: &[Target],
+        cx: &DeployContext,
+    ) -> Result<RolloutReport> {
+        if targets.len() != 2 {
+            return Err(Error::invalid(format!(
+                "blue-green needs exactly two slots, got {}: {}",
+                targets.len(),
+                targets
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let active = self.router.active().await?;
+        let (live, idle) = match active.as_deref() {
+            Some(a) if a == targets[0].name => (Some(&targets[0]), &targets[1]),
+            Some(a) if a == targets[1].name => (Some(&targets[1]), &targets[0]),
+            _ => (None, &targets[0]),
+        };
+        let mut report = RolloutReport {
+            strategy: "blue_green".into(),
+            version: release.version.clone(),
+            previous_slot: live.map(|t| t.name.clone()),
+            ..Default::default()
+        };
+        if let Some(live) = live {
+            if let Some(cur) = deployer.current(live).await? {
+                if cur.version == release.version {
+                    cx.events.emit(EventKind::Rollout {
+                        strategy: "blue_green".into(),
+                        message: format!("{} already live on slot {}", release.version, live.name),
+                    });
+                    report.active_slot = Some(live.name.clone());
+                    report.previous.insert(live.name.clone(), Some(cur.clone()));
+                    report.deployed.push(cur);
+                    report.noop = true;
+                    return Ok(report);
+                }
+            }
+        }
+        cx.events.emit(EventKind::Rollout {
+            strategy: "blue_green".into(),
+            message: format!(
+                "deploying {} to idle slot {} (live: {})",
+                release.version,
+                idle.name,
+                live.map(|t| t.name.as_str()).unwrap_or("none")
+            ),
+        });
+        let (prev, rev, _) = deploy_one(deployer, release, idle, cx).await?;
+        report.previous.insert(idle.name.clone(), prev);
+        report.deployed.push(rev);
+        let outcome = analyse(&self.verify, release, vec![idle.clone()], cx).await?;
+        if !outcome.is_pass() {
+            revert(
+                deployer,
+                &report.deployed,
+                &report.previous,
+                "blue_green",
+                cx,
+            )
+            .await?;
+            return Err(Error::failed(format!(
+                "blue-green: slot {} failed verification ({outcome}); traffic stays on {}",
+                idle.name,
+                live.map(|t| t.name.as_str()).unwrap_or("none")
+            ))
+            .with("target", &idle.name));
+        }
+        self.router.switch(&idle.name, cx).await?;
+        cx.events.emit(EventKind::Rollout {
+            strategy: "blue_green".into(),
+            message: format!("switched traffic to slot {}", idle.name),
+        });
+        report.active_slot = Some(idle.name.clone());
+        Ok(report)
+    }
+
+    async fn rollback(
+        &self,
+        deployer: &dyn Deployer,
+        report: &RolloutReport,
+        cx: &DeployContext,
+    ) -> Result<()> {
+        if report.noop {
+            return Ok(());
+        }
+        match &report.previous_slot {
+            Some(prev) => {
+                self.router.switch(prev, cx).await?;
+                cx.events.emit(EventKind::Rollout {
+                    strategy: "blue_green".into(),
+                    message: format!("switched traffic back to slot {prev}"),
+                });
+                Ok(())
+            }
+            // Nothing served before: take the new slot down.
+            None => {
+                revert(
+                    deployer,
+                    &report.deployed,
+                    &report.previous,
+                    "blue_green",
+                    cx,
+                )
+                .await
+            }
+        }
+    }
+}
