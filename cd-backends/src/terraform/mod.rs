@@ -1,1 +1,1134 @@
-//! terraform backend (work in progress).
+//! Terraform-managed infrastructure as a [`Deployer`]: the terraform CLI
+//! (or OpenTofu's `tofu`) planned, checked, applied and rolled back like any
+//! release.
+//!
+//! - **init**: `terraform init -input=false`, once per deployer, honouring
+//!   the user's CLI configuration (`TF_CLI_CONFIG_FILE`, or
+//!   [`TerraformDeployer::cli_config`]).
+//! - **workspaces**: a [`Target`] is a workspace (its `workspace` label, or
+//!   its name); one workspace per environment, created when missing and
+//!   selected per process through `TF_WORKSPACE`, so several workspaces can
+//!   be planned at once in the same directory.
+//! - **plan**: `terraform plan -out=<file> -json` with the release's
+//!   configuration written as a `-var-file` (JSON, never shell-quoted);
+//!   the machine-readable UI is streamed as events, then
+//!   `terraform show -json <file>` is parsed into a [`TerraformPlan`]
+//!   (resource changes with actions and addresses, output changes). Planning
+//!   changes nothing.
+//! - **apply**: exactly the saved plan file, with per-resource progress events;
+//!   the outputs end up in the [`Revision`] (and in [`TerraformApplyStage`]'s
+//!   output).
+//! - **drift**: [`TerraformDriftGate`] (`plan -detailed-exitcode`, or
+//!   refresh-only) as a pipeline gate.
+//! - **rollback**: re-applies the variables of the previous release, kept in
+//!   the deployer's release history (`.terraform/cd/history/<workspace>.json`)
+//!   and in each revision.
+//! - **locking**: terraform's own state lock with `-lock-timeout`; a lock held
+//!   elsewhere is [`cd_core::ErrorKind::Locked`].
+//! - **errors**: [`TerraformError`] carries the diagnostic's summary, detail,
+//!   file and line, and the resource address of a failing provisioner.
+//!
+//! ```no_run
+//! use cd_backends::terraform::TerraformDeployer;
+//! use cd_core::{DeployContext, Deployer, Release};
+//!
+//! # async fn demo() -> cd_core::Result<()> {
+//! let infra = TerraformDeployer::new("infra/").workspaces(["staging", "production"]);
+//! let staging = infra.target("staging");
+//! let plan = infra.plan(&Release::new("v2").config("replicas", 3), &staging).await?;
+//! for change in &plan.changes {
+//!     println!("{} {}", change.action, change.address);
+//! }
+//! let revision = infra.apply(&plan, &DeployContext::detached("staging")).await?;
+//! println!("outputs: {}", revision.detail["outputs"]);
+//! # Ok(()) }
+//! ```
+
+mod cli;
+mod drift;
+mod error;
+mod plan;
+mod stage;
+mod ui;
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use cd_core::{
+    DeployContext, Deployer, DeployerCapabilities, Emitter, LogLevel, Plan, Release, Result,
+    Revision, Target,
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+
+pub use drift::{DriftMode, TerraformDriftGate};
+pub use error::TerraformError;
+pub use plan::{action_from_list, OutputChange, PlanCounts, ResourceChange, TerraformPlan};
+pub use stage::{TerraformApplyStage, TerraformPlanStage};
+pub use ui::{
+    parse_human_diagnostics, ChangeSummary, Diagnostic, Hook, OutputValue, PlannedChange,
+    ResourceAddr, SourcePos, SourceRange, UiMessage,
+};
+
+use cli::{Cli, Finished};
+
+/// The environment variable naming the terraform binary when
+/// [`TerraformDeployer::binary`] is not set.
+pub const TERRAFORM_ENV: &str = "CD_TERRAFORM";
+
+/// The environment variable naming the tofu binary for [`TerraformDeployer::tofu`].
+pub const TOFU_ENV: &str = "CD_TOFU";
+
+/// The label of a [`Target`] that names its workspace (else its name is used).
+pub const WORKSPACE_LABEL: &str = "workspace";
+
+/// One release applied to one workspace, as kept in the deployer's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppliedRelease {
+    /// The release version.
+    pub version: String,
+    /// The release configuration that became terraform variables.
+    pub config: BTreeMap<String, Value>,
+    /// The outputs after apply (sensitive ones masked).
+    pub outputs: BTreeMap<String, Value>,
+    /// The state serial after apply, when the state is local.
+    pub serial: Option<u64>,
+    /// sha256 over the configuration files when applied.
+    pub config_hash: String,
+    /// When it was applied.
+    pub at: DateTime<Utc>,
+    /// Set when this entry is a rollback: the version it rolled back from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_of: Option<String>,
+    /// Set when the workspace was destroyed (rollback past the first release).
+    #[serde(default)]
+    pub destroyed: bool,
+}
+
+/// Deploys a Terraform (or OpenTofu) configuration. See the [module docs](self).
+///
+/// Cloning is cheap; clones share the initialisation state.
+#[derive(Debug, Clone)]
+pub struct TerraformDeployer {
+    name: String,
+    binary: Option<PathBuf>,
+    binary_env: &'static str,
+    default_binary: &'static str,
+    dir: PathBuf,
+    cli_config: Option<PathBuf>,
+    env: Vec<(String, String)>,
+    workspaces: Vec<String>,
+    lock_timeout: Duration,
+    parallelism: Option<u32>,
+    vars: BTreeMap<String, Value>,
+    version_var: Option<String>,
+    config_filter: Option<Vec<String>>,
+    state_dir: Option<PathBuf>,
+    destroy_when_no_previous: bool,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    initialized: Mutex<bool>,
+    workspaces: Mutex<HashSet<String>>,
+    history: Mutex<()>,
+}
+
+impl TerraformDeployer {
+    /// A deployer for the configuration in `dir`, driving `terraform` (from
+    /// `CD_TERRAFORM`, else `terraform` on `PATH`).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        TerraformDeployer {
+            name: "terraform".into(),
+            binary: None,
+            binary_env: TERRAFORM_ENV,
+            default_binary: "terraform",
+            dir: absolute(dir.into()),
+            cli_config: None,
+            env: Vec::new(),
+            workspaces: Vec::new(),
+            lock_timeout: Duration::from_secs(60),
+            parallelism: None,
+            vars: BTreeMap::new(),
+            version_var: None,
+            config_filter: None,
+            state_dir: None,
+            destroy_when_no_previous: false,
+            shared: Arc::new(Shared::default()),
+        }
+    }
+
+    /// A deployer driving OpenTofu's `tofu` (from `CD_TOFU`, else `tofu` on `PATH`).
+    pub fn tofu(dir: impl Into<PathBuf>) -> Self {
+        let mut d = Self::new(dir);
+        d.name = "tofu".into();
+        d.binary_env = TOFU_ENV;
+        d.default_binary = "tofu";
+        d
+    }
+
+    /// The CLI binary (`/usr/local/bin/terraform`, `tofu`).
+    pub fn binary(mut self, binary: impl Into<PathBuf>) -> Self {
+        self.binary = Some(binary.into());
+        self
+    }
+
+    /// The CLI configuration file (sets `TF_CLI_CONFIG_FILE` for every
+    /// command). Without it, the user's own configuration applies.
+    pub fn cli_config(mut self, path: impl Into<PathBuf>) -> Self {
+        self.cli_config = Some(path.into());
+        self
+    }
+
+    /// An environment variable for every terraform process (`TF_LOG`,
+    /// provider credentials, `TF_PLUGIN_CACHE_DIR`).
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// The workspaces this deployer manages, one per environment. Their
+    /// targets are [`TerraformDeployer::targets`]. Default: `default`.
+    pub fn workspaces<I, S>(mut self, workspaces: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.workspaces = workspaces.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// How long terraform waits for its state lock (`-lock-timeout`).
+    /// Default 60 s.
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.lock_timeout = timeout;
+        self
+    }
+
+    /// Terraform's `-parallelism`.
+    pub fn parallelism(mut self, n: u32) -> Self {
+        self.parallelism = Some(n);
+        self
+    }
+
+    /// A variable set for every release (the release's configuration wins).
+    pub fn var(mut self, name: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.vars.insert(name.into(), value.into());
+        self
+    }
+
+    /// Passes the release version as this terraform variable (which the
+    /// configuration must declare).
+    pub fn version_var(mut self, name: impl Into<String>) -> Self {
+        self.version_var = Some(name.into());
+        self
+    }
+
+    /// Passes only these keys of the release configuration as variables
+    /// (by default every key is passed; terraform warns about undeclared ones).
+    pub fn only_vars<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.config_filter = Some(names.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Where the deployer keeps plan files and its release history.
+    /// Default: `<dir>/.terraform/cd`.
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(absolute(dir.into()));
+        self
+    }
+
+    /// Rolling back the first release destroys the workspace's resources
+    /// (`terraform apply -destroy`). Off by default: such a rollback is an error.
+    pub fn destroy_when_no_previous(mut self, yes: bool) -> Self {
+        self.destroy_when_no_previous = yes;
+        self
+    }
+
+    /// The configuration directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The target for one workspace (environment).
+    pub fn target(&self, workspace: &str) -> Target {
+        Target::new(workspace).label(WORKSPACE_LABEL, workspace)
+    }
+
+    /// The binary that will be run.
+    pub fn binary_path(&self) -> PathBuf {
+        self.binary
+            .clone()
+            .or_else(|| std::env::var_os(self.binary_env).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(self.default_binary))
+    }
+
+    fn cli(&self) -> Cli {
+        Cli {
+            binary: self.binary_path(),
+            dir: self.dir.clone(),
+            cli_config: self.cli_config.clone(),
+            env: self.env.clone(),
+        }
+    }
+
+    fn state_root(&self) -> PathBuf {
+        self.state_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.join(".terraform").join("cd"))
+    }
+
+    fn lock_arg(&self) -> OsString {
+        format!("-lock-timeout={}s", self.lock_timeout.as_secs().max(1)).into()
+    }
+
+    /// The workspace a target stands for.
+    pub fn workspace_of(target: &Target) -> String {
+        target
+            .label_value(WORKSPACE_LABEL)
+            .unwrap_or(&target.name)
+            .to_string()
+    }
+
+    /// Runs `terraform init -input=false` once for this deployer (and its clones).
+    pub async fn init(&self, cx: &DeployContext) -> Result<()> {
+        let mut done = self.shared.initialized.lock().await;
+        if *done {
+            return Ok(());
+        }
+        if !self.dir.is_dir() {
+            return Err(TerraformError::InvalidPlan(format!(
+                "configuration directory {} does not exist",
+                self.dir.display()
+            ))
+            .into());
+        }
+        let started = Instant::now();
+        cx.events
+            .progress(None, "terraform init", "started", None, None);
+        let args: Vec<OsString> = vec!["init".into(), "-input=false".into(), "-no-color".into()];
+        let events = cx.events.clone();
+        let finished = self
+            .cli()
+            .run(
+                &args,
+                None,
+                &cx.cancel,
+                |_| {},
+                |line| {
+                    if !line.trim().is_empty() {
+                        events.log(LogLevel::Debug, format!("terraform init: {line}"));
+                    }
+                },
+            )
+            .await?;
+        if !finished.success() {
+            cx.events.progress(
+                None,
+                "terraform init",
+                "failed",
+                Some(started.elapsed()),
+                None,
+            );
+            return Err(self.init_error(finished, cx).await.into());
+        }
+        cx.events
+            .progress(None, "terraform init", "ok", Some(started.elapsed()), None);
+        *done = true;
+        Ok(())
+    }
+
+    /// `init` has no `-json` in terraform 1.0: read its text, and if that
+    /// names no file, ask `validate -json` (which works before init for
+    /// syntax errors).
+    async fn init_error(&self, finished: Finished, cx: &DeployContext) -> TerraformError {
+        let text = format!("{}\n{}", finished.stderr, finished.text);
+        let has_range = parse_human_diagnostics(&text)
+            .iter()
+            .any(|d| d.range.is_some());
+        if !has_range {
+            let args: Vec<OsString> = vec!["validate".into(), "-json".into(), "-no-color".into()];
+            if let Ok((_, out)) = self.cli().capture(&args, None, &cx.cancel).await {
+                if let Ok(v) = serde_json::from_str::<Value>(&out) {
+                    let diags: Vec<Diagnostic> = v
+                        .get("diagnostics")
+                        .cloned()
+                        .and_then(|d| serde_json::from_value(d).ok())
+                        .unwrap_or_default();
+                    let mut errors: Vec<Diagnostic> =
+                        diags.into_iter().filter(Diagnostic::is_error).collect();
+                    if !errors.is_empty() {
+                        let first = errors.remove(0);
+                        return TerraformError::Diagnostic {
+                            command: "init".into(),
+                            diagnostic: Box::new(first),
+                            others: errors,
+                            stderr: finished.stderr,
+                        };
+                    }
+                }
+            }
+        }
+        finished.into_error("init")
+    }
+
+    /// Creates `workspace` if missing (once per deployer).
+    async fn ensure_workspace(&self, workspace: &str, cx: &DeployContext) -> Result<()> {
+        if workspace == "default" {
+            return Ok(());
+        }
+        let mut known = self.shared.workspaces.lock().await;
+        if known.contains(workspace) {
+            return Ok(());
+        }
+        let args: Vec<OsString> = vec![
+            "workspace".into(),
+            "new".into(),
+            "-no-color".into(),
+            self.lock_arg(),
+            workspace.into(),
+        ];
+        let finished = self
+            .cli()
+            .run(&args, None, &cx.cancel, |_| {}, |_| {})
+            .await?;
+        if !finished.success() {
+            let text = format!("{}{}", finished.stderr, finished.text);
+            if !text.contains("already exists") {
+                return Err(finished.into_error("workspace new").into());
+            }
+        } else {
+            cx.events
+                .info(format!("terraform: created workspace {workspace}"));
+        }
+        known.insert(workspace.to_string());
+        Ok(())
+    }
+
+    /// The variables for a release: deployer variables, then the release's
+    /// configuration (filtered by [`TerraformDeployer::only_vars`]), then the
+    /// version variable.
+    fn variables(&self, release: &Release) -> BTreeMap<String, Value> {
+        let mut vars = self.vars.clone();
+        for (k, v) in &release.config {
+            if self
+                .config_filter
+                .as_ref()
+                .is_none_or(|keep| keep.iter().any(|x| x == k))
+            {
+                vars.insert(k.clone(), v.clone());
+            }
+        }
+        if let Some(name) = &self.version_var {
+            vars.insert(name.clone(), Value::String(release.version.clone()));
+        }
+        vars
+    }
+
+    fn plan_paths(&self, workspace: &str, version: &str) -> (PathBuf, PathBuf) {
+        let safe: String = version
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let nonce = &uuid::Uuid::new_v4().simple().to_string()[..8];
+        let dir = self.state_root().join("plans").join(workspace);
+        (
+            dir.join(format!("{safe}-{nonce}.tfplan")),
+            dir.join(format!("{safe}-{nonce}.tfvars.json")),
+        )
+    }
+
+    /// Plans `release` on `target`, streaming terraform's progress to `cx`'s
+    /// events. [`Deployer::plan`] does the same without events (the trait
+    /// gives it no context).
+    pub async fn plan_in(
+        &self,
+        release: &Release,
+        target: &Target,
+        cx: &DeployContext,
+    ) -> Result<Plan> {
+        let workspace = Self::workspace_of(target);
+        self.init(cx).await?;
+        self.ensure_workspace(&workspace, cx).await?;
+        let (plan_file, var_file) = self.plan_paths(&workspace, &release.version);
+        write_json(
+            &var_file,
+            &Value::Object(self.variables(release).into_iter().collect()),
+        )?;
+        let result = self
+            .plan_files(
+                release, target, &workspace, &plan_file, &var_file, false, cx,
+            )
+            .await;
+        if result.is_err() {
+            let _ = std::fs::remove_file(&plan_file);
+            let _ = std::fs::remove_file(&var_file);
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn plan_files(
+        &self,
+        release: &Release,
+        target: &Target,
+        workspace: &str,
+        plan_file: &Path,
+        var_file: &Path,
+        destroy: bool,
+        cx: &DeployContext,
+    ) -> Result<Plan> {
+        let started = Instant::now();
+        cx.events.progress(
+            Some(workspace),
+            "terraform plan",
+            "started",
+            None,
+            Some(release.version.clone()),
+        );
+        let mut args: Vec<OsString> = vec![
+            "plan".into(),
+            "-input=false".into(),
+            "-json".into(),
+            self.lock_arg(),
+        ];
+        if destroy {
+            args.push("-destroy".into());
+        }
+        if let Some(p) = self.parallelism {
+            args.push(format!("-parallelism={p}").into());
+        }
+        args.push(os_flag("-out=", plan_file));
+        args.push(os_flag("-var-file=", var_file));
+        let events = cx.events.clone();
+        let finished = self
+            .cli()
+            .run(
+                &args,
+                Some(workspace),
+                &cx.cancel,
+                |m| stream_event(&events, &m),
+                |l| stream_line(&events, l),
+            )
+            .await?;
+        if !finished.success() {
+            cx.events.progress(
+                Some(workspace),
+                "terraform plan",
+                "failed",
+                Some(started.elapsed()),
+                None,
+            );
+            return Err(finished.into_error("plan").into());
+        }
+        let typed = self.show(plan_file, workspace, cx).await?;
+        let counts = typed.counts();
+        cx.events.progress(
+            Some(workspace),
+            "terraform plan",
+            "ok",
+            Some(started.elapsed()),
+            Some(format!(
+                "{} to add, {} to change, {} to destroy",
+                counts.add, counts.change, counts.destroy
+            )),
+        );
+        let current = self.current(target).await?;
+        let mut plan = Plan::new(release.clone(), target.clone(), current);
+        plan.changes = typed.changes();
+        plan.detail = json!({
+            "backend": self.name,
+            "workspace": workspace,
+            "plan_file": plan_file,
+            "var_file": var_file,
+            "destroy": destroy,
+            "config_hash": self.config_hash(),
+            "counts": counts,
+            "terraform_plan": typed,
+        });
+        Ok(plan)
+    }
+
+    /// `terraform show -json <planfile>`, typed.
+    pub async fn show(
+        &self,
+        plan_file: &Path,
+        workspace: &str,
+        cx: &DeployContext,
+    ) -> Result<TerraformPlan> {
+        let args: Vec<OsString> = vec!["show".into(), "-json".into(), plan_file.into()];
+        let (finished, out) = self
+            .cli()
+            .capture(&args, Some(workspace), &cx.cancel)
+            .await?;
+        if !finished.success() {
+            return Err(finished.into_error("show").into());
+        }
+        Ok(TerraformPlan::parse(&out)?)
+    }
+
+    /// The outputs of a workspace, unmasked (`terraform output -json`).
+    pub async fn outputs(
+        &self,
+        target: &Target,
+        cx: &DeployContext,
+    ) -> Result<BTreeMap<String, OutputValue>> {
+        let workspace = Self::workspace_of(target);
+        self.init(cx).await?;
+        self.ensure_workspace(&workspace, cx).await?;
+        let args: Vec<OsString> = vec!["output".into(), "-json".into(), "-no-color".into()];
+        let (finished, out) = self
+            .cli()
+            .capture(&args, Some(&workspace), &cx.cancel)
+            .await?;
+        if !finished.success() {
+            return Err(finished.into_error("output").into());
+        }
+        if out.trim().is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        serde_json::from_str(&out).map_err(|e| {
+            TerraformError::Parse {
+                command: "output -json".into(),
+                message: e.to_string(),
+            }
+            .into()
+        })
+    }
+
+    async fn apply_plan(
+        &self,
+        plan: &Plan,
+        cx: &DeployContext,
+        rollback_of: Option<String>,
+    ) -> Result<Option<Revision>> {
+        let detail = &plan.detail;
+        let workspace = detail
+            .get("workspace")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                TerraformError::InvalidPlan("the plan was not made by a TerraformDeployer".into())
+            })?
+            .to_string();
+        let plan_file = PathBuf::from(
+            detail
+                .get("plan_file")
+                .and_then(Value::as_str)
+                .ok_or_else(|| TerraformError::InvalidPlan("the plan names no plan file".into()))?,
+        );
+        let var_file = detail
+            .get("var_file")
+            .and_then(Value::as_str)
+            .map(PathBuf::from);
+        let destroy = detail
+            .get("destroy")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if !plan_file.is_file() {
+            return Err(TerraformError::InvalidPlan(format!(
+                "plan file {} is gone (already applied?)",
+                plan_file.display()
+            ))
+            .into());
+        }
+        self.init(cx).await?;
+        self.ensure_workspace(&workspace, cx).await?;
+        let started = Instant::now();
+        let mut outputs: Option<BTreeMap<String, OutputValue>> = None;
+        if plan.is_noop() && !destroy {
+            cx.events.progress(
+                Some(&workspace),
+                "terraform apply",
+                "skipped",
+                None,
+                Some("no changes".into()),
+            );
+        } else {
+            cx.events.progress(
+                Some(&workspace),
+                "terraform apply",
+                "started",
+                None,
+                Some(plan.release.version.clone()),
+            );
+            let mut args: Vec<OsString> = vec![
+                "apply".into(),
+                "-input=false".into(),
+                "-json".into(),
+                "-auto-approve".into(),
+                self.lock_arg(),
+            ];
+            if let Some(p) = self.parallelism {
+                args.push(format!("-parallelism={p}").into());
+            }
+            args.push(plan_file.clone().into());
+            let events = cx.events.clone();
+            let finished = self
+                .cli()
+                .run(
+                    &args,
+                    Some(&workspace),
+                    &cx.cancel,
+                    |m| {
+                        if let Some(o) = &m.outputs {
+                            outputs = Some(o.clone());
+                        }
+                        stream_event(&events, &m)
+                    },
+                    |l| stream_line(&events, l),
+                )
+                .await?;
+            if !finished.success() {
+                cx.events.progress(
+                    Some(&workspace),
+                    "terraform apply",
+                    "failed",
+                    Some(started.elapsed()),
+                    None,
+                );
+                let _ = std::fs::remove_file(&plan_file);
+                return Err(finished.into_error("apply").into());
+            }
+            cx.events.progress(
+                Some(&workspace),
+                "terraform apply",
+                "ok",
+                Some(started.elapsed()),
+                None,
+            );
+        }
+        let _ = std::fs::remove_file(&plan_file);
+        if let Some(v) = &var_file {
+            let _ = std::fs::remove_file(v);
+        }
+        let outputs = match outputs {
+            Some(o) => o,
+            None if destroy => BTreeMap::new(),
+            None => self.outputs(&plan.target, cx).await?,
+        };
+        let mut shown = BTreeMap::new();
+        for (name, o) in &outputs {
+            if o.sensitive {
+                register_secrets(cx.events.redactor(), &o.value);
+                shown.insert(name.clone(), Value::String("(sensitive)".into()));
+            } else {
+                shown.insert(name.clone(), o.value.clone());
+            }
+        }
+        let serial = self.local_serial(&workspace);
+        let entry = AppliedRelease {
+            version: plan.release.version.clone(),
+            config: plan.release.config.clone(),
+            outputs: shown,
+            serial,
+            config_hash: detail
+                .get("config_hash")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+            at: Utc::now(),
+            rollback_of,
+            destroyed: destroy,
+        };
+        self.record(&workspace, entry.clone()).await?;
+        if destroy {
+            return Ok(None);
+        }
+        Ok(Some(self.revision(&plan.target, &workspace, &entry)))
+    }
+
+    fn revision(&self, target: &Target, workspace: &str, entry: &AppliedRelease) -> Revision {
+        let id = match entry.serial {
+            Some(s) => format!("{workspace}#{s}"),
+            None => format!("{workspace}@{}", entry.version),
+        };
+        let mut rev = Revision::new(&target.name, &entry.version, id).detail(json!({
+            "workspace": workspace,
+            "outputs": entry.outputs,
+            "config": entry.config,
+            "serial": entry.serial,
+            "config_hash": entry.config_hash,
+        }));
+        rev.deployed_at = Some(entry.at);
+        rev
+    }
+
+    fn history_file(&self, workspace: &str) -> PathBuf {
+        self.state_root()
+            .join("history")
+            .join(format!("{workspace}.json"))
+    }
+
+    /// The releases applied to a workspace by this deployer, oldest first.
+    pub async fn history(&self, target: &Target) -> Result<Vec<AppliedRelease>> {
+        let _guard = self.shared.history.lock().await;
+        self.read_history(&Self::workspace_of(target))
+    }
+
+    fn read_history(&self, workspace: &str) -> Result<Vec<AppliedRelease>> {
+        let path = self.history_file(workspace);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(
+                serde_json::from_slice(&bytes).map_err(|e| TerraformError::Parse {
+                    command: format!("history file {}", path.display()),
+                    message: e.to_string(),
+                })?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(TerraformError::io(format!("reading {}", path.display()), e).into()),
+        }
+    }
+
+    async fn record(&self, workspace: &str, entry: AppliedRelease) -> Result<()> {
+        let _guard = self.shared.history.lock().await;
+        let mut history = self.read_history(workspace)?;
+        history.push(entry);
+        // Keep the history bounded.
+        if history.len() > 100 {
+            let drop = history.len() - 100;
+            history.drain(..drop);
+        }
+        write_json(
+            &self.history_file(workspace),
+            &serde_json::to_value(&history)?,
+        )
+    }
+
+    /// The serial of a local state file, if the backend is local.
+    fn local_serial(&self, workspace: &str) -> Option<u64> {
+        let path = if workspace == "default" {
+            self.dir.join("terraform.tfstate")
+        } else {
+            self.dir
+                .join("terraform.tfstate.d")
+                .join(workspace)
+                .join("terraform.tfstate")
+        };
+        let bytes = std::fs::read(path).ok()?;
+        let v: Value = serde_json::from_slice(&bytes).ok()?;
+        v.get("serial").and_then(Value::as_u64)
+    }
+
+    /// sha256 over the configuration files (`*.tf`, `*.tf.json`, `*.tfvars`,
+    /// `*.tfvars.json`, `.terraform.lock.hcl`) of the directory.
+    pub fn config_hash(&self) -> String {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                p.is_file()
+                    && (n.ends_with(".tf")
+                        || n.ends_with(".tf.json")
+                        || n.ends_with(".tfvars")
+                        || n.ends_with(".tfvars.json")
+                        || n == ".terraform.lock.hcl")
+            })
+            .collect();
+        files.sort();
+        let mut h = Sha256::new();
+        for f in files {
+            h.update(
+                f.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            );
+            h.update([0]);
+            h.update(std::fs::read(&f).unwrap_or_default());
+            h.update([0]);
+        }
+        hex::encode(h.finalize())
+    }
+
+    async fn rollback_to(
+        &self,
+        target: &Target,
+        to: Option<&Revision>,
+        cx: &DeployContext,
+    ) -> Result<Option<Revision>> {
+        let workspace = Self::workspace_of(target);
+        let history = self.history(target).await?;
+        let current = history.last().filter(|e| !e.destroyed).cloned();
+        let previous: Option<AppliedRelease> = match to {
+            Some(rev) => {
+                let found = history
+                    .iter()
+                    .rev()
+                    .find(|e| e.version == rev.version && !e.destroyed)
+                    .cloned();
+                match found {
+                    Some(e) => Some(e),
+                    None => {
+                        // A revision from elsewhere (the store's release
+                        // history): its detail carries the configuration.
+                        let config: BTreeMap<String, Value> = rev
+                            .detail
+                            .get("config")
+                            .cloned()
+                            .and_then(|c| serde_json::from_value(c).ok())
+                            .ok_or_else(|| TerraformError::NoPreviousRelease {
+                                workspace: workspace.clone(),
+                            })?;
+                        Some(AppliedRelease {
+                            version: rev.version.clone(),
+                            config,
+                            outputs: BTreeMap::new(),
+                            serial: None,
+                            config_hash: String::new(),
+                            at: Utc::now(),
+                            rollback_of: None,
+                            destroyed: false,
+                        })
+                    }
+                }
+            }
+            None if history.len() >= 2 => {
+                Some(history[history.len() - 2].clone()).filter(|e| !e.destroyed)
+            }
+            None => None,
+        };
+        let from = current.as_ref().map(|c| c.version.clone());
+        cx.events.emit(cd_core::EventKind::Rollout {
+            strategy: "terraform".into(),
+            message: format!(
+                "rolling back workspace {workspace} from {} to {}",
+                from.as_deref().unwrap_or("nothing"),
+                previous
+                    .as_ref()
+                    .map(|p| p.version.as_str())
+                    .unwrap_or("nothing (destroy)")
+            ),
+        });
+        match previous {
+            Some(prev) => {
+                if !prev.config_hash.is_empty() && prev.config_hash != self.config_hash() {
+                    cx.events.warn(format!(
+                        "terraform: configuration files in {} changed since {} was applied; \
+                         rollback re-applies its variables to the current files",
+                        self.dir.display(),
+                        prev.version
+                    ));
+                }
+                let mut release = Release::new(prev.version.clone());
+                release.config = prev.config.clone();
+                let plan = self.plan_in(&release, target, cx).await?;
+                self.apply_plan(&plan, cx, from).await
+            }
+            None if self.destroy_when_no_previous && current.is_some() => {
+                let release =
+                    Release::new(format!("{}-destroyed", from.clone().unwrap_or_default()));
+                let mut release = release;
+                release.config = current.map(|c| c.config).unwrap_or_default();
+                self.init(cx).await?;
+                self.ensure_workspace(&workspace, cx).await?;
+                let (plan_file, var_file) = self.plan_paths(&workspace, &release.version);
+                write_json(
+                    &var_file,
+                    &Value::Object(self.variables(&release).into_iter().collect()),
+                )?;
+                let plan = self
+                    .plan_files(
+                        &release, target, &workspace, &plan_file, &var_file, true, cx,
+                    )
+                    .await?;
+                self.apply_plan(&plan, cx, from).await
+            }
+            None => Err(TerraformError::NoPreviousRelease { workspace }.into()),
+        }
+    }
+}
+
+#[async_trait]
+impl Deployer for TerraformDeployer {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn capabilities(&self) -> DeployerCapabilities {
+        DeployerCapabilities {
+            rollback: true,
+            idempotent: true,
+            dry_run: true,
+        }
+    }
+
+    fn targets(&self) -> Vec<Target> {
+        if self.workspaces.is_empty() {
+            vec![self.target("default")]
+        } else {
+            self.workspaces.iter().map(|w| self.target(w)).collect()
+        }
+    }
+
+    async fn current(&self, target: &Target) -> Result<Option<Revision>> {
+        let workspace = Self::workspace_of(target);
+        let history = self.history(target).await?;
+        Ok(history
+            .last()
+            .filter(|e| !e.destroyed)
+            .map(|e| self.revision(target, &workspace, e)))
+    }
+
+    async fn plan(&self, release: &Release, target: &Target) -> Result<Plan> {
+        self.plan_in(
+            release,
+            target,
+            &DeployContext::detached(&Self::workspace_of(target)),
+        )
+        .await
+    }
+
+    async fn apply(&self, plan: &Plan, cx: &DeployContext) -> Result<Revision> {
+        self.apply_plan(plan, cx, None).await?.ok_or_else(|| {
+            TerraformError::InvalidPlan("a destroy plan leaves no revision".into()).into()
+        })
+    }
+
+    async fn rollback(
+        &self,
+        target: &Target,
+        to: Option<&Revision>,
+        cx: &DeployContext,
+    ) -> Result<Option<Revision>> {
+        self.rollback_to(target, to, cx).await
+    }
+}
+
+/// Turns one UI message into events.
+fn stream_event(events: &Emitter, m: &UiMessage) {
+    let addr = m.address().map(str::to_string);
+    let hook = m.hook.as_ref();
+    let elapsed = hook
+        .and_then(|h| h.elapsed_seconds)
+        .map(Duration::from_secs_f64);
+    let action = hook
+        .and_then(|h| h.action.clone())
+        .unwrap_or_else(|| "apply".into());
+    match m.kind.as_str() {
+        "planned_change" => {
+            if let Some(c) = &m.change {
+                events.progress(
+                    addr.as_deref(),
+                    "plan",
+                    &c.action,
+                    None,
+                    c.reason.as_ref().map(|r| format!("because {r}")),
+                );
+            }
+        }
+        "apply_start" => events.progress(addr.as_deref(), &action, "started", None, None),
+        "apply_progress" => events.progress(
+            addr.as_deref(),
+            &action,
+            "running",
+            elapsed,
+            Some(m.message.clone()),
+        ),
+        "apply_complete" => events.progress(
+            addr.as_deref(),
+            &action,
+            "ok",
+            elapsed,
+            hook.and_then(|h| h.id_value.clone())
+                .map(|id| format!("id={id}")),
+        ),
+        "apply_errored" => events.progress(addr.as_deref(), &action, "failed", elapsed, None),
+        "provision_progress" => {
+            let output = hook.and_then(|h| h.output.clone()).unwrap_or_default();
+            events.info(format!(
+                "{} ({}): {output}",
+                addr.as_deref().unwrap_or("-"),
+                hook.and_then(|h| h.provisioner.clone()).unwrap_or_default()
+            ));
+        }
+        "provision_errored" => events.progress(
+            addr.as_deref(),
+            &format!(
+                "provision {}",
+                hook.and_then(|h| h.provisioner.clone()).unwrap_or_default()
+            ),
+            "failed",
+            None,
+            None,
+        ),
+        "diagnostic" => {
+            if let Some(d) = &m.diagnostic {
+                let level = if d.is_error() {
+                    LogLevel::Error
+                } else {
+                    LogLevel::Warn
+                };
+                let mut text = format!("terraform {}: {d}", d.severity);
+                if !d.detail.is_empty() {
+                    text.push_str(": ");
+                    text.push_str(d.detail.trim());
+                }
+                events.log(level, text);
+            }
+        }
+        "change_summary" => events.info(format!("terraform: {}", m.message)),
+        "version" | "outputs" => {}
+        _ => events.log(LogLevel::Debug, format!("terraform: {}", m.message)),
+    }
+}
+
+fn stream_line(events: &Emitter, line: &str) {
+    if !line.trim().is_empty() {
+        events.log(LogLevel::Debug, format!("terraform: {line}"));
+    }
+}
+
+fn register_secrets(redactor: &cd_core::Redactor, v: &Value) {
+    match v {
+        Value::String(s) => redactor.register(s.clone()),
+        Value::Array(a) => a.iter().for_each(|x| register_secrets(redactor, x)),
+        Value::Object(o) => o.values().for_each(|x| register_secrets(redactor, x)),
+        _ => {}
+    }
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| TerraformError::io(format!("creating {}", parent.display()), e))?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)
+        .map_err(|e| TerraformError::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, path)
+        .map_err(|e| TerraformError::io(format!("writing {}", path.display()), e).into())
+}
+
+fn os_flag(flag: &str, path: &Path) -> OsString {
+    let mut s = OsString::from(flag);
+    s.push(path.as_os_str());
+    s
+}
+
+fn absolute(p: PathBuf) -> PathBuf {
+    if p.is_absolute() {
+        p
+    } else {
+        std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p)
+    }
+}

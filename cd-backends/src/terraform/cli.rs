@@ -1,0 +1,253 @@
+//! Running the terraform CLI: arguments, environment, streaming stdout line
+//! by line, interrupting on cancellation.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use super::error::TerraformError;
+use super::ui::{parse_human_diagnostics, Diagnostic, UiMessage};
+
+/// How long terraform gets to stop cleanly (release its lock) after an
+/// interrupt before it is killed.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(30);
+
+/// How much of stderr an error keeps.
+const STDERR_TAIL: usize = 4000;
+
+/// The terraform CLI as configured by the deployer.
+#[derive(Debug, Clone)]
+pub(crate) struct Cli {
+    pub binary: PathBuf,
+    pub dir: PathBuf,
+    pub cli_config: Option<PathBuf>,
+    pub env: Vec<(String, String)>,
+}
+
+/// What a finished terraform process left behind.
+#[derive(Debug, Default)]
+pub(crate) struct Finished {
+    pub code: Option<i32>,
+    pub stderr: String,
+    /// Diagnostics read from `-json` stdout.
+    pub diagnostics: Vec<Diagnostic>,
+    /// Non-JSON stdout (when the command had no `-json`) — kept for errors.
+    pub text: String,
+}
+
+impl Finished {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+
+    /// Turns a failed run into the best error available: a lock error, the
+    /// first error diagnostic, or the exit code with stderr.
+    pub fn into_error(self, command: &str) -> TerraformError {
+        let mut diags: Vec<Diagnostic> = self
+            .diagnostics
+            .into_iter()
+            .filter(Diagnostic::is_error)
+            .collect();
+        if diags.is_empty() {
+            diags = parse_human_diagnostics(&format!("{}\n{}", self.stderr, self.text))
+                .into_iter()
+                .filter(Diagnostic::is_error)
+                .collect();
+        }
+        if let Some(lock) = diags
+            .iter()
+            .find(|d| d.summary.to_ascii_lowercase().contains("state lock"))
+        {
+            return TerraformError::Locked {
+                command: command.into(),
+                detail: format!("{} {}", lock.summary, lock.detail)
+                    .trim()
+                    .to_string(),
+            };
+        }
+        let stderr = tail(&self.stderr);
+        if diags.is_empty() {
+            return TerraformError::Command {
+                command: command.into(),
+                code: self.code,
+                stderr: if stderr.trim().is_empty() {
+                    tail(&self.text)
+                } else {
+                    stderr
+                },
+            };
+        }
+        let first = diags.remove(0);
+        TerraformError::Diagnostic {
+            command: command.into(),
+            diagnostic: Box::new(first),
+            others: diags,
+            stderr,
+        }
+    }
+}
+
+fn tail(s: &str) -> String {
+    if s.len() <= STDERR_TAIL {
+        return s.to_string();
+    }
+    let mut start = s.len() - STDERR_TAIL;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("…{}", &s[start..])
+}
+
+impl Cli {
+    /// Runs `terraform <args>` in the working directory with `workspace`
+    /// selected through `TF_WORKSPACE`, calling `on_message` for each `-json`
+    /// UI message and `on_line` for every other stdout line.
+    pub async fn run(
+        &self,
+        args: &[OsString],
+        workspace: Option<&str>,
+        cancel: &CancellationToken,
+        mut on_message: impl FnMut(UiMessage),
+        mut on_line: impl FnMut(&str),
+    ) -> Result<Finished, TerraformError> {
+        let command = args
+            .first()
+            .map(|a| a.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(args)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .env("TF_IN_AUTOMATION", "1")
+            .env("TF_INPUT", "0");
+        if let Some(cfg) = &self.cli_config {
+            cmd.env("TF_CLI_CONFIG_FILE", cfg);
+        }
+        match workspace {
+            Some(ws) => cmd.env("TF_WORKSPACE", ws),
+            None => cmd.env_remove("TF_WORKSPACE"),
+        };
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().map_err(|e| spawn_error(&self.binary, e))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let stderr_task = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let _ = stderr.read_to_end(&mut buf).await;
+            String::from_utf8_lossy(&buf).into_owned()
+        });
+        let mut finished = Finished::default();
+        let mut lines = BufReader::new(stdout).lines();
+        let mut cancelled = false;
+        loop {
+            tokio::select! {
+                line = lines.next_line() => match line {
+                    Ok(Some(line)) => match UiMessage::parse(&line) {
+                        Some(msg) => {
+                            if let Some(d) = &msg.diagnostic {
+                                finished.diagnostics.push(d.clone());
+                            }
+                            on_message(msg);
+                        }
+                        None => {
+                            on_line(&line);
+                            finished.text.push_str(&line);
+                            finished.text.push('\n');
+                        }
+                    },
+                    Ok(None) => break,
+                    Err(e) => return Err(TerraformError::io(format!("reading terraform {command} output"), e)),
+                },
+                _ = cancel.cancelled(), if !cancelled => {
+                    cancelled = true;
+                    interrupt(&mut child).await;
+                }
+            }
+        }
+        let status =
+            if cancelled {
+                match tokio::time::timeout(INTERRUPT_GRACE, child.wait()).await {
+                    Ok(s) => s.ok(),
+                    Err(_) => {
+                        let _ = child.kill().await;
+                        None
+                    }
+                }
+            } else {
+                Some(child.wait().await.map_err(|e| {
+                    TerraformError::io(format!("waiting for terraform {command}"), e)
+                })?)
+            };
+        finished.stderr = stderr_task.await.unwrap_or_default();
+        if cancelled {
+            return Err(TerraformError::Cancelled { command });
+        }
+        finished.code = status.and_then(|s| s.code());
+        Ok(finished)
+    }
+
+    /// Runs a command and returns its whole stdout (`show -json`, `output -json`).
+    pub async fn capture(
+        &self,
+        args: &[OsString],
+        workspace: Option<&str>,
+        cancel: &CancellationToken,
+    ) -> Result<(Finished, String), TerraformError> {
+        let mut out = String::new();
+        let finished = self
+            .run(
+                args,
+                workspace,
+                cancel,
+                |_| {},
+                |l| {
+                    out.push_str(l);
+                    out.push('\n');
+                },
+            )
+            .await?;
+        Ok((finished, out))
+    }
+}
+
+/// Sends SIGINT so terraform stops cleanly and releases its state lock.
+async fn interrupt(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let sent = Command::new("kill")
+            .arg("-INT")
+            .arg(pid.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if sent {
+            return;
+        }
+    }
+    let _ = child.start_kill();
+}
+
+pub(crate) fn spawn_error(binary: &Path, e: std::io::Error) -> TerraformError {
+    match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+            TerraformError::BinaryNotFound {
+                binary: binary.to_path_buf(),
+                reason: e.to_string(),
+            }
+        }
+        _ => TerraformError::io(format!("starting {}", binary.display()), e),
+    }
+}

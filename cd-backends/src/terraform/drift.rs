@@ -1,0 +1,191 @@
+//! A drift check as a pipeline gate.
+
+use std::ffi::OsString;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use cd_core::{DeployContext, Gate, Release, Result, StageContext, Target, Verdict};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{os_flag, stream_event, write_json, TerraformDeployer};
+
+/// How [`TerraformDriftGate`] looks for drift.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftMode {
+    /// `terraform plan -detailed-exitcode` with the live release's variables:
+    /// anything terraform would change (real infrastructure that drifted, or
+    /// configuration files changed since the live release) is drift.
+    #[default]
+    Full,
+    /// `terraform plan -refresh-only -detailed-exitcode`: only differences
+    /// between the state and the real infrastructure.
+    RefreshOnly,
+}
+
+/// What a drift check found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftReport {
+    /// The workspace checked.
+    pub workspace: String,
+    /// Whether terraform found differences (exit code 2).
+    pub drifted: bool,
+    /// `(address, action)` for each resource that would change.
+    pub changes: Vec<(String, String)>,
+}
+
+/// Fails when a workspace has drifted from what the live release applied.
+///
+/// The variables come from the deployer's release history (the live
+/// release); when nothing was applied yet, from the run's release.
+///
+/// ```no_run
+/// use cd_backends::terraform::{TerraformDeployer, TerraformDriftGate};
+/// let infra = TerraformDeployer::new("infra/").workspaces(["production"]);
+/// let gate = TerraformDriftGate::new(infra.clone(), infra.target("production")).refresh_only();
+/// # let _ = gate;
+/// ```
+#[derive(Debug, Clone)]
+pub struct TerraformDriftGate {
+    deployer: TerraformDeployer,
+    target: Target,
+    mode: DriftMode,
+}
+
+impl TerraformDriftGate {
+    /// A gate checking `target`'s workspace with a full plan.
+    pub fn new(deployer: TerraformDeployer, target: Target) -> Self {
+        TerraformDriftGate {
+            deployer,
+            target,
+            mode: DriftMode::Full,
+        }
+    }
+
+    /// Checks only state against the real infrastructure (`-refresh-only`).
+    pub fn refresh_only(mut self) -> Self {
+        self.mode = DriftMode::RefreshOnly;
+        self
+    }
+
+    /// Runs the check. `fallback` gives the variables when the deployer has
+    /// no applied release for the workspace.
+    pub async fn check(&self, fallback: &Release, cx: &DeployContext) -> Result<DriftReport> {
+        let d = &self.deployer;
+        let workspace = TerraformDeployer::workspace_of(&self.target);
+        d.init(cx).await?;
+        d.ensure_workspace(&workspace, cx).await?;
+        let history = d.history(&self.target).await?;
+        let release = match history.last().filter(|e| !e.destroyed) {
+            Some(live) => {
+                let mut r = Release::new(live.version.clone());
+                r.config = live.config.clone();
+                r
+            }
+            None => fallback.clone(),
+        };
+        let (_, var_file) = d.plan_paths(&workspace, &format!("drift-{}", release.version));
+        write_json(
+            &var_file,
+            &Value::Object(d.variables(&release).into_iter().collect()),
+        )?;
+        let mut args: Vec<OsString> = vec![
+            "plan".into(),
+            "-input=false".into(),
+            "-json".into(),
+            "-detailed-exitcode".into(),
+            d.lock_arg(),
+        ];
+        if self.mode == DriftMode::RefreshOnly {
+            args.push("-refresh-only".into());
+        }
+        args.push(os_flag("-var-file=", &var_file));
+        let started = Instant::now();
+        cx.events
+            .progress(Some(&workspace), "drift check", "started", None, None);
+        let events = cx.events.clone();
+        let mut changes = Vec::new();
+        let result = d
+            .cli()
+            .run(
+                &args,
+                Some(&workspace),
+                &cx.cancel,
+                |m| {
+                    if let (Some(c), "planned_change") = (&m.change, m.kind.as_str()) {
+                        changes.push((c.resource.addr.clone(), c.action.clone()));
+                    } else if m.kind == "resource_drift" {
+                        if let Some(c) = &m.change {
+                            changes.push((c.resource.addr.clone(), format!("drift:{}", c.action)));
+                        }
+                    }
+                    stream_event(&events, &m)
+                },
+                |_| {},
+            )
+            .await;
+        let _ = std::fs::remove_file(&var_file);
+        let finished = result?;
+        let drifted = match finished.code {
+            Some(0) => false,
+            Some(2) => true,
+            _ => {
+                cx.events.progress(
+                    Some(&workspace),
+                    "drift check",
+                    "failed",
+                    Some(started.elapsed()),
+                    None,
+                );
+                return Err(finished.into_error("plan -detailed-exitcode").into());
+            }
+        };
+        cx.events.progress(
+            Some(&workspace),
+            "drift check",
+            if drifted { "drifted" } else { "ok" },
+            Some(started.elapsed()),
+            None,
+        );
+        Ok(DriftReport {
+            workspace,
+            drifted,
+            changes,
+        })
+    }
+}
+
+#[async_trait]
+impl Gate for TerraformDriftGate {
+    fn kind(&self) -> String {
+        "terraform-drift".into()
+    }
+
+    async fn evaluate(&self, cx: &StageContext) -> Result<Verdict> {
+        let report = self.check(cx.release(), &cx.deploy_context()).await?;
+        if !report.drifted {
+            return Ok(Verdict::Pass);
+        }
+        let what = if report.changes.is_empty() {
+            "state and configuration differ".to_string()
+        } else {
+            report
+                .changes
+                .iter()
+                .map(|(a, c)| format!("{a} ({c})"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        Ok(Verdict::fail(format!(
+            "workspace {} has drifted: {what}",
+            report.workspace
+        )))
+    }
+}
+
+impl From<DriftReport> for Value {
+    fn from(r: DriftReport) -> Value {
+        serde_json::to_value(r).unwrap_or(Value::Null)
+    }
+}

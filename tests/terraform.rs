@@ -1,0 +1,472 @@
+//! The Terraform deployer against the real terraform CLI (1.0.3 with the
+//! null provider 2.1.2 from an offline filesystem mirror, both installed by
+//! scripts/setup.sh). Each test works in its own copy of a fixture.
+//!
+//! Tool paths: `CD_TERRAFORM` and `TF_CLI_CONFIG_FILE` when set, else the
+//! set-up script's `~/.cache/cd-tools`. A missing terraform fails the test
+//! when `CI` or `CD_SETUP_DONE` is set, and skips it loudly otherwise.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cd_backends::terraform::{
+    TerraformApplyStage, TerraformDeployer, TerraformDriftGate, TerraformPlan, TerraformPlanStage,
+};
+use cd_core::{
+    ChangeAction, CollectingSink, DeployContext, Deployer, Emitter, ErrorKind, Event, EventKind,
+    Gate, MemoryStore, Pipeline, Redactor, Release, RunStatus, Runner, StageContext, Verdict,
+};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+struct Tools {
+    terraform: PathBuf,
+    cli_config: Option<PathBuf>,
+}
+
+fn tools() -> Option<Tools> {
+    let terraform = match std::env::var_os("CD_TERRAFORM").filter(|v| !v.is_empty()) {
+        Some(p) => cd_testkit::require_tool(&PathBuf::from(p).to_string_lossy())?,
+        None => cd_testkit::require_tool("terraform")?,
+    };
+    let cli_config = std::env::var_os("TF_CLI_CONFIG_FILE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            let p = cd_testkit::tools_dir()
+                .join("terraform")
+                .join("terraformrc");
+            p.is_file().then_some(p)
+        });
+    Some(Tools {
+        terraform,
+        cli_config,
+    })
+}
+
+fn fixture(name: &str) -> tempfile::TempDir {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/terraform")
+        .join(name);
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("cd-tf-{name}-"))
+        .tempdir()
+        .unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        if entry.path().is_file() {
+            std::fs::copy(entry.path(), dir.path().join(entry.file_name())).unwrap();
+        }
+    }
+    dir
+}
+
+fn deployer(tools: &Tools, dir: &Path) -> TerraformDeployer {
+    let mut d = TerraformDeployer::new(dir).binary(&tools.terraform);
+    if let Some(cfg) = &tools.cli_config {
+        d = d.cli_config(cfg);
+    }
+    d
+}
+
+fn context(env: &str) -> (DeployContext, CollectingSink) {
+    let sink = CollectingSink::new();
+    let emitter = Emitter::new("test", 1, vec![Arc::new(sink.clone())], Redactor::default());
+    (
+        DeployContext::new(emitter, CancellationToken::new(), env),
+        sink,
+    )
+}
+
+fn action_of(plan: &cd_core::Plan, address: &str) -> Option<ChangeAction> {
+    plan.changes
+        .iter()
+        .find(|c| c.address == address)
+        .map(|c| c.action)
+}
+
+fn progress<'a>(events: &'a [Event], target: &str) -> Vec<(&'a str, &'a str)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Progress {
+                target: Some(t),
+                step,
+                status,
+                ..
+            } if t == target => Some((step.as_str(), status.as_str())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn plan_apply_outputs_replace_and_rollback() {
+    let Some(tools) = tools() else { return };
+    let dir = fixture("app");
+    let tf = deployer(&tools, dir.path());
+    let target = tf.target("default");
+    let (cx, sink) = context("default");
+
+    // v1: everything is created.
+    let v1 = Release::new("v1").config("color", "blue").config("size", 1);
+    let plan = tf.plan_in(&v1, &target, &cx).await.unwrap();
+    assert_eq!(
+        action_of(&plan, "null_resource.app"),
+        Some(ChangeAction::Create)
+    );
+    assert_eq!(
+        action_of(&plan, "null_resource.network"),
+        Some(ChangeAction::Create)
+    );
+    assert_eq!(action_of(&plan, "output.color"), Some(ChangeAction::Create));
+    let typed = TerraformPlan::from_plan(&plan).expect("typed plan in the plan detail");
+    assert_eq!(typed.counts().add, 2);
+    assert_eq!(typed.output_changes["color"].after, json!("blue"));
+    assert!(
+        tf.current(&target).await.unwrap().is_none(),
+        "planning applied nothing"
+    );
+
+    let rev1 = tf.apply(&plan, &cx).await.unwrap();
+    assert_eq!(rev1.version, "v1");
+    assert_eq!(rev1.detail["outputs"]["color"], json!("blue"));
+    assert_eq!(rev1.detail["outputs"]["size"], json!(1));
+    let app_id_v1 = rev1.detail["outputs"]["app_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let read_back = tf.outputs(&target, &cx).await.unwrap();
+    assert_eq!(read_back["color"].value, json!("blue"));
+    assert_eq!(read_back["app_id"].value, json!(app_id_v1));
+    assert_eq!(tf.current(&target).await.unwrap().unwrap().version, "v1");
+
+    // Per-resource progress events while applying.
+    let events = sink.events();
+    let app = progress(&events, "null_resource.app");
+    assert!(app.contains(&("plan", "create")), "{app:?}");
+    assert!(app.contains(&("create", "started")), "{app:?}");
+    assert!(app.contains(&("create", "ok")), "{app:?}");
+    assert!(events.iter().any(|e| matches!(&e.kind,
+        EventKind::Log { message, .. } if message.contains("deploying app in blue"))));
+
+    // Only an output changes: an update, no resource touched.
+    let bigger = Release::new("v1.1")
+        .config("color", "blue")
+        .config("size", 2);
+    let plan = tf.plan_in(&bigger, &target, &cx).await.unwrap();
+    assert_eq!(action_of(&plan, "output.size"), Some(ChangeAction::Update));
+    assert_eq!(
+        action_of(&plan, "null_resource.app"),
+        Some(ChangeAction::NoOp)
+    );
+    assert_eq!(action_of(&plan, "output.color"), Some(ChangeAction::NoOp));
+
+    // v2 changes a trigger: the app is replaced, the network stays.
+    let v2 = Release::new("v2")
+        .config("color", "green")
+        .config("size", 1);
+    let plan = tf.plan_in(&v2, &target, &cx).await.unwrap();
+    assert_eq!(
+        action_of(&plan, "null_resource.app"),
+        Some(ChangeAction::Replace)
+    );
+    assert_eq!(
+        action_of(&plan, "null_resource.network"),
+        Some(ChangeAction::NoOp)
+    );
+    assert_eq!(action_of(&plan, "output.color"), Some(ChangeAction::Update));
+    let typed = TerraformPlan::from_plan(&plan).unwrap();
+    assert!(typed.destroys_any(&["null_resource.app"]));
+    assert!(!typed.destroys_any(&["null_resource.network"]));
+    assert_eq!(
+        typed
+            .resource("null_resource.app")
+            .unwrap()
+            .action_reason
+            .as_deref(),
+        Some("replace_because_cannot_update")
+    );
+    let rev2 = tf.apply(&plan, &cx).await.unwrap();
+    assert_eq!(rev2.detail["outputs"]["color"], json!("green"));
+    assert_ne!(rev2.detail["outputs"]["app_id"], json!(app_id_v1));
+
+    // Rollback: v1's variables again.
+    let back = tf.rollback(&target, None, &cx).await.unwrap().unwrap();
+    assert_eq!(back.version, "v1");
+    assert_eq!(back.detail["outputs"]["color"], json!("blue"));
+    assert_eq!(back.detail["outputs"]["size"], json!(1));
+    let read_back = tf.outputs(&target, &cx).await.unwrap();
+    assert_eq!(read_back["color"].value, json!("blue"));
+    assert_eq!(tf.current(&target).await.unwrap().unwrap().version, "v1");
+
+    // Redeploying the live release is a no-op.
+    let again = Release::new("v1").config("color", "blue").config("size", 1);
+    let plan = tf.plan_in(&again, &target, &cx).await.unwrap();
+    assert!(plan.is_noop(), "{:?}", plan.changes);
+    let rev = tf.apply(&plan, &cx).await.unwrap();
+    assert_eq!(rev.detail["outputs"]["color"], json!("blue"));
+
+    // Rollback to a named revision.
+    let to_v2 = tf
+        .rollback(&target, Some(&rev2), &cx)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(to_v2.detail["outputs"]["color"], json!("green"));
+}
+
+#[tokio::test]
+async fn planning_leaves_the_state_file_unchanged() {
+    let Some(tools) = tools() else { return };
+    let dir = fixture("app");
+    let tf = deployer(&tools, dir.path());
+    let target = tf.target("default");
+    let (cx, _) = context("default");
+    let v1 = Release::new("v1").config("color", "blue");
+    let plan = tf.plan_in(&v1, &target, &cx).await.unwrap();
+    assert!(
+        !dir.path().join("terraform.tfstate").exists(),
+        "planning the first release wrote a state file"
+    );
+    tf.apply(&plan, &cx).await.unwrap();
+    let state = dir.path().join("terraform.tfstate");
+    let before = std::fs::read(&state).unwrap();
+    let mtime = std::fs::metadata(&state).unwrap().modified().unwrap();
+
+    let v2 = Release::new("v2").config("color", "red").config("size", 5);
+    let plan = tf.plan_in(&v2, &target, &cx).await.unwrap();
+    assert!(!plan.is_noop());
+    let _ = tf.plan(&v2, &target).await.unwrap();
+
+    assert_eq!(
+        std::fs::read(&state).unwrap(),
+        before,
+        "plan changed the state"
+    );
+    assert_eq!(
+        std::fs::metadata(&state).unwrap().modified().unwrap(),
+        mtime
+    );
+    assert!(!dir.path().join("terraform.tfstate.backup").exists());
+    assert_eq!(tf.current(&target).await.unwrap().unwrap().version, "v1");
+}
+
+#[tokio::test]
+async fn syntax_error_names_file_and_line() {
+    let Some(tools) = tools() else { return };
+    let dir = fixture("syntax_error");
+    let tf = deployer(&tools, dir.path());
+    let err = tf
+        .plan(&Release::new("v1"), &tf.target("default"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
+    assert_eq!(err.context("file"), Some("main.tf"), "{err}");
+    assert_eq!(err.context("line"), Some("6"), "{err}");
+    assert_eq!(err.context("tool"), Some("terraform"), "{err}");
+    assert!(err.message().contains("Invalid expression"), "{err}");
+    assert!(
+        err.context("detail")
+            .unwrap_or_default()
+            .contains("expression"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn failing_local_exec_names_the_resource_address() {
+    let Some(tools) = tools() else { return };
+    let dir = fixture("failing_provisioner");
+    let tf = deployer(&tools, dir.path());
+    let target = tf.target("default");
+    let (cx, sink) = context("default");
+    let plan = tf.plan_in(&Release::new("v1"), &target, &cx).await.unwrap();
+    assert_eq!(
+        action_of(&plan, "null_resource.migrate"),
+        Some(ChangeAction::Create)
+    );
+    let err = tf.apply(&plan, &cx).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Failed, "{err}");
+    assert_eq!(
+        err.context("address"),
+        Some("null_resource.migrate"),
+        "{err}"
+    );
+    assert_eq!(err.context("file"), Some("main.tf"), "{err}");
+    assert_eq!(err.context("line"), Some("16"), "{err}");
+    assert!(
+        err.message().contains("local-exec provisioner error"),
+        "{err}"
+    );
+    assert!(
+        err.context("detail").unwrap().contains("exit status 3"),
+        "{err}"
+    );
+    assert!(
+        err.context("detail").unwrap().contains("migration failed"),
+        "{err}"
+    );
+    let events = sink.events();
+    assert!(progress(&events, "null_resource.fine").contains(&("create", "ok")));
+    assert!(progress(&events, "null_resource.migrate").contains(&("create", "failed")));
+    // Nothing was recorded as live.
+    assert!(tf.current(&target).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn missing_binary_names_the_binary_and_the_setting() {
+    let dir = fixture("app");
+    let tf = TerraformDeployer::new(dir.path()).binary("/nonexistent/terraform-xyz");
+    let err = tf
+        .plan(&Release::new("v1"), &tf.target("default"))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("/nonexistent/terraform-xyz"), "{text}");
+    assert!(text.contains("CD_TERRAFORM"), "{text}");
+    assert!(text.contains("TerraformDeployer::binary"), "{text}");
+    assert_eq!(err.kind(), ErrorKind::Invalid);
+}
+
+#[tokio::test]
+async fn workspace_per_environment() {
+    let Some(tools) = tools() else { return };
+    let dir = fixture("app");
+    let tf = deployer(&tools, dir.path()).workspaces(["staging", "production"]);
+    assert_eq!(tf.targets().len(), 2);
+    let (cx, _) = context("staging");
+    let staging = tf.target("staging");
+    let production = tf.target("production");
+    // Plan both at once in the same directory.
+    let s1 = Release::new("s1").config("color", "yellow");
+    let p1 = Release::new("p1").config("color", "black");
+    let (a, b) = tokio::join!(
+        tf.plan_in(&s1, &staging, &cx),
+        tf.plan_in(&p1, &production, &cx),
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    tf.apply(&a, &cx).await.unwrap();
+    tf.apply(&b, &cx).await.unwrap();
+    assert_eq!(
+        tf.outputs(&staging, &cx).await.unwrap()["color"].value,
+        json!("yellow")
+    );
+    assert_eq!(
+        tf.outputs(&production, &cx).await.unwrap()["color"].value,
+        json!("black")
+    );
+    assert!(dir
+        .path()
+        .join("terraform.tfstate.d/staging/terraform.tfstate")
+        .is_file());
+    assert!(dir
+        .path()
+        .join("terraform.tfstate.d/production/terraform.tfstate")
+        .is_file());
+    assert_eq!(
+        tf.current(&production).await.unwrap().unwrap().version,
+        "p1"
+    );
+}
+
+#[tokio::test]
+async fn drift_gate_passes_then_fails_on_a_tainted_resource() {
+    let Some(tools) = tools() else { return };
+    let dir = fixture("app");
+    let tf = deployer(&tools, dir.path());
+    let target = tf.target("default");
+    let (cx, _) = context("default");
+    let v1 = Release::new("v1").config("color", "blue");
+    let plan = tf.plan_in(&v1, &target, &cx).await.unwrap();
+    tf.apply(&plan, &cx).await.unwrap();
+
+    let gate = TerraformDriftGate::new(tf.clone(), target.clone());
+    let scx = StageContext::detached("drift", v1.clone(), Arc::new(MemoryStore::new()));
+    assert_eq!(gate.evaluate(&scx).await.unwrap(), Verdict::Pass);
+
+    // Someone taints the app outside the pipeline.
+    let mut taint = std::process::Command::new(&tools.terraform);
+    taint
+        .arg("taint")
+        .arg("null_resource.app")
+        .current_dir(dir.path());
+    if let Some(cfg) = &tools.cli_config {
+        taint.env("TF_CLI_CONFIG_FILE", cfg);
+    }
+    assert!(taint.status().unwrap().success());
+    match gate.evaluate(&scx).await.unwrap() {
+        Verdict::Fail(reason) => assert!(reason.contains("null_resource.app"), "{reason}"),
+        other => panic!("expected drift, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn lock_held_elsewhere_is_a_lock_error() {
+    let Some(tools) = tools() else { return };
+    let dir = fixture("app");
+    let tf = deployer(&tools, dir.path()).lock_timeout(std::time::Duration::from_secs(1));
+    let target = tf.target("default");
+    let (cx, _) = context("default");
+    let plan = tf.plan_in(&Release::new("v1"), &target, &cx).await.unwrap();
+    tf.apply(&plan, &cx).await.unwrap();
+    // Hold the state lock: a local backend locks the state file with fcntl;
+    // an interactive `terraform console` holds it while it runs.
+    let mut holder = std::process::Command::new(&tools.terraform);
+    holder
+        .arg("console")
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    if let Some(cfg) = &tools.cli_config {
+        holder.env("TF_CLI_CONFIG_FILE", cfg);
+    }
+    let mut holder = holder.spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let result = tf
+        .plan_in(&Release::new("v2").config("color", "red"), &target, &cx)
+        .await;
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let err = result.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Locked, "{err}");
+    assert!(err.is_retryable());
+}
+
+#[tokio::test]
+async fn plan_stage_approval_and_apply_stage_in_a_pipeline() {
+    let Some(tools) = tools() else { return };
+    let dir = fixture("app");
+    let tf = deployer(&tools, dir.path());
+    let pipeline = Pipeline::builder("infra")
+        .stage("plan", TerraformPlanStage::new(tf.clone()))
+        .gate(
+            "no-protected-deletes",
+            cd_core::gate_fn(|cx| async move {
+                let out = cx.require_output("plan")?;
+                let plan: TerraformPlan =
+                    serde_json::from_value(out.get("terraform_plan").cloned().unwrap_or_default())?;
+                Ok(if plan.destroys_any(&["null_resource.network"]) {
+                    Verdict::fail("the network would be destroyed")
+                } else {
+                    Verdict::Pass
+                })
+            }),
+        )
+        .needs(["plan"])
+        .stage("apply", TerraformApplyStage::from_plan(tf.clone(), "plan"))
+        .needs(["no-protected-deletes"])
+        .build()
+        .unwrap();
+    let report = Runner::new(Arc::new(MemoryStore::new()))
+        .environment("default")
+        .run(&pipeline, Release::new("v1").config("color", "blue"))
+        .await
+        .unwrap();
+    assert_eq!(report.status, RunStatus::Succeeded, "{report}");
+    let out = report.output("apply").unwrap();
+    assert_eq!(out["outputs"]["color"], json!("blue"));
+    let plan_out = report.output("plan").unwrap();
+    assert_eq!(plan_out["counts"]["add"], json!(2));
+}
