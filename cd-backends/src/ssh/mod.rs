@@ -1,1 +1,1460 @@
-//! ssh backend (work in progress).
+//! # SSH deployer: Capistrano-style releases on plain SSH hosts
+//!
+//! [`SshDeployer`] puts a release on Linux hosts over SSH (russh, pure Rust,
+//! one connection per host reused for every step, bounded parallelism across
+//! hosts). On each host, under its root directory:
+//!
+//! ```text
+//! <root>/releases/<version>/<artifact>   uploaded, sha256 verified on the host
+//! <root>/current  -> releases/<version>  switched atomically (symlink + rename)
+//! <root>/previous -> releases/<older>    what was live before the last apply
+//! ```
+//!
+//! An apply runs these steps, each reported as a progress event with its
+//! timing: `check` (what is live; the version already live is a no-op),
+//! `upload`, `checksum`, `switch`, `restart`, `health`, `cleanup` (keep the
+//! last N releases). When restart or health check fail, the host is switched
+//! back and restarted before the error is returned, so a failed host stays
+//! on its old version. [`Deployer::rollback`] switches back and restarts.
+//!
+//! Host keys are verified against a known_hosts file (plain and hashed
+//! names). A changed key is a hard error before anything is sent; an unknown
+//! host is an error unless [`HostKeyPolicy::TrustOnFirstUse`] was set. Before
+//! the first write, the deployer checks the host keys of its whole fleet, so
+//! a host presenting a wrong key stops the rollout before any host is
+//! touched.
+//!
+//! Restart and health commands run in `<root>/current` with the environment
+//! variables `CD_VERSION`, `CD_ROOT`, `CD_RELEASE_DIR` and `CD_HOST`.
+//!
+//! ```no_run
+//! use cd_backends::ssh::SshDeployer;
+//! use cd_core::{Deployer, DeployContext, Release};
+//!
+//! # async fn demo() -> cd_core::Result<()> {
+//! let web = SshDeployer::builder()
+//!     .hosts(["web1:22", "web2:22", "web3:22"])
+//!     .user("deploy")
+//!     .known_hosts("~/.ssh/known_hosts")
+//!     .key_file("deploy_key")
+//!     .root("/srv/app")
+//!     .restart("systemctl restart app")
+//!     .health_command("curl -fsS http://127.0.0.1:8080/health")
+//!     .keep_releases(5)
+//!     .build()?;
+//!
+//! let release = Release::new("v42").artifact("target/app.tar.gz");
+//! let cx = DeployContext::detached("production");
+//! for target in web.targets() {
+//!     let plan = web.plan(&release, &target).await?;
+//!     web.apply(&plan, &cx).await?;
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! Rollouts across the fleet (rolling, canary, blue-green) come from the
+//! strategies in `cd_core::strategy`, which work over any [`Deployer`].
+
+mod error;
+mod session;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use cd_core::{
+    Change, ChangeAction, DeployContext, Deployer, DeployerCapabilities, Plan, Release, Result,
+    Revision, Secret, Target,
+};
+use russh::keys::PrivateKey;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Mutex, OnceCell, Semaphore};
+
+pub use error::SshError;
+pub use session::HostKeyPolicy;
+use session::{Connection, Credentials, Endpoint, HostKeyVerifier, Output};
+
+/// Artifacts up to this size are read once and shared by every host's
+/// upload; larger ones are streamed from the file for each host.
+const IN_MEMORY_ARTIFACT_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// One host of an [`SshDeployer`]'s fleet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SshHost {
+    /// The target name (`web1`), unique in the fleet.
+    pub name: String,
+    /// Host name or IP address to connect to.
+    pub hostname: String,
+    /// TCP port (22 by default).
+    pub port: u16,
+    /// This host's deploy root, if it differs from the deployer's.
+    pub root: Option<String>,
+    /// This host's login user, if it differs from the deployer's.
+    pub user: Option<String>,
+}
+
+impl SshHost {
+    /// A host called `name` at `hostname:port`.
+    pub fn new(name: impl Into<String>, hostname: impl Into<String>, port: u16) -> Self {
+        SshHost {
+            name: name.into(),
+            hostname: hostname.into(),
+            port,
+            root: None,
+            user: None,
+        }
+    }
+
+    /// Parses `[user@]host[:port]` (IPv6 as `[::1]:22`). The name is the
+    /// spec without the user.
+    pub fn parse(spec: &str) -> std::result::Result<SshHost, SshError> {
+        let bad = || SshError::Config(format!("bad host {spec:?}: expected [user@]host[:port]"));
+        let (user, rest) = match spec.rsplit_once('@') {
+            Some((u, r)) if !u.is_empty() => (Some(u.to_string()), r),
+            Some(_) => return Err(bad()),
+            None => (None, spec),
+        };
+        let (hostname, port) = if let Some(v6) = rest.strip_prefix('[') {
+            let (h, after) = v6.split_once(']').ok_or_else(bad)?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| bad())?,
+                None if after.is_empty() => 22,
+                None => return Err(bad()),
+            };
+            (h.to_string(), port)
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h.to_string(), p.parse().map_err(|_| bad())?),
+                None => (rest.to_string(), 22),
+            }
+        };
+        if hostname.is_empty() {
+            return Err(bad());
+        }
+        Ok(SshHost {
+            name: rest.to_string(),
+            hostname,
+            port,
+            root: None,
+            user,
+        })
+    }
+
+    /// Sets this host's deploy root.
+    pub fn root(mut self, root: impl Into<String>) -> Self {
+        self.root = Some(root.into());
+        self
+    }
+
+    /// Sets this host's login user.
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+
+    /// `host:port` (`[v6]:port`).
+    pub fn address(&self) -> String {
+        self.endpoint().address()
+    }
+
+    fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            name: self.name.clone(),
+            hostname: self.hostname.clone(),
+            port: self.port,
+        }
+    }
+}
+
+/// How a host proves it is healthy after a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthCheck {
+    /// A remote command that exits 0 when healthy.
+    Command(String),
+    /// An HTTP GET from the host itself (`curl`, else `wget`) that must
+    /// answer 2xx/3xx.
+    Http(String),
+}
+
+/// Builds an [`SshDeployer`]; see the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct SshDeployerBuilder {
+    hosts: Vec<SshHost>,
+    bad_hosts: Vec<String>,
+    user: Option<String>,
+    key_file: Option<PathBuf>,
+    passphrase: Option<Secret<String>>,
+    agent: bool,
+    known_hosts: Option<PathBuf>,
+    host_key_policy: HostKeyPolicy,
+    root: String,
+    restart: Option<String>,
+    health: Option<HealthCheck>,
+    health_attempts: u32,
+    health_interval: Duration,
+    keep_releases: usize,
+    parallelism: usize,
+    connect_timeout: Duration,
+    step_timeout: Duration,
+    verify_fleet_first: bool,
+    revert_on_failure: bool,
+}
+
+impl Default for SshDeployerBuilder {
+    fn default() -> Self {
+        SshDeployerBuilder {
+            hosts: Vec::new(),
+            bad_hosts: Vec::new(),
+            user: None,
+            key_file: None,
+            passphrase: None,
+            agent: false,
+            known_hosts: None,
+            host_key_policy: HostKeyPolicy::Strict,
+            root: "/srv/app".into(),
+            restart: None,
+            health: None,
+            health_attempts: 1,
+            health_interval: Duration::from_secs(1),
+            keep_releases: 5,
+            parallelism: 32,
+            connect_timeout: Duration::from_secs(10),
+            step_timeout: Duration::from_secs(300),
+            verify_fleet_first: true,
+            revert_on_failure: true,
+        }
+    }
+}
+
+impl SshDeployerBuilder {
+    /// Adds hosts given as `[user@]host[:port]` strings; the name of each is
+    /// the spec without the user.
+    pub fn hosts<I, S>(mut self, specs: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        for spec in specs {
+            match SshHost::parse(spec.as_ref()) {
+                Ok(h) => self.hosts.push(h),
+                Err(_) => self.bad_hosts.push(spec.as_ref().to_string()),
+            }
+        }
+        self
+    }
+
+    /// Adds one host with its own name (and optionally root and user).
+    pub fn host(mut self, host: SshHost) -> Self {
+        self.hosts.push(host);
+        self
+    }
+
+    /// The login user (default: `$USER`).
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+
+    /// The private key file (OpenSSH, PKCS#8 or PEM; `~/` is expanded).
+    pub fn key_file(mut self, path: impl AsRef<Path>) -> Self {
+        self.key_file = Some(expand_home(path.as_ref()));
+        self
+    }
+
+    /// The passphrase of an encrypted key file.
+    pub fn passphrase(mut self, passphrase: Secret<String>) -> Self {
+        self.passphrase = Some(passphrase);
+        self
+    }
+
+    /// Also offer the keys of the ssh-agent at `SSH_AUTH_SOCK` (after the
+    /// key file, if any).
+    pub fn agent(mut self, enabled: bool) -> Self {
+        self.agent = enabled;
+        self
+    }
+
+    /// The known_hosts file host keys are checked against (default
+    /// `~/.ssh/known_hosts`; `~/` is expanded). Hashed names are understood.
+    pub fn known_hosts(mut self, path: impl AsRef<Path>) -> Self {
+        self.known_hosts = Some(expand_home(path.as_ref()));
+        self
+    }
+
+    /// What to do with hosts missing from known_hosts (default: refuse).
+    pub fn host_key_policy(mut self, policy: HostKeyPolicy) -> Self {
+        self.host_key_policy = policy;
+        self
+    }
+
+    /// The deploy root on every host (default `/srv/app`); a host's own
+    /// [`SshHost::root`] wins.
+    pub fn root(mut self, root: impl Into<String>) -> Self {
+        self.root = root.into();
+        self
+    }
+
+    /// The command that restarts the application (runs in `<root>/current`).
+    pub fn restart(mut self, command: impl Into<String>) -> Self {
+        self.restart = Some(command.into());
+        self
+    }
+
+    /// A remote health-check command that exits 0 when healthy.
+    pub fn health_command(mut self, command: impl Into<String>) -> Self {
+        self.health = Some(HealthCheck::Command(command.into()));
+        self
+    }
+
+    /// An HTTP health check done from the host (`curl`/`wget` on the host).
+    pub fn health_http(mut self, url: impl Into<String>) -> Self {
+        self.health = Some(HealthCheck::Http(url.into()));
+        self
+    }
+
+    /// How often the health check is tried (default 1) and the pause
+    /// between tries (default 1 s).
+    pub fn health_retries(mut self, attempts: u32, interval: Duration) -> Self {
+        self.health_attempts = attempts.max(1);
+        self.health_interval = interval;
+        self
+    }
+
+    /// How many releases to keep on each host (default 5; at least 1). The
+    /// live and the previous release are never removed.
+    pub fn keep_releases(mut self, n: usize) -> Self {
+        self.keep_releases = n.max(1);
+        self
+    }
+
+    /// How many hosts are worked on at once (default 32).
+    pub fn parallelism(mut self, n: usize) -> Self {
+        self.parallelism = n.max(1);
+        self
+    }
+
+    /// Limit for TCP connect, handshake and authentication (default 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Limit for each remote step (default 300 s).
+    pub fn step_timeout(mut self, timeout: Duration) -> Self {
+        self.step_timeout = timeout;
+        self
+    }
+
+    /// Check every host's key before the first write (default on). A host
+    /// that cannot be reached is not fatal here (its own apply fails); a
+    /// wrong or unknown key is.
+    pub fn verify_fleet_first(mut self, enabled: bool) -> Self {
+        self.verify_fleet_first = enabled;
+        self
+    }
+
+    /// Switch a host back when its restart or health check fails (default
+    /// on).
+    pub fn revert_on_failure(mut self, enabled: bool) -> Self {
+        self.revert_on_failure = enabled;
+        self
+    }
+
+    /// Validates the configuration.
+    pub fn build(self) -> Result<SshDeployer> {
+        self.build_typed().map_err(Into::into)
+    }
+
+    /// Like [`SshDeployerBuilder::build`], with the typed error.
+    pub fn build_typed(self) -> std::result::Result<SshDeployer, SshError> {
+        if let Some(bad) = self.bad_hosts.first() {
+            return Err(SshError::Config(format!(
+                "bad host {bad:?}: expected [user@]host[:port]"
+            )));
+        }
+        if self.hosts.is_empty() {
+            return Err(SshError::Config("no hosts".into()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for h in &self.hosts {
+            if !seen.insert(h.name.clone()) {
+                return Err(SshError::Config(format!("host {:?} listed twice", h.name)));
+            }
+        }
+        if self.key_file.is_none() && !self.agent {
+            return Err(SshError::Config(
+                "no credentials: set key_file(...) and/or agent(true)".into(),
+            ));
+        }
+        if self.root.trim().is_empty() || self.hosts.iter().any(|h| h.root.as_deref() == Some("")) {
+            return Err(SshError::Config("empty root directory".into()));
+        }
+        let known_hosts = match self.known_hosts {
+            Some(p) => p,
+            None => expand_home(Path::new("~/.ssh/known_hosts")),
+        };
+        let user = self
+            .user
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "root".into());
+        let conns = self
+            .hosts
+            .iter()
+            .map(|h| (h.name.clone(), Mutex::new(None)))
+            .collect();
+        let config = russh::client::Config {
+            nodelay: true,
+            keepalive_interval: Some(Duration::from_secs(15)),
+            keepalive_max: 4,
+            ..Default::default()
+        };
+        Ok(SshDeployer {
+            inner: Arc::new(Inner {
+                hosts: self.hosts,
+                user,
+                key_file: self.key_file,
+                passphrase: self.passphrase,
+                agent: self.agent,
+                verifier: Arc::new(HostKeyVerifier::new(known_hosts, self.host_key_policy)),
+                root: self.root,
+                restart: self.restart,
+                health: self.health,
+                health_attempts: self.health_attempts,
+                health_interval: self.health_interval,
+                keep_releases: self.keep_releases,
+                permits: Semaphore::new(self.parallelism),
+                parallelism: self.parallelism,
+                connect_timeout: self.connect_timeout,
+                step_timeout: self.step_timeout,
+                verify_fleet_first: self.verify_fleet_first,
+                revert_on_failure: self.revert_on_failure,
+                config: Arc::new(config),
+                key: OnceCell::new(),
+                conns,
+                preflight: OnceCell::new(),
+                artifacts: std::sync::Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+}
+
+/// Deploys releases to a fleet of SSH hosts, Capistrano-style. Cheap to
+/// clone (clones share connections). See the [module docs](self).
+#[derive(Clone)]
+pub struct SshDeployer {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SshDeployer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SshDeployer")
+            .field("hosts", &self.inner.hosts)
+            .field("user", &self.inner.user)
+            .field("root", &self.inner.root)
+            .field("known_hosts", &self.inner.verifier.path)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    hosts: Vec<SshHost>,
+    user: String,
+    key_file: Option<PathBuf>,
+    passphrase: Option<Secret<String>>,
+    agent: bool,
+    verifier: Arc<HostKeyVerifier>,
+    root: String,
+    restart: Option<String>,
+    health: Option<HealthCheck>,
+    health_attempts: u32,
+    health_interval: Duration,
+    keep_releases: usize,
+    permits: Semaphore,
+    parallelism: usize,
+    connect_timeout: Duration,
+    step_timeout: Duration,
+    verify_fleet_first: bool,
+    revert_on_failure: bool,
+    config: Arc<russh::client::Config>,
+    key: OnceCell<Option<Arc<PrivateKey>>>,
+    conns: HashMap<String, Mutex<Option<Arc<Connection>>>>,
+    preflight: OnceCell<()>,
+    artifacts: std::sync::Mutex<HashMap<PathBuf, Arc<LoadedArtifact>>>,
+}
+
+/// The artifact of a release, read and hashed once per deployer.
+struct LoadedArtifact {
+    name: String,
+    expected: String,
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    data: Option<Arc<Vec<u8>>>,
+    path: PathBuf,
+}
+
+/// What the `check` step found on a host.
+struct HostState {
+    current: Option<String>,
+    previous: Option<String>,
+}
+
+type SshResult<T> = std::result::Result<T, SshError>;
+
+impl SshDeployer {
+    /// A builder.
+    pub fn builder() -> SshDeployerBuilder {
+        SshDeployerBuilder::default()
+    }
+
+    /// The fleet.
+    pub fn hosts(&self) -> &[SshHost] {
+        &self.inner.hosts
+    }
+
+    /// Connects to every host (at most `parallelism` at once), verifying
+    /// host keys and authenticating; returns each host's outcome, in fleet
+    /// order. Connections are kept for later steps.
+    pub async fn check_hosts(&self) -> Vec<(String, std::result::Result<(), SshError>)> {
+        use futures::StreamExt;
+        let this = self.clone();
+        futures::stream::iter(self.inner.hosts.clone())
+            .map(|h| {
+                let this = this.clone();
+                async move {
+                    let r = this.connection(&h, None).await.map(|_| ());
+                    (h.name.clone(), r)
+                }
+            })
+            .buffered(self.inner.parallelism)
+            .collect()
+            .await
+    }
+
+    /// Closes every open connection (they are reopened when needed).
+    pub async fn disconnect_all(&self) {
+        for slot in self.inner.conns.values() {
+            if let Some(conn) = slot.lock().await.take() {
+                conn.close().await;
+            }
+        }
+    }
+
+    fn host_for(&self, target: &Target) -> SshResult<&SshHost> {
+        let hosts = &self.inner.hosts;
+        hosts
+            .iter()
+            .find(|h| h.name == target.name)
+            .or_else(|| {
+                target
+                    .address
+                    .as_deref()
+                    .and_then(|a| hosts.iter().find(|h| h.address() == a))
+            })
+            .ok_or_else(|| SshError::UnknownTarget(target.name.clone()))
+    }
+
+    fn root_of<'a>(&'a self, host: &'a SshHost) -> &'a str {
+        host.root.as_deref().unwrap_or(&self.inner.root)
+    }
+
+    async fn private_key(&self) -> SshResult<Option<Arc<PrivateKey>>> {
+        self.inner
+            .key
+            .get_or_try_init(|| async {
+                let Some(path) = self.inner.key_file.clone() else {
+                    return Ok(None);
+                };
+                let pass = self.inner.passphrase.as_ref().map(|p| p.expose().clone());
+                tokio::task::spawn_blocking(move || session::load_key(&path, pass.as_deref()))
+                    .await
+                    .map_err(|e| SshError::Config(format!("key loading task failed: {e}")))?
+                    .map(|k| Some(Arc::new(k)))
+            })
+            .await
+            .cloned()
+    }
+
+    /// The host's connection, opened (and verified) when there is none.
+    async fn connection(
+        &self,
+        host: &SshHost,
+        cx: Option<&DeployContext>,
+    ) -> SshResult<Arc<Connection>> {
+        let slot = self
+            .inner
+            .conns
+            .get(&host.name)
+            .ok_or_else(|| SshError::UnknownTarget(host.name.clone()))?;
+        let mut guard = slot.lock().await;
+        if let Some(conn) = guard.as_ref() {
+            if !conn.is_closed() {
+                return Ok(conn.clone());
+            }
+        }
+        *guard = None;
+        let started = Instant::now();
+        if let Some(cx) = cx {
+            cx.events
+                .progress(Some(&host.name), "connect", "started", None, None);
+        }
+        let key = self.private_key().await?;
+        let creds = Credentials {
+            user: host.user.clone().unwrap_or_else(|| self.inner.user.clone()),
+            key: key.map(|k| (self.inner.key_file.clone().unwrap_or_default(), k)),
+            agent: self.inner.agent,
+        };
+        let result = Connection::open(
+            host.endpoint(),
+            self.inner.config.clone(),
+            self.inner.verifier.clone(),
+            &creds,
+            self.inner.connect_timeout,
+        )
+        .await;
+        if let Some(cx) = cx {
+            let (status, msg) = match &result {
+                Ok(_) => ("ok", Some(host.address())),
+                Err(e) => ("failed", Some(e.to_string())),
+            };
+            cx.events.progress(
+                Some(&host.name),
+                "connect",
+                status,
+                Some(started.elapsed()),
+                msg,
+            );
+        }
+        let conn = Arc::new(result?);
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Drops a connection that failed, so the next step reconnects.
+    async fn forget_connection(&self, host: &SshHost) {
+        if let Some(slot) = self.inner.conns.get(&host.name) {
+            let mut guard = slot.lock().await;
+            if guard.as_ref().is_some_and(|c| c.is_closed()) {
+                *guard = None;
+            }
+        }
+    }
+
+    /// Before the first write: every host key of the fleet must verify.
+    async fn preflight(&self) -> SshResult<()> {
+        if !self.inner.verify_fleet_first {
+            return Ok(());
+        }
+        self.inner
+            .preflight
+            .get_or_try_init(|| async {
+                for (_, outcome) in self.check_hosts().await {
+                    if let Err(
+                        e @ (SshError::HostKeyChanged { .. }
+                        | SshError::HostKeyUnknown { .. }
+                        | SshError::KnownHosts { .. }
+                        | SshError::Key { .. }),
+                    ) = outcome
+                    {
+                        return Err(e);
+                    }
+                }
+                Ok(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Runs a remote command as a step: events, timeout, cancellation.
+    async fn run_step<T, F>(
+        &self,
+        cx: &DeployContext,
+        host: &SshHost,
+        step: &str,
+        message: Option<String>,
+        fut: F,
+    ) -> SshResult<T>
+    where
+        F: Future<Output = SshResult<T>>,
+    {
+        let started = Instant::now();
+        cx.events
+            .progress(Some(&host.name), step, "started", None, message);
+        let result = tokio::select! {
+            biased;
+            _ = cx.cancel.cancelled() => Err(SshError::Cancelled {
+                host: host.name.clone(),
+                step: step.to_string(),
+            }),
+            r = tokio::time::timeout(self.inner.step_timeout, fut) => match r {
+                Ok(r) => r,
+                Err(_) => Err(SshError::Timeout {
+                    host: host.name.clone(),
+                    address: host.address(),
+                    step: step.to_string(),
+                    after: self.inner.step_timeout,
+                }),
+            },
+        };
+        match &result {
+            Ok(_) => {
+                cx.events
+                    .progress(Some(&host.name), step, "ok", Some(started.elapsed()), None)
+            }
+            Err(e) => {
+                cx.events.progress(
+                    Some(&host.name),
+                    step,
+                    "failed",
+                    Some(started.elapsed()),
+                    Some(e.to_string()),
+                );
+                if matches!(e, SshError::Session { .. }) {
+                    self.forget_connection(host).await;
+                }
+            }
+        }
+        result
+    }
+
+    /// Runs `command`; a non-zero exit becomes [`SshError::CommandFailed`].
+    async fn exec_ok(
+        &self,
+        conn: &Connection,
+        host: &SshHost,
+        step: &str,
+        command: &str,
+        stdin: Option<&[u8]>,
+    ) -> SshResult<Output> {
+        let out = conn.exec(step, command, stdin).await?;
+        if !out.success() {
+            return Err(command_failed(host, step, &out));
+        }
+        Ok(out)
+    }
+
+    async fn read_state(&self, conn: &Connection, host: &SshHost) -> SshResult<HostState> {
+        let root = sq(self.root_of(host));
+        let cmd = format!(
+            "cd {root} 2>/dev/null || exit 0; \
+             if [ -L current ]; then printf 'current=%s\\n' \"$(readlink current)\"; fi; \
+             if [ -L previous ]; then printf 'previous=%s\\n' \"$(readlink previous)\"; fi"
+        );
+        let out = self.exec_ok(conn, host, "current", &cmd, None).await?;
+        Ok(parse_state(&out.stdout_str()))
+    }
+
+    fn revision(&self, host: &SshHost, version: &str, sha256: Option<&str>) -> Revision {
+        let dir = format!("{}/releases/{version}", self.root_of(host));
+        let mut detail = json!({ "host": host.address(), "release_dir": dir });
+        if let Some(sha) = sha256 {
+            detail["sha256"] = json!(sha);
+        }
+        Revision::new(&host.name, version, dir).detail(detail)
+    }
+
+    /// Reads (once per file version) and hashes the release's artifact.
+    async fn load_artifact(&self, release: &Release) -> SshResult<Option<Arc<LoadedArtifact>>> {
+        let Some(artifact) = &release.artifact else {
+            return Ok(None);
+        };
+        let path = artifact.path.clone();
+        let io_err = |source| SshError::Artifact {
+            path: path.clone(),
+            source,
+        };
+        let meta = tokio::fs::metadata(&path).await.map_err(io_err)?;
+        let modified = meta.modified().ok();
+        if let Some(hit) = self
+            .inner
+            .artifacts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&path)
+        {
+            if hit.len == meta.len()
+                && hit.modified == modified
+                && artifact.sha256.as_deref().is_none_or(|s| s == hit.expected)
+            {
+                return Ok(Some(hit.clone()));
+            }
+        }
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "artifact".into());
+        check_name("artifact name", &name)?;
+        let p = path.clone();
+        let (sha256, data) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+            if meta.len() <= IN_MEMORY_ARTIFACT_LIMIT {
+                let data = std::fs::read(&p)?;
+                let sha = hex::encode(Sha256::digest(&data));
+                Ok((sha, Some(Arc::new(data))))
+            } else {
+                let mut f = std::fs::File::open(&p)?;
+                let mut h = Sha256::new();
+                std::io::copy(&mut f, &mut h)?;
+                Ok((hex::encode(h.finalize()), None))
+            }
+        })
+        .await
+        .map_err(|e| SshError::Config(format!("artifact task failed: {e}")))?
+        .map_err(io_err)?;
+        let expected = artifact
+            .sha256
+            .clone()
+            .map(|s| s.to_ascii_lowercase())
+            .unwrap_or_else(|| sha256.clone());
+        let loaded = Arc::new(LoadedArtifact {
+            name,
+            expected,
+            len: meta_len(&data, &path),
+            modified,
+            data,
+            path: path.clone(),
+        });
+        self.inner
+            .artifacts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path, loaded.clone());
+        Ok(Some(loaded))
+    }
+
+    async fn upload(
+        &self,
+        conn: &Connection,
+        host: &SshHost,
+        dir: &str,
+        art: &LoadedArtifact,
+    ) -> SshResult<()> {
+        let part = format!("{dir}/.{}.part", art.name);
+        let cmd = format!("umask 022 && mkdir -p {dir} && cat > {part}");
+        match &art.data {
+            Some(data) => {
+                self.exec_ok(conn, host, "upload", &cmd, Some(data.as_slice()))
+                    .await?;
+            }
+            None => {
+                // Large artifact: stream it from the file.
+                let file = tokio::fs::File::open(&art.path).await.map_err(|source| {
+                    SshError::Artifact {
+                        path: art.path.clone(),
+                        source,
+                    }
+                })?;
+                let out = conn
+                    .exec_with("upload", &cmd, Some(tokio::io::BufReader::new(file)))
+                    .await?;
+                if !out.success() {
+                    return Err(command_failed(host, "upload", &out));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn verify_checksum(
+        &self,
+        conn: &Connection,
+        host: &SshHost,
+        dir: &str,
+        art: &LoadedArtifact,
+    ) -> SshResult<()> {
+        let part = format!("{dir}/.{}.part", art.name);
+        let fin = format!("{dir}/{}", art.name);
+        let cmd = format!(
+            "{SUM_FN} h=$(cd_sum {part}) || exit 2; echo \"$h\"; \
+             if [ \"$h\" = {exp} ]; then mv -f {part} {fin}; else rm -f {part}; exit 3; fi",
+            exp = sq(&art.expected)
+        );
+        let out = conn.exec("checksum", &cmd, None).await?;
+        match out.status {
+            Some(0) => Ok(()),
+            Some(3) => Err(SshError::ChecksumMismatch {
+                host: host.name.clone(),
+                address: host.address(),
+                expected: art.expected.clone(),
+                actual: out.stdout_str().trim().to_string(),
+            }),
+            _ => Err(command_failed(host, "checksum", &out)),
+        }
+    }
+
+    /// Points `current` at `releases/<version>` (symlink + rename).
+    async fn switch(
+        &self,
+        conn: &Connection,
+        host: &SshHost,
+        step: &str,
+        version: &str,
+        require_existing: bool,
+    ) -> SshResult<()> {
+        let root = sq(self.root_of(host));
+        let ensure = if require_existing {
+            format!("[ -d releases/{version} ] || {{ echo 'release {version} is not on this host' >&2; exit 4; }}; ")
+        } else {
+            format!("mkdir -p releases/{version}; ")
+        };
+        let cmd = format!(
+            "set -e; cd {root}; {ensure}touch releases/{version}; \
+             ln -sfn releases/{version} .current.tmp.$$; mv -Tf .current.tmp.$$ current"
+        );
+        let out = conn.exec(step, &cmd, None).await?;
+        match out.status {
+            Some(0) => Ok(()),
+            Some(4) => Err(SshError::NoSuchRelease {
+                host: host.name.clone(),
+                address: host.address(),
+                message: format!("release {version} is not on the host"),
+            }),
+            _ => Err(command_failed(host, step, &out)),
+        }
+    }
+
+    fn env_prefix(&self, host: &SshHost, version: &str) -> String {
+        let root = self.root_of(host);
+        format!(
+            "cd {cur} && export CD_VERSION={v} CD_ROOT={r} CD_RELEASE_DIR={d} CD_HOST={h} && ",
+            cur = sq(&format!("{root}/current")),
+            v = sq(version),
+            r = sq(root),
+            d = sq(&format!("{root}/releases/{version}")),
+            h = sq(&host.name),
+        )
+    }
+
+    async fn restart(&self, conn: &Connection, host: &SshHost, version: &str) -> SshResult<()> {
+        if let Some(cmd) = &self.inner.restart {
+            let full = format!("{}{{ {cmd}\n}}", self.env_prefix(host, version));
+            self.exec_ok(conn, host, "restart", &full, None).await?;
+        }
+        Ok(())
+    }
+
+    async fn health(&self, conn: &Connection, host: &SshHost, version: &str) -> SshResult<()> {
+        let Some(check) = &self.inner.health else {
+            return Ok(());
+        };
+        let body = match check {
+            HealthCheck::Command(cmd) => cmd.clone(),
+            HealthCheck::Http(url) => format!(
+                "if command -v curl >/dev/null 2>&1; then curl -fsS -o /dev/null --max-time 10 {u}; \
+                 else wget -q -O /dev/null -T 10 {u}; fi",
+                u = sq(url)
+            ),
+        };
+        let full = format!("{}{{ {body}\n}}", self.env_prefix(host, version));
+        let mut attempt = 1;
+        loop {
+            match self.exec_ok(conn, host, "health", &full, None).await {
+                Ok(_) => return Ok(()),
+                Err(e) if attempt >= self.inner.health_attempts => return Err(e),
+                Err(SshError::CommandFailed { .. }) => {
+                    attempt += 1;
+                    tokio::time::sleep(self.inner.health_interval).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn cleanup(&self, conn: &Connection, host: &SshHost) -> SshResult<()> {
+        let root = sq(self.root_of(host));
+        let cmd = format!(
+            "cd {root}/releases || exit 0; \
+             cur=$(basename \"$(readlink ../current 2>/dev/null)\"); \
+             prev=$(basename \"$(readlink ../previous 2>/dev/null)\"); n=0; \
+             for d in $(ls -1t); do n=$((n+1)); [ $n -le {keep} ] && continue; \
+             [ \"$d\" = \"$cur\" ] || [ \"$d\" = \"$prev\" ] || rm -rf -- \"$d\"; done",
+            keep = self.inner.keep_releases
+        );
+        self.exec_ok(conn, host, "cleanup", &cmd, None).await?;
+        Ok(())
+    }
+
+    /// Switches `host` back to `old` (or removes `current` when nothing was
+    /// live) and restarts; used when a restart or health check fails.
+    async fn revert(
+        &self,
+        cx: &DeployContext,
+        conn: &Connection,
+        host: &SshHost,
+        old: Option<&str>,
+    ) -> SshResult<()> {
+        match old {
+            Some(old) => {
+                self.run_step(
+                    cx,
+                    host,
+                    "revert",
+                    Some(format!("back to {old}")),
+                    self.switch(conn, host, "revert", old, true),
+                )
+                .await?;
+                self.run_step(
+                    cx,
+                    host,
+                    "restart",
+                    Some(format!("revert to {old}")),
+                    async { self.restart(conn, host, old).await },
+                )
+                .await
+            }
+            None => {
+                let root = sq(self.root_of(host));
+                self.run_step(cx, host, "revert", Some("remove current".into()), async {
+                    self.exec_ok(conn, host, "revert", &format!("rm -f {root}/current"), None)
+                        .await
+                        .map(|_| ())
+                })
+                .await
+            }
+        }
+    }
+
+    async fn apply_inner(&self, plan: &Plan, cx: &DeployContext) -> SshResult<Revision> {
+        let host = self.host_for(&plan.target)?.clone();
+        let version = plan.release.version.clone();
+        check_name("version", &version)?;
+        let art = self.load_artifact(&plan.release).await?;
+        self.preflight().await?;
+        let _permit = self
+            .inner
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| SshError::Config("deployer closed".into()))?;
+        let conn = self.connection(&host, Some(cx)).await?;
+        let root = self.root_of(&host).to_string();
+        let dir = format!("{}/releases/{version}", sq(&root));
+
+        // check: reconcile with what is live; remember it as `previous`.
+        let check_cmd = format!(
+            "mkdir -p {r} && cd {r} && c=$(readlink current 2>/dev/null || true); \
+             printf 'current=%s\\n' \"$c\"; \
+             if [ \"$c\" != releases/{version} ]; then \
+               if [ -n \"$c\" ]; then ln -sfn \"$c\" .previous.tmp.$$ && mv -Tf .previous.tmp.$$ previous; \
+               else rm -f previous; fi; \
+             fi; {have}",
+            r = sq(&root),
+            have = match &art {
+                Some(a) => format!(
+                    "{SUM_FN} if [ -f releases/{version}/{n} ]; then printf 'have=%s\\n' \"$(cd_sum releases/{version}/{n})\"; fi",
+                    n = a.name
+                ),
+                None => String::new(),
+            }
+        );
+        let check = self
+            .run_step(cx, &host, "check", None, async {
+                self.exec_ok(&conn, &host, "check", &check_cmd, None).await
+            })
+            .await?;
+        let text = check.stdout_str();
+        let state = parse_state(&text);
+        let old = state.current.clone();
+        let sha = art.as_ref().map(|a| a.expected.clone());
+        if old.as_deref() == Some(version.as_str()) {
+            cx.events.progress(
+                Some(&host.name),
+                "deploy",
+                "skipped",
+                None,
+                Some(format!("{version} is already live")),
+            );
+            return Ok(self.revision(&host, &version, sha.as_deref()));
+        }
+        let have = text
+            .lines()
+            .find_map(|l| l.strip_prefix("have="))
+            .map(str::trim);
+
+        if let Some(a) = &art {
+            if have == Some(a.expected.as_str()) {
+                cx.events.progress(
+                    Some(&host.name),
+                    "upload",
+                    "skipped",
+                    None,
+                    Some(format!("{} already on the host", a.name)),
+                );
+            } else {
+                self.run_step(
+                    cx,
+                    &host,
+                    "upload",
+                    Some(format!("{} ({} bytes)", a.name, a.len)),
+                    self.upload(&conn, &host, &dir, a),
+                )
+                .await?;
+                self.run_step(
+                    cx,
+                    &host,
+                    "checksum",
+                    None,
+                    self.verify_checksum(&conn, &host, &dir, a),
+                )
+                .await?;
+            }
+        }
+
+        self.run_step(
+            cx,
+            &host,
+            "switch",
+            Some(format!("current -> releases/{version}")),
+            self.switch(&conn, &host, "switch", &version, art.is_some()),
+        )
+        .await?;
+
+        let activated = async {
+            self.run_step(
+                cx,
+                &host,
+                "restart",
+                None,
+                self.restart(&conn, &host, &version),
+            )
+            .await?;
+            self.run_step(
+                cx,
+                &host,
+                "health",
+                None,
+                self.health(&conn, &host, &version),
+            )
+            .await
+        }
+        .await;
+        if let Err(e) = activated {
+            if self.inner.revert_on_failure && !matches!(e, SshError::Cancelled { .. }) {
+                if let Err(revert_err) = self.revert(cx, &conn, &host, old.as_deref()).await {
+                    tracing::error!(host = %host.name, error = %revert_err, "revert failed");
+                }
+            }
+            return Err(e);
+        }
+
+        // Cleanup failures do not fail a deployment that is live.
+        if let Err(e) = self
+            .run_step(cx, &host, "cleanup", None, self.cleanup(&conn, &host))
+            .await
+        {
+            tracing::warn!(host = %host.name, error = %e, "cleanup failed");
+        }
+        Ok(self.revision(&host, &version, sha.as_deref()))
+    }
+
+    async fn rollback_inner(
+        &self,
+        target: &Target,
+        to: Option<&Revision>,
+        cx: &DeployContext,
+    ) -> SshResult<Option<Revision>> {
+        let host = self.host_for(target)?.clone();
+        let _permit = self
+            .inner
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| SshError::Config("deployer closed".into()))?;
+        let conn = self.connection(&host, Some(cx)).await?;
+        let state = self
+            .run_step(cx, &host, "current", None, self.read_state(&conn, &host))
+            .await?;
+        let want = match to {
+            Some(rev) => Some(rev.version.clone()),
+            None => state.previous.clone(),
+        };
+        if let Some(v) = &want {
+            check_name("version", v)?;
+        }
+        if want == state.current {
+            cx.events.progress(
+                Some(&host.name),
+                "rollback",
+                "skipped",
+                None,
+                Some("already live".into()),
+            );
+            return Ok(want.map(|v| self.revision(&host, &v, None)));
+        }
+        match want {
+            None => {
+                let root = sq(self.root_of(&host));
+                self.run_step(
+                    cx,
+                    &host,
+                    "rollback",
+                    Some("remove current".into()),
+                    async {
+                        self.exec_ok(
+                            &conn,
+                            &host,
+                            "rollback",
+                            &format!("rm -f {root}/current"),
+                            None,
+                        )
+                        .await
+                        .map(|_| ())
+                    },
+                )
+                .await?;
+                Ok(None)
+            }
+            Some(v) => {
+                self.run_step(
+                    cx,
+                    &host,
+                    "rollback",
+                    Some(format!("current -> releases/{v}")),
+                    self.switch(&conn, &host, "rollback", &v, true),
+                )
+                .await?;
+                self.run_step(cx, &host, "restart", None, self.restart(&conn, &host, &v))
+                    .await?;
+                self.run_step(cx, &host, "health", None, self.health(&conn, &host, &v))
+                    .await?;
+                Ok(Some(self.revision(&host, &v, None)))
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Deployer for SshDeployer {
+    fn name(&self) -> &str {
+        "ssh"
+    }
+
+    fn capabilities(&self) -> DeployerCapabilities {
+        DeployerCapabilities {
+            rollback: true,
+            idempotent: true,
+            dry_run: true,
+        }
+    }
+
+    fn targets(&self) -> Vec<Target> {
+        self.inner
+            .hosts
+            .iter()
+            .map(|h| {
+                Target::new(&h.name)
+                    .address(h.address())
+                    .label("backend", "ssh")
+            })
+            .collect()
+    }
+
+    async fn current(&self, target: &Target) -> Result<Option<Revision>> {
+        let host = self.host_for(target)?.clone();
+        let _permit = self
+            .inner
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| cd_core::Error::from(SshError::Config("deployer closed".into())))?;
+        let conn = self.connection(&host, None).await?;
+        let state = match self.read_state(&conn, &host).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.forget_connection(&host).await;
+                return Err(e.into());
+            }
+        };
+        Ok(state.current.map(|v| {
+            let mut rev = self.revision(&host, &v, None);
+            rev.deployed_at = None;
+            rev
+        }))
+    }
+
+    async fn plan(&self, release: &Release, target: &Target) -> Result<Plan> {
+        let host = self.host_for(target)?.clone();
+        check_name("version", &release.version)?;
+        let current = self.current(target).await?;
+        let root = self.root_of(&host).to_string();
+        let mut plan = Plan::new(release.clone(), target.clone(), current.clone());
+        plan.detail = json!({ "host": host.address(), "root": root });
+        if current.as_ref().map(|c| c.version.as_str()) == Some(release.version.as_str()) {
+            return Ok(plan.change(Change::new(ChangeAction::NoOp, format!("{root}/current"))));
+        }
+        let v = &release.version;
+        let mut release_dir = Change::new(ChangeAction::Create, format!("{root}/releases/{v}"));
+        if let Some(a) = &release.artifact {
+            release_dir.detail = json!({ "artifact": a.path, "sha256": a.sha256 });
+        }
+        let mut switch = Change::new(ChangeAction::Update, format!("{root}/current"));
+        switch.detail = json!({
+            "from": current.as_ref().map(|c| c.version.clone()),
+            "to": v,
+        });
+        plan = plan.change(release_dir).change(switch);
+        if let Some(cmd) = &self.inner.restart {
+            let mut c = Change::new(ChangeAction::Update, format!("restart on {}", host.name));
+            c.detail = json!({ "command": cmd });
+            plan = plan.change(c);
+        }
+        Ok(plan)
+    }
+
+    async fn apply(&self, plan: &Plan, cx: &DeployContext) -> Result<Revision> {
+        self.apply_inner(plan, cx).await.map_err(Into::into)
+    }
+
+    async fn rollback(
+        &self,
+        target: &Target,
+        to: Option<&Revision>,
+        cx: &DeployContext,
+    ) -> Result<Option<Revision>> {
+        self.rollback_inner(target, to, cx)
+            .await
+            .map_err(Into::into)
+    }
+}
+
+/// A portable `cd_sum FILE` shell function printing the sha256 hex digest.
+const SUM_FN: &str = "cd_sum() { if command -v sha256sum >/dev/null 2>&1; then sha256sum \"$1\"; \
+                      else shasum -a 256 \"$1\"; fi | cut -d' ' -f1; };";
+
+fn meta_len(data: &Option<Arc<Vec<u8>>>, path: &Path) -> u64 {
+    match data {
+        Some(d) => d.len() as u64,
+        None => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
+    }
+}
+
+fn command_failed(host: &SshHost, step: &str, out: &Output) -> SshError {
+    SshError::CommandFailed {
+        host: host.name.clone(),
+        address: host.address(),
+        step: step.to_string(),
+        status: out.status_str(),
+        stderr: out.stderr_tail(),
+    }
+}
+
+fn parse_state(text: &str) -> HostState {
+    let version_of = |link: &str| {
+        let link = link.trim().trim_end_matches('/');
+        if link.is_empty() {
+            None
+        } else {
+            Some(link.rsplit('/').next().unwrap_or(link).to_string())
+        }
+    };
+    let mut state = HostState {
+        current: None,
+        previous: None,
+    };
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("current=") {
+            state.current = version_of(v);
+        } else if let Some(v) = line.strip_prefix("previous=") {
+            state.previous = version_of(v);
+        }
+    }
+    state
+}
+
+/// Versions and artifact names become directory and file names on the
+/// host: letters, digits, `.`, `_`, `+`, `-`; not starting with `.`.
+fn check_name(what: &'static str, value: &str) -> SshResult<()> {
+    let ok = !value.is_empty()
+        && value.len() <= 200
+        && !value.starts_with('.')
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(SshError::InvalidName {
+            what,
+            value: value.to_string(),
+        })
+    }
+}
+
+/// Quotes `s` for a POSIX shell.
+fn sq(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn expand_home(path: &Path) -> PathBuf {
+    if let Ok(rest) = path.strip_prefix("~") {
+        if let Some(home) = std::env::var_os("HOME") {
+            return PathBuf::from(home).join(rest);
+        }
+    }
+    path.to_path_buf()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_host_specs() {
+        let h = SshHost::parse("deploy@web1:2222").unwrap();
+        assert_eq!(
+            (h.name.as_str(), h.hostname.as_str(), h.port),
+            ("web1:2222", "web1", 2222)
+        );
+        assert_eq!(h.user.as_deref(), Some("deploy"));
+        let h = SshHost::parse("web2").unwrap();
+        assert_eq!((h.hostname.as_str(), h.port), ("web2", 22));
+        let h = SshHost::parse("[::1]:2200").unwrap();
+        assert_eq!(
+            (h.hostname.as_str(), h.port, h.address()),
+            ("::1", 2200, "[::1]:2200".to_string())
+        );
+        assert!(SshHost::parse("web:notaport").is_err());
+        assert!(SshHost::parse("@web").is_err());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("version", "v1.2.3+build-4_x").is_ok());
+        for bad in ["", ".hidden", "a/b", "a b", "x;rm", "$(id)", ".."] {
+            assert!(check_name("version", bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn quoting_survives_single_quotes() {
+        assert_eq!(sq("a'b"), "'a'\\''b'");
+    }
+
+    #[test]
+    fn state_parsing() {
+        let s = parse_state("current=releases/v2\nprevious=releases/v1\n");
+        assert_eq!(s.current.as_deref(), Some("v2"));
+        assert_eq!(s.previous.as_deref(), Some("v1"));
+        let s = parse_state("current=\n");
+        assert_eq!(s.current, None);
+    }
+
+    #[test]
+    fn builder_rejects_bad_config() {
+        assert!(SshDeployer::builder().key_file("k").build().is_err());
+        assert!(SshDeployer::builder().hosts(["a"]).build().is_err());
+        assert!(SshDeployer::builder()
+            .hosts(["a", "a"])
+            .key_file("k")
+            .build()
+            .is_err());
+        let err = SshDeployer::builder()
+            .hosts(["a:x"])
+            .key_file("k")
+            .build()
+            .unwrap_err();
+        assert_eq!(err.kind(), cd_core::ErrorKind::Invalid);
+    }
+}
