@@ -136,7 +136,9 @@ impl fmt::Debug for NodeSpec {
 /// assert!(err.to_string().contains("deploy -> verify -> deploy"));
 /// ```
 #[derive(Clone)]
-pub struct Pipeline {
+pub struct Pipeline(Arc<PipelineInner>);
+
+struct PipelineInner {
     name: String,
     nodes: Vec<NodeSpec>,
     index: HashMap<String, usize>,
@@ -149,8 +151,8 @@ pub struct Pipeline {
 impl fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pipeline")
-            .field("name", &self.name)
-            .field("nodes", &self.nodes)
+            .field("name", &self.0.name)
+            .field("nodes", &self.0.nodes)
             .finish()
     }
 }
@@ -167,59 +169,59 @@ impl Pipeline {
 
     /// The pipeline's name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.0.name
     }
 
     /// Number of nodes, `finally` nodes included.
     pub fn len(&self) -> usize {
-        self.nodes.len()
+        self.0.nodes.len()
     }
 
     /// Whether there are no nodes (never true for a built pipeline).
     pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
+        self.0.nodes.is_empty()
     }
 
     /// All nodes, in definition order.
     pub fn nodes(&self) -> &[NodeSpec] {
-        &self.nodes
+        &self.0.nodes
     }
 
     /// A node by name.
     pub fn node(&self, name: &str) -> Option<&NodeSpec> {
-        self.index.get(name).map(|&i| &self.nodes[i])
+        self.0.index.get(name).map(|&i| &self.0.nodes[i])
     }
 
     /// The index of a node by name.
     pub fn index_of(&self, name: &str) -> Option<usize> {
-        self.index.get(name).copied()
+        self.0.index.get(name).copied()
     }
 
     /// Indices of the nodes `i` needs.
     pub fn deps_of(&self, i: usize) -> &[usize] {
-        &self.deps[i]
+        &self.0.deps[i]
     }
 
     /// Indices of the nodes that need `i`.
     pub fn dependents_of(&self, i: usize) -> &[usize] {
-        &self.dependents[i]
+        &self.0.dependents[i]
     }
 
     /// Node indices in a topological order (needs first); `finally` nodes last.
     pub fn topological_order(&self) -> &[usize] {
-        &self.topo
+        &self.0.topo
     }
 
     /// A hash of the definition: names, kinds, edges and settings. A run is
     /// only resumed with a pipeline of the same hash.
     pub fn definition_hash(&self) -> &str {
-        &self.hash
+        &self.0.hash
     }
 
     /// A Graphviz DOT picture.
     pub fn to_dot(&self) -> String {
-        let mut s = format!("digraph \"{}\" {{\n  rankdir=LR;\n", esc(&self.name));
-        for n in &self.nodes {
+        let mut s = format!("digraph \"{}\" {{\n  rankdir=LR;\n", esc(&self.0.name));
+        for n in &self.0.nodes {
             let shape = if n.kind.is_gate() { "diamond" } else { "box" };
             let style = if n.finally { ", style=dashed" } else { "" };
             s.push_str(&format!(
@@ -229,7 +231,7 @@ impl Pipeline {
                 esc(&n.kind.describe())
             ));
         }
-        for n in &self.nodes {
+        for n in &self.0.nodes {
             for d in &n.needs {
                 s.push_str(&format!("  \"{}\" -> \"{}\";\n", esc(d), esc(&n.name)));
             }
@@ -241,7 +243,7 @@ impl Pipeline {
     /// A Mermaid flowchart.
     pub fn to_mermaid(&self) -> String {
         let mut s = String::from("flowchart LR\n");
-        for (i, n) in self.nodes.iter().enumerate() {
+        for (i, n) in self.0.nodes.iter().enumerate() {
             let label = n.name.replace('"', "'");
             if n.kind.is_gate() {
                 s.push_str(&format!("  n{i}{{\"{label}\"}}\n"));
@@ -251,7 +253,7 @@ impl Pipeline {
                 s.push_str(&format!("  n{i}[\"{label}\"]\n"));
             }
         }
-        for (i, deps) in self.deps.iter().enumerate() {
+        for (i, deps) in self.0.deps.iter().enumerate() {
             for d in deps {
                 s.push_str(&format!("  n{d} --> n{i}\n"));
             }
@@ -422,7 +424,7 @@ impl PipelineBuilder {
             .collect();
         topo.extend((0..self.nodes.len()).filter(|&i| self.nodes[i].finally));
         let hash = definition_hash(&self.name, &self.nodes);
-        Ok(Pipeline {
+        Ok(Pipeline(Arc::new(PipelineInner {
             name: self.name,
             nodes: self.nodes,
             index,
@@ -430,7 +432,7 @@ impl PipelineBuilder {
             dependents,
             topo,
             hash,
-        })
+        })))
     }
 }
 

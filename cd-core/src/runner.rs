@@ -257,6 +257,7 @@ impl fmt::Display for RunReport {
 /// - an environment lock (a lease in the store) keeps one run per
 ///   environment at a time;
 /// - every state change is persisted to the [`Store`]; events too.
+#[derive(Clone)]
 pub struct Runner {
     store: Arc<dyn Store>,
     concurrency: usize,
@@ -522,7 +523,7 @@ impl Runner {
             next_seq: 1,
             resumed: false,
         };
-        self.execute(pipeline, start).await
+        self.spawn_execution(pipeline, start).await
     }
 
     /// Resumes a run that was interrupted (its process died): completed
@@ -581,7 +582,24 @@ impl Runner {
             next_seq,
             resumed: true,
         };
-        self.execute(pipeline, start).await
+        self.spawn_execution(pipeline, start).await
+    }
+
+    /// Runs the execution as its own task, so the scheduler loop and the
+    /// stages it spawns share a worker thread (no cross-thread wake-up per
+    /// node), wherever the caller's future is polled. Dropping the returned
+    /// future aborts the run (its stages are cancelled).
+    async fn spawn_execution(&self, pipeline: &Pipeline, start: Start) -> Result<RunReport> {
+        let runner = self.clone();
+        let pipeline = pipeline.clone();
+        let handle = AbortOnDrop(tokio::spawn(async move {
+            runner.execute(&pipeline, start).await
+        }));
+        match handle.await {
+            Ok(r) => r,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(Error::cancelled().with("reason", e)),
+        }
     }
 
     async fn acquire_lock(
@@ -987,6 +1005,9 @@ impl Execution<'_> {
             timers.clear();
         }
 
+        let cancel_token = self.run_cancel.clone();
+        let cancelled_fut = cancel_token.cancelled();
+        tokio::pin!(cancelled_fut);
         loop {
             while !stopping && running.len() < self.runner.concurrency {
                 let Some(i) = ready.pop_front() else { break };
@@ -1014,7 +1035,7 @@ impl Execution<'_> {
                         ready.push_front(i);
                     }
                 }
-                _ = self.run_cancel.cancelled(), if !stopping => {
+                _ = &mut cancelled_fut, if !stopping => {
                     stopping = true;
                     if !failed {
                         cancelled = true;
@@ -1278,6 +1299,25 @@ impl Execution<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<T> Future for AbortOnDrop<T> {
+    type Output = std::result::Result<T, tokio::task::JoinError>;
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        Pin::new(&mut self.0).poll(cx)
     }
 }
 

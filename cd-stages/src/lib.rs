@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod check;
+pub mod deploy;
 pub mod http;
 pub mod source;
 
@@ -16,5 +17,6 @@ pub mod source;
 pub(crate) mod test_server;
 
 pub use check::{HttpCheck, HttpCheckSummary, HttpProbe, ProbeResult};
+pub use deploy::{Deploy, DeployOutput};
 pub use http::{HttpClient, HttpError};
 pub use source::UrlSource;

@@ -1,0 +1,97 @@
+//! Scheduler overhead: 10,000 no-op nodes as a layered DAG (100 layers × 100,
+//! each node needing three nodes of the layer before) and as a 10,000-node
+//! chain, against the bare cost of spawning and joining 10,000 tokio tasks in
+//! the same process.
+//!
+//! Run: `cargo bench --bench scheduler`. Last line:
+//! `bench scheduler: layered_us_per_node=<x> chain_us_per_node=<y> tokio_us_per_task=<z> ratio_vs_tokio=<r>`
+//! where the ratio is the worse of the two pipeline shapes over bare tokio.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cd::core::{stage_fn, MemoryStore, Pipeline, Release, RetryPolicy, RunStatus, Runner, StageOutput};
+
+const N: usize = 10_000;
+const ROUNDS: usize = 7;
+
+fn layered() -> Pipeline {
+    let mut b = Pipeline::builder("layered");
+    for layer in 0..100 {
+        for j in 0..100 {
+            b = b.stage(format!("l{layer}n{j}"), stage_fn(|_| async { Ok(StageOutput::empty()) }));
+            if layer > 0 {
+                b = b.needs((0..3).map(|k| format!("l{}n{}", layer - 1, (j + k) % 100)));
+            }
+        }
+    }
+    b.build().unwrap()
+}
+
+fn chain() -> Pipeline {
+    let mut b = Pipeline::builder("chain");
+    for i in 0..N {
+        b = b.stage(format!("n{i}"), stage_fn(|_| async { Ok(StageOutput::empty()) }));
+        if i > 0 {
+            b = b.needs([format!("n{}", i - 1)]);
+        }
+    }
+    b.build().unwrap()
+}
+
+async fn run_pipeline(p: &Pipeline) -> Duration {
+    let runner = Runner::new(Arc::new(MemoryStore::new()))
+        .concurrency(128)
+        .retry(RetryPolicy::none())
+        .without_lock();
+    let t = Instant::now();
+    let report = runner.run(p, Release::new("bench")).await.unwrap();
+    let d = t.elapsed();
+    assert_eq!(report.status, RunStatus::Succeeded);
+    assert_eq!(report.nodes.len(), N);
+    d
+}
+
+async fn bare_tokio() -> Duration {
+    let t = Instant::now();
+    let handles: Vec<_> = (0..N).map(|_| tokio::spawn(async {})).collect();
+    for h in handles {
+        h.await.unwrap();
+    }
+    t.elapsed()
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn us_per(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6 / N as f64
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let (layered_p, chain_p) = (layered(), chain());
+    rt.block_on(async {
+        // Warm up.
+        run_pipeline(&layered_p).await;
+        bare_tokio().await;
+        let mut l = Vec::new();
+        let mut c = Vec::new();
+        let mut t = Vec::new();
+        for _ in 0..ROUNDS {
+            l.push(run_pipeline(&layered_p).await);
+            c.push(run_pipeline(&chain_p).await);
+            t.push(bare_tokio().await);
+        }
+        let (l, c, t) = (us_per(median(l)), us_per(median(c)), us_per(median(t)));
+        println!("layered 100x100: {l:.2} µs/node (median of {ROUNDS})");
+        println!("chain 10000:     {c:.2} µs/node");
+        println!("bare tokio:      {t:.2} µs/task (spawn + join)");
+        println!(
+            "bench scheduler: layered_us_per_node={l:.2} chain_us_per_node={c:.2} tokio_us_per_task={t:.2} ratio_vs_tokio={:.2}",
+            l.max(c) / t
+        );
+    });
+}
