@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Sets up what the tests need (Debian packages, Python tools, terraform with
+# an offline provider mirror, podman config) and runs every check CI runs:
+# formatting, clippy, all tests against real tools, doc tests.
+# Safe to run twice. Usage: scripts/test.sh [extra nextest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+source "${CD_TOOLS_DIR:-$HOME/.cache/cd-tools}/tools.env"
+# Build output outside the clone, kept between runs (and between clones).
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cd-target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+echo "== cargo fmt"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --all-features -- -D warnings
+echo "== cargo nextest"
+cargo nextest run --workspace --all-features --no-fail-fast "$@"
+echo "== doc tests"
+cargo test --workspace --all-features --doc
