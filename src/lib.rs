@@ -37,4 +37,16 @@ pub use cd_stages as stages;
 /// backends enabled by features.
 pub mod prelude {
     pub use cd_core::prelude::*;
+    pub use cd_stages::Deploy;
+
+    #[cfg(feature = "ansible")]
+    pub use cd_backends::ansible::AnsibleDeployer;
+    #[cfg(feature = "local")]
+    pub use cd_backends::local::{LocalProcessDeployer, LocalRouter};
+    #[cfg(feature = "sqlite")]
+    pub use cd_backends::sqlite::SqliteStore;
+    #[cfg(feature = "ssh")]
+    pub use cd_backends::ssh::SshDeployer;
+    #[cfg(feature = "terraform")]
+    pub use cd_backends::terraform::TerraformDeployer;
 }

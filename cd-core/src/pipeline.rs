@@ -1,6 +1,7 @@
 //! Pipelines: a validated DAG of named stages and gates.
 
-use std::collections::{BTreeSet, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
@@ -410,19 +411,30 @@ impl PipelineBuilder {
                 graph.add_edge(ids[j], ids[i], ());
             }
         }
-        let order = match toposort(&graph, None) {
-            Ok(order) => order,
-            Err(_) => {
-                let cycle = find_cycle(&graph, &self.nodes);
-                return Err(PipelineError::Cycle { pipeline, cycle });
-            }
-        };
-        let mut topo: Vec<usize> = order
-            .into_iter()
-            .map(|ix| graph[ix])
-            .filter(|&i| !self.nodes[i].finally)
+        if toposort(&graph, None).is_err() {
+            let cycle = find_cycle(&graph, &self.nodes);
+            return Err(PipelineError::Cycle { pipeline, cycle });
+        }
+        // A stable topological order: among the nodes whose needs are met,
+        // the one defined first goes first. `finally` nodes last.
+        let mut missing: Vec<usize> = deps.iter().map(Vec::len).collect();
+        let mut ready: BinaryHeap<Reverse<usize>> = (0..self.nodes.len())
+            .filter(|&i| missing[i] == 0)
+            .map(Reverse)
             .collect();
-        topo.extend((0..self.nodes.len()).filter(|&i| self.nodes[i].finally));
+        let mut topo = Vec::with_capacity(self.nodes.len());
+        while let Some(Reverse(i)) = ready.pop() {
+            topo.push(i);
+            for &j in &dependents[i] {
+                missing[j] -= 1;
+                if missing[j] == 0 {
+                    ready.push(Reverse(j));
+                }
+            }
+        }
+        let (mut topo, finals): (Vec<usize>, Vec<usize>) =
+            topo.into_iter().partition(|&i| !self.nodes[i].finally);
+        topo.extend(finals);
         let hash = definition_hash(&self.name, &self.nodes);
         Ok(Pipeline(Arc::new(PipelineInner {
             name: self.name,

@@ -1,0 +1,327 @@
+//! Quickstart: every step of continuous delivery in one pipeline, on this
+//! machine, with no server to run.
+//!
+//! ```text
+//! cargo run --example quickstart -- --auto-approve
+//! ```
+//!
+//! It delivers a small demo HTTP service (this executable started with
+//! `serve`) twice through the same pipeline:
+//!
+//! 1. deploy to staging (a local process);
+//! 2. regression checks (HTTP smoke tests) and a short performance check
+//!    (500 requests, p95 threshold) against staging;
+//! 3. a compliance check (version present, artifact checksum matches);
+//! 4. an approval gate (`--auto-approve`, or approve it with `cdctl`);
+//! 5. a blue-green production deploy behind a local TCP router;
+//! 6. a bake period with health monitoring.
+//!
+//! Release `v1` goes live. Release `v2-broken` passes staging, goes live on
+//! the idle slot, and then its health degrades during the bake: the runner
+//! rolls it back automatically (traffic switches back to `v1`, staging goes
+//! back to `v1`, release history says so). State is kept in `.cd/state.db`:
+//! `cargo run --bin cdctl -- runs` and `cargo run --bin cdctl -- history
+//! production` show it afterwards.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use cd::backends::local::{LocalProcessDeployer, LocalRouter};
+use cd::backends::sqlite::SqliteStore;
+use cd::core::{
+    Analysis, Event, EventKind, FnSink, NodeStatus, Pipeline, Release, RunReport, RunStatus,
+    Runner, Store,
+};
+use cd::stages::{ApprovalGate, Bake, ComplianceCheck, Deploy, HttpCheck, HttpMonitor, LoadTest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+const STAGING_PORT: u16 = 18090;
+const BLUE_PORT: u16 = 18091;
+const GREEN_PORT: u16 = 18092;
+const ROUTER_PORT: u16 = 18080;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("serve") {
+        return serve(&args[1..]).await;
+    }
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("usage: quickstart [--auto-approve] [--state-dir DIR]\n       quickstart serve --port PORT --version VERSION");
+        return Ok(());
+    }
+    let auto_approve = args.iter().any(|a| a == "--auto-approve");
+    let state_dir = flag(&args, "--state-dir")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(".cd"));
+    run_demo(auto_approve, &state_dir).await
+}
+
+fn flag(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+async fn run_demo(auto_approve: bool, state_dir: &Path) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(state_dir.join("state.db")).await?);
+    let exe = std::env::current_exe().context("locating the quickstart executable")?;
+    let sha = sha256_hex(&exe)?;
+
+    let service = |name: &str| {
+        LocalProcessDeployer::builder()
+            .name(name)
+            .program(exe.to_string_lossy())
+            .args(["serve", "--port", "{port}", "--version", "{version}"])
+            .health_path("/health")
+            .health_timeout(Duration::from_secs(10))
+            .state_dir(state_dir.join("local"))
+    };
+    let staging = service("staging").target("staging", STAGING_PORT).build()?;
+    let production = service("production")
+        .target("blue", BLUE_PORT)
+        .target("green", GREEN_PORT)
+        .build()?;
+    let router = LocalRouter::for_deployer(&production, ROUTER_PORT)
+        .state_dir(state_dir.join("local"))
+        .start()
+        .await?;
+    let staging_url = format!("http://127.0.0.1:{STAGING_PORT}");
+    let production_url = router.url();
+
+    let pipeline = Pipeline::builder("quickstart")
+        .stage("staging", Deploy::new(staging.clone()).env("staging"))
+        .timeout(Duration::from_secs(30))
+        .stage(
+            "smoke-tests",
+            HttpCheck::base_url(&staging_url)
+                .expect("/health", 200)
+                .expect_body("/", 200, "hello from")
+                .expect("/missing", 404),
+        )
+        .needs(["staging"])
+        .stage(
+            "load-test",
+            LoadTest::get(format!("{staging_url}/"))
+                .requests(500)
+                .concurrency(8)
+                .p95_below_ms(200),
+        )
+        .needs(["staging"])
+        .stage(
+            "compliance",
+            ComplianceCheck::new()
+                .version_pattern("v*")
+                .require_artifact(),
+        )
+        .gate(
+            "approval",
+            ApprovalGate::any_of(["you"])
+                .recheck_every(Duration::from_secs(2))
+                .auto_approve_if(auto_approve.then_some("you (--auto-approve)")),
+        )
+        .needs(["smoke-tests", "load-test", "compliance"])
+        .stage(
+            "production",
+            Deploy::new(production.clone())
+                .env("production")
+                .blue_green(router.clone()),
+        )
+        .needs(["approval"])
+        .timeout(Duration::from_secs(30))
+        .stage(
+            "bake",
+            Bake::new(HttpMonitor::get(format!("{production_url}/health"))).analysis(
+                Analysis::new()
+                    .interval(Duration::from_millis(400))
+                    .count(6)
+                    .failure_limit(0),
+            ),
+        )
+        .needs(["production"])
+        .build()?;
+
+    let cancel = CancellationToken::new();
+    let c2 = cancel.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\nCtrl-C: stopping the run (finally nodes still run)…");
+            c2.cancel();
+        }
+    });
+    let runner = Runner::new(store.clone())
+        .environment("production")
+        .concurrency(4)
+        .cancel_token(cancel)
+        .sink(FnSink(print_event));
+
+    println!("== pipeline ==\n{}", pipeline.to_mermaid());
+    let mut outcome = Ok(());
+    let mut reports = Vec::new();
+    for version in ["v1", "v2-broken"] {
+        println!("== delivering {version} ==");
+        let release = Release::new(version).artifact_with_sha256(&exe, &sha);
+        let report = runner.run(&pipeline, release).await?;
+        println!("{report}");
+        reports.push(report);
+    }
+
+    // What is live now?
+    let client = cd::stages::HttpClient::new();
+    let live = client
+        .get(&format!("{production_url}/"))
+        .await
+        .map(|r| r.text().into_owned());
+    let history = store.release_history("production", 10).await?;
+    println!("== production release history (newest first) ==");
+    for r in &history {
+        println!(
+            "  {:<10} {:<12} {}",
+            r.version,
+            r.status.as_str(),
+            r.at.format("%H:%M:%S")
+        );
+    }
+    match check(&reports[0], &reports[1], live.as_deref().ok()) {
+        Ok(()) => println!(
+            "OK: v1 is live at {production_url}; v2-broken failed its bake and was rolled back automatically (took {:.1}s).",
+            started.elapsed().as_secs_f64()
+        ),
+        Err(e) => outcome = Err(e),
+    }
+    println!(
+        "State: {} (try `cargo run --bin cdctl -- history production`).",
+        state_dir.join("state.db").display()
+    );
+    // The demo cleans up its processes; a real deploy leaves them running.
+    staging.stop_all().await.ok();
+    production.stop_all().await.ok();
+    outcome
+}
+
+fn check(v1: &RunReport, v2: &RunReport, live: Option<&str>) -> anyhow::Result<()> {
+    if v1.status != RunStatus::Succeeded {
+        bail!("v1 should have gone live, but the run {}", v1.status);
+    }
+    if v2.status != RunStatus::Failed {
+        bail!(
+            "v2-broken should have failed its bake, but the run {}",
+            v2.status
+        );
+    }
+    let bake = v2.node("bake").map(|n| n.status);
+    let prod = v2.node("production").map(|n| n.status);
+    if bake != Some(NodeStatus::Failed) || prod != Some(NodeStatus::RolledBack) {
+        bail!("expected bake failed and production rolled back, got {bake:?} / {prod:?}");
+    }
+    match live {
+        Some(body) if body.contains("v1") => Ok(()),
+        other => bail!("production should serve v1 after the rollback, got {other:?}"),
+    }
+}
+
+fn print_event(e: &Event) {
+    let node = e.node.as_deref().unwrap_or("");
+    let line = match &e.kind {
+        EventKind::NodeStarted { attempt } if *attempt > 1 => format!("retry #{attempt}"),
+        EventKind::NodeSucceeded { duration_ms } => format!("done in {duration_ms} ms"),
+        EventKind::NodeFailed { error } => format!("FAILED: {}", error.message),
+        EventKind::NodeSkipped { reason } => format!("skipped: {reason}"),
+        EventKind::GateWaiting { reason, .. } => format!("waiting: {reason}"),
+        EventKind::GatePassed => "approved".into(),
+        EventKind::RollbackStarted => "rolling back…".into(),
+        EventKind::RolledBack { duration_ms } => format!("ROLLED BACK in {duration_ms} ms"),
+        EventKind::RollbackFailed { error } => format!("ROLLBACK FAILED: {}", error.message),
+        EventKind::Rollout { message, .. } => message.clone(),
+        EventKind::AnalysisSample { status, detail, .. } => {
+            format!("health sample: {status} {detail}")
+        }
+        EventKind::Lock {
+            status,
+            environment,
+            ..
+        } if status == "waiting" => {
+            format!("waiting for the {environment} lock")
+        }
+        _ => return,
+    };
+    eprintln!("  [{:>11}] {line}", node);
+}
+
+fn sha256_hex(path: &Path) -> anyhow::Result<String> {
+    let (hex, _) = cd::stages::compliance::sha256_file(path)
+        .with_context(|| format!("hashing {}", path.display()))?;
+    Ok(hex)
+}
+
+/// The demo service: `GET /` says hello with the version, `GET /health` is
+/// 200 — except in a `*-broken` version, whose health degrades from its 4th
+/// check on (a simulated leak that only shows under monitoring).
+async fn serve(args: &[String]) -> anyhow::Result<()> {
+    let port: u16 = flag(args, "--port")
+        .context("--port is required")?
+        .parse()?;
+    let version = flag(args, "--version").unwrap_or_else(|| "dev".into());
+    let broken = version.contains("broken");
+    let listener = TcpListener::bind(("127.0.0.1", port))
+        .await
+        .with_context(|| format!("binding 127.0.0.1:{port}"))?;
+    let health_checks = Arc::new(AtomicU64::new(0));
+    loop {
+        let (mut sock, _) = listener.accept().await?;
+        let version = version.clone();
+        let health_checks = health_checks.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::with_capacity(1024);
+            let mut chunk = [0u8; 1024];
+            loop {
+                // Read one request head (the demo ignores request bodies).
+                let end = loop {
+                    if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break p + 4;
+                    }
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                buf.drain(..end);
+                let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let close = head.to_ascii_lowercase().contains("connection: close");
+                let (status, body) = match path.as_str() {
+                    "/" => ("200 OK", format!("hello from {version}\n")),
+                    "/version" => ("200 OK", format!("{version}\n")),
+                    "/health" => {
+                        let n = health_checks.fetch_add(1, Ordering::SeqCst) + 1;
+                        if broken && n > 3 {
+                            (
+                                "503 Service Unavailable",
+                                "unhealthy: out of memory\n".to_string(),
+                            )
+                        } else {
+                            ("200 OK", "ok\n".to_string())
+                        }
+                    }
+                    _ => ("404 Not Found", "not found\n".to_string()),
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{body}",
+                    body.len(),
+                    if close { "connection: close\r\n" } else { "" }
+                );
+                if sock.write_all(resp.as_bytes()).await.is_err() || close {
+                    return;
+                }
+            }
+        });
+    }
+}
