@@ -396,3 +396,126 @@ async fn router_switches_new_connections_between_slots() {
     );
     d.stop_all().await.unwrap();
 }
+
+/// The quickstart's shape end to end: staging, smoke checks, a load test,
+/// compliance, approval, blue-green production behind the router, bake.
+/// `v2-broken` passes its deploy-time health check (on `/`) but fails the
+/// bake (on `/health`), and the runner's compensation switches traffic back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_deploys_then_rolls_back_a_broken_release() {
+    use cd_core::{MemoryStore, NodeStatus, Pipeline, RunStatus, Runner};
+    use cd_stages::{
+        ApprovalGate, Bake, ComplianceCheck, Deploy, HttpCheck, HttpMonitor, LoadTest,
+    };
+
+    let fx = Fixture::new();
+    let build = |slots: &[(&str, u16)], dir: &str| {
+        let mut b = LocalProcessDeployer::builder()
+            .program(&fx.python)
+            .args([fx.script.display().to_string()])
+            .health_path("/")
+            .state_dir(fx.state_dir().join(dir));
+        for (name, port) in slots {
+            b = b.target(*name, *port);
+        }
+        b.build().unwrap()
+    };
+    let staging = build(&[("staging", free_port())], "staging");
+    let production = build(
+        &[("blue", free_port()), ("green", free_port())],
+        "production",
+    );
+    let router = LocalRouter::for_deployer(&production, 0)
+        .start()
+        .await
+        .unwrap();
+    let staging_url = "/rollout/deployed/0/detail/url";
+
+    let pipeline = Pipeline::builder("web")
+        .stage("staging", Deploy::new(staging.clone()).env("staging"))
+        .stage(
+            "smoke",
+            HttpCheck::base_url_from("staging", staging_url)
+                .get("/")
+                .get("/version"),
+        )
+        .needs(["staging"])
+        .stage(
+            "load",
+            LoadTest::get_from("staging", staging_url)
+                .requests(100)
+                .concurrency(4)
+                .p95_below_ms(1000),
+        )
+        .needs(["staging"])
+        .stage("compliance", ComplianceCheck::new().version_pattern("v*"))
+        .gate(
+            "approval",
+            ApprovalGate::any_of(["alice", "bob"]).auto_approve_as("test"),
+        )
+        .needs(["smoke", "load", "compliance"])
+        .stage(
+            "production",
+            Deploy::new(production.clone())
+                .env("production")
+                .blue_green(router.clone()),
+        )
+        .needs(["approval"])
+        .stage(
+            "bake",
+            Bake::new(HttpMonitor::get(format!("{}/health", router.url())))
+                .for_duration(Duration::from_millis(300), Duration::from_millis(50)),
+        )
+        .needs(["production"])
+        .build()
+        .unwrap();
+    let runner = Runner::new(std::sync::Arc::new(MemoryStore::new())).environment("production");
+
+    let report = runner.run(&pipeline, Release::new("v1")).await.unwrap();
+    assert_eq!(report.status, RunStatus::Succeeded, "{report}");
+    assert_eq!(router.active().await.unwrap().as_deref(), Some("blue"));
+    assert_eq!(body(&format!("{}/", router.url())).await, "v1");
+    let load = report.output("load").unwrap();
+    assert_eq!(load["requests"], 100);
+
+    let report = runner
+        .run(&pipeline, Release::new("v2-broken"))
+        .await
+        .unwrap();
+    assert_eq!(report.status, RunStatus::Failed, "{report}");
+    assert_eq!(
+        report.node("bake").unwrap().status,
+        NodeStatus::Failed,
+        "{report}"
+    );
+    assert_eq!(
+        report.node("production").unwrap().status,
+        NodeStatus::RolledBack,
+        "{report}"
+    );
+    let bake_error = report
+        .node("bake")
+        .unwrap()
+        .error
+        .as_ref()
+        .unwrap()
+        .message
+        .clone();
+    assert!(
+        bake_error.contains("v2-broken is not healthy"),
+        "{bake_error}"
+    );
+    // Traffic is back on v1, on the blue slot.
+    assert_eq!(router.active().await.unwrap().as_deref(), Some("blue"));
+    assert_eq!(body(&format!("{}/", router.url())).await, "v1");
+    // Staging was compensated too: v1 again.
+    let staging_now = staging
+        .current(&Target::new("staging"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(staging_now.version, "v1");
+
+    staging.stop_all().await.unwrap();
+    production.stop_all().await.unwrap();
+}
