@@ -1,0 +1,170 @@
+//! The Deploy stage: release history, compensation, restore to known-good.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cd_core::*;
+use cd_stages::Deploy;
+
+#[derive(Default)]
+struct MemDeployer {
+    live: Mutex<BTreeMap<String, Revision>>,
+}
+
+#[async_trait]
+impl Deployer for MemDeployer {
+    fn name(&self) -> &str {
+        "memory"
+    }
+    fn targets(&self) -> Vec<Target> {
+        vec![Target::new("a"), Target::new("b")]
+    }
+    async fn current(&self, target: &Target) -> Result<Option<Revision>> {
+        Ok(self.live.lock().unwrap().get(&target.name).cloned())
+    }
+    async fn plan(&self, release: &Release, target: &Target) -> Result<Plan> {
+        Ok(Plan::new(
+            release.clone(),
+            target.clone(),
+            self.current(target).await?,
+        ))
+    }
+    async fn apply(&self, plan: &Plan, _cx: &DeployContext) -> Result<Revision> {
+        let rev = Revision::new(&plan.target.name, &plan.release.version, "id");
+        self.live
+            .lock()
+            .unwrap()
+            .insert(plan.target.name.clone(), rev.clone());
+        Ok(rev)
+    }
+    async fn rollback(
+        &self,
+        target: &Target,
+        to: Option<&Revision>,
+        _cx: &DeployContext,
+    ) -> Result<Option<Revision>> {
+        let mut live = self.live.lock().unwrap();
+        match to {
+            Some(r) => {
+                live.insert(target.name.clone(), r.clone());
+                Ok(Some(r.clone()))
+            }
+            None => {
+                live.remove(&target.name);
+                Ok(None)
+            }
+        }
+    }
+}
+
+fn versions(d: &MemDeployer) -> Vec<String> {
+    d.live
+        .lock()
+        .unwrap()
+        .values()
+        .map(|r| r.version.clone())
+        .collect()
+}
+
+async fn history(store: &Arc<dyn Store>) -> Vec<(String, ReleaseStatus)> {
+    store
+        .release_history("prod", 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.version, r.status))
+        .collect()
+}
+
+#[tokio::test]
+async fn history_records_live_superseded_and_rolled_back() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let deployer = Arc::new(MemDeployer::default());
+    let pipeline = |fail_after: bool| {
+        let mut b =
+            Pipeline::builder("p").stage("deploy", Deploy::shared(deployer.clone()).env("prod"));
+        if fail_after {
+            b = b
+                .stage(
+                    "verify",
+                    stage_fn(|_| async { Err(Error::failed("smoke test failed")) }),
+                )
+                .needs(["deploy"]);
+        }
+        b.build().unwrap()
+    };
+    let runner = Runner::new(store.clone()).retry(RetryPolicy::none());
+    let r1 = runner
+        .run(&pipeline(false), Release::new("v1"))
+        .await
+        .unwrap();
+    assert_eq!(r1.status, RunStatus::Succeeded);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let r2 = runner
+        .run(&pipeline(false), Release::new("v2"))
+        .await
+        .unwrap();
+    assert_eq!(r2.status, RunStatus::Succeeded);
+    assert_eq!(
+        history(&store).await,
+        [
+            ("v2".into(), ReleaseStatus::Live),
+            ("v1".into(), ReleaseStatus::Superseded)
+        ]
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let r3 = runner
+        .run(&pipeline(true), Release::new("v3"))
+        .await
+        .unwrap();
+    assert_eq!(r3.status, RunStatus::Failed);
+    assert_eq!(r3.node("deploy").unwrap().status, NodeStatus::RolledBack);
+    assert_eq!(versions(&deployer), ["v2", "v2"]);
+    assert_eq!(
+        history(&store).await,
+        [
+            ("v3".into(), ReleaseStatus::RolledBack),
+            ("v2".into(), ReleaseStatus::Live),
+            ("v1".into(), ReleaseStatus::Superseded)
+        ]
+    );
+
+    // Roll back to known-good: the release before the live one.
+    let stage = Deploy::shared(deployer.clone()).env("prod").rolling(2, 0);
+    stage
+        .restore(
+            store.as_ref(),
+            "prod",
+            None,
+            &DeployContext::detached("prod"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(versions(&deployer), ["v1", "v1"]);
+    let h = history(&store).await;
+    assert_eq!(h[0], ("v1".into(), ReleaseStatus::Live));
+    // Or a named version.
+    stage
+        .restore(
+            store.as_ref(),
+            "prod",
+            Some("v2"),
+            &DeployContext::detached("prod"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(versions(&deployer), ["v2", "v2"]);
+    let err = stage
+        .restore(
+            store.as_ref(),
+            "prod",
+            Some("v9"),
+            &DeployContext::detached("prod"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert!(err.to_string().contains("v9"));
+}
