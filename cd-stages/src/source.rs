@@ -10,10 +10,13 @@ use crate::http::Url;
 pub enum UrlSource {
     /// A fixed URL.
     Fixed(String),
-    /// The string field `field` of node `node`'s output. `field` is a key of
-    /// the output object, or a JSON pointer when it starts with `/`
-    /// (`/slots/green/url`). A value without a scheme gets `http://`; a
-    /// number is taken as a port on `127.0.0.1`.
+    /// The string field `field` of node `node`'s output. `field` is a JSON
+    /// pointer when it starts with `/` (`/rollout/deployed/0/detail/url`);
+    /// otherwise a key, looked up at the top of the output object first, then
+    /// anywhere inside it (depth first, first match), so `url` finds the URL
+    /// of the first deployed revision in a `Deploy` stage's output. A value
+    /// without a scheme gets `http://`; a number is taken as a port on
+    /// `127.0.0.1`.
     FromOutput {
         /// The upstream node.
         node: String,
@@ -37,7 +40,9 @@ impl UrlSource {
                 let value = if field.starts_with('/') {
                     out.value().pointer(field).cloned()
                 } else {
-                    out.get(field).cloned()
+                    out.get(field)
+                        .cloned()
+                        .or_else(|| find_key(out.value(), field).cloned())
                 };
                 match value {
                     Some(serde_json::Value::String(s)) => s,
@@ -67,5 +72,38 @@ impl UrlSource {
             UrlSource::Fixed(url) => url.clone(),
             UrlSource::FromOutput { node, field } => format!("{node}.{field}"),
         }
+    }
+}
+
+/// The first value under `key` anywhere in `value`, depth first.
+fn find_key<'a>(value: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    match value {
+        serde_json::Value::Object(map) => map
+            .get(key)
+            .or_else(|| map.values().find_map(|v| find_key(v, key))),
+        serde_json::Value::Array(items) => items.iter().find_map(|v| find_key(v, key)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_keys_anywhere() {
+        let v = serde_json::json!({
+            "environment": "staging",
+            "rollout": {"deployed": [{"detail": {"url": "http://127.0.0.1:1"}}, {"detail": {"url": "x"}}]}
+        });
+        assert_eq!(
+            find_key(&v, "url"),
+            Some(&serde_json::json!("http://127.0.0.1:1"))
+        );
+        assert_eq!(
+            find_key(&v, "environment"),
+            Some(&serde_json::json!("staging"))
+        );
+        assert_eq!(find_key(&v, "nope"), None);
     }
 }

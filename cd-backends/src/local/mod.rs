@@ -80,7 +80,7 @@ struct Slot {
 #[derive(Debug, Clone)]
 pub struct LocalProcessDeployerBuilder {
     name: String,
-    program: Option<String>,
+    program: Option<PathBuf>,
     args: Vec<String>,
     env: Vec<(String, String)>,
     slots: Vec<Slot>,
@@ -97,8 +97,9 @@ impl LocalProcessDeployerBuilder {
         self
     }
 
-    /// The program to run. Without it, the release's artifact path is run.
-    pub fn program(mut self, program: impl Into<String>) -> Self {
+    /// The program to run (a path, or a command name looked up in `PATH`).
+    /// Without it, the release's artifact path is run.
+    pub fn program(mut self, program: impl Into<PathBuf>) -> Self {
         self.program = Some(program.into());
         self
     }
@@ -360,14 +361,10 @@ impl LocalProcessDeployer {
     }
 
     /// Resolves the command for `release` on `slot`.
-    fn command_for(
-        &self,
-        release: &Release,
-        slot: &Slot,
-    ) -> Result<Command> {
+    fn command_for(&self, release: &Release, slot: &Slot) -> Result<Command> {
         let cfg = &self.inner.cfg;
         let program = match (&cfg.program, &release.artifact) {
-            (Some(p), _) => p.clone(),
+            (Some(p), _) => p.display().to_string(),
             (None, Some(a)) => a.path.display().to_string(),
             (None, None) => {
                 return Err(Error::invalid(format!(
