@@ -1,1 +1,995 @@
-//! ansible backend (work in progress).
+//! Ansible-managed hosts as a [`Deployer`]: ansible-playbook run against an
+//! inventory generated from the pipeline's targets.
+//!
+//! - **inventory** from targets ([`AnsibleHost`]: address, port, user, key,
+//!   groups, host vars), written per run as a JSON inventory.
+//! - **variables**: the release's configuration (plus `cd_release_version`
+//!   and `cd_release_artifact`) passed as `-e @<file>.json`, never as
+//!   shell-quoted strings.
+//! - **plan** = `ansible-playbook --check --diff`: every task that would
+//!   change something on a host is a [`cd_core::Change`] (`<host>: <task>`).
+//! - **results**: a JSON-lines callback plugin shipped with the crate
+//!   (`cd_jsonl`, written next to the run and selected through
+//!   `ANSIBLE_CALLBACK_PLUGINS` / `ANSIBLE_STDOUT_CALLBACK`) gives one event
+//!   per task and host and a typed [`PlaybookReport`]; a failure names host,
+//!   task and message; unreachable hosts are reported as unreachable
+//!   ([`cd_core::ErrorKind::Unavailable`]).
+//! - **rollback**: the previous release's variables again, or a rollback
+//!   playbook the user names ([`AnsibleDeployer::rollback_playbook`]).
+//!
+//! A [`Target`] is one host (`--limit <host>`), or a group made with
+//! [`AnsibleDeployer::group_target`] (`--limit <group>`): rollout strategies
+//! go host by host, a plain deploy runs the whole group in one playbook run.
+//!
+//! ```no_run
+//! use cd_backends::ansible::{AnsibleDeployer, AnsibleHost};
+//! use cd_core::{DeployContext, Deployer, Release};
+//!
+//! # async fn demo() -> cd_core::Result<()> {
+//! let web = AnsibleDeployer::new("deploy/site.yml")
+//!     .host(AnsibleHost::new("web1").address("10.0.0.1").user("deploy").groups(["web"]))
+//!     .host(AnsibleHost::new("web2").address("10.0.0.2").user("deploy").groups(["web"]))
+//!     .known_hosts("~/.ssh/known_hosts");
+//! let all = web.group_target("web");
+//! let plan = web.plan(&Release::new("v7").config("app_port", 8080), &all).await?;
+//! for change in &plan.changes {
+//!     println!("would change {}", change.address);
+//! }
+//! web.apply(&plan, &DeployContext::detached("production")).await?;
+//! # Ok(()) }
+//! ```
+
+mod error;
+mod inventory;
+mod report;
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use cd_core::{
+    Change, ChangeAction, DeployContext, Deployer, DeployerCapabilities, Emitter, LogLevel, Plan,
+    Release, Result, Revision, Target,
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::Mutex;
+
+pub use error::{AnsibleError, HostFailure};
+pub use inventory::{
+    inventory_json, AnsibleHost, GROUPS_LABEL, KEY_LABEL, LIMIT_LABEL, USER_LABEL,
+};
+pub use report::{CallbackLine, HostStats, PlaybookReport, TaskResult, TaskStatus};
+
+/// The environment variable naming ansible-playbook when
+/// [`AnsibleDeployer::binary`] is not set.
+pub const ANSIBLE_PLAYBOOK_ENV: &str = "CD_ANSIBLE_PLAYBOOK";
+
+/// The callback plugin shipped with the crate.
+pub const CALLBACK_PLUGIN: &str = include_str!("cd_jsonl.py");
+
+/// The callback plugin's name (`ANSIBLE_STDOUT_CALLBACK`).
+pub const CALLBACK_NAME: &str = "cd_jsonl";
+
+/// How long ansible-playbook gets to stop after an interrupt before it is killed.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(20);
+
+/// Whether a run changes things or only reports what it would change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunMode {
+    /// `--check --diff`: changes nothing.
+    Check,
+    /// A real run (with `--diff` when [`AnsibleDeployer::diff`] is on).
+    Apply,
+}
+
+/// One release applied to one target, as kept in the deployer's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppliedRelease {
+    /// The release version.
+    pub version: String,
+    /// The release configuration (the extra vars).
+    pub config: BTreeMap<String, Value>,
+    /// The artifact path, if the release had one.
+    #[serde(default)]
+    pub artifact: Option<PathBuf>,
+    /// Tasks that changed something, per host.
+    #[serde(default)]
+    pub changed: BTreeMap<String, u64>,
+    /// When it was applied.
+    pub at: DateTime<Utc>,
+    /// Set when this entry is a rollback: the version rolled back from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback_of: Option<String>,
+    /// Set when a rollback playbook undid the first release: nothing is live.
+    #[serde(default)]
+    pub removed: bool,
+}
+
+/// Runs a playbook against hosts. See the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct AnsibleDeployer {
+    playbook: PathBuf,
+    rollback_playbook: Option<PathBuf>,
+    binary: Option<PathBuf>,
+    hosts: Vec<AnsibleHost>,
+    vars: BTreeMap<String, Value>,
+    env: Vec<(String, String)>,
+    known_hosts: Option<PathBuf>,
+    ssh_args: Option<String>,
+    python: Option<String>,
+    forks: Option<u32>,
+    pipelining: bool,
+    diff: bool,
+    timeout: Option<u32>,
+    extra_args: Vec<String>,
+    state_dir: Option<PathBuf>,
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    history: Mutex<()>,
+}
+
+impl AnsibleDeployer {
+    /// A deployer running `playbook` with `ansible-playbook` (from
+    /// `CD_ANSIBLE_PLAYBOOK`, else on `PATH`).
+    pub fn new(playbook: impl Into<PathBuf>) -> Self {
+        AnsibleDeployer {
+            playbook: absolute(playbook.into()),
+            rollback_playbook: None,
+            binary: None,
+            hosts: Vec::new(),
+            vars: BTreeMap::new(),
+            env: Vec::new(),
+            known_hosts: None,
+            ssh_args: None,
+            python: None,
+            forks: None,
+            pipelining: true,
+            diff: true,
+            timeout: None,
+            extra_args: Vec::new(),
+            state_dir: None,
+            shared: Arc::new(Shared::default()),
+        }
+    }
+
+    /// The ansible-playbook binary.
+    pub fn binary(mut self, binary: impl Into<PathBuf>) -> Self {
+        self.binary = Some(binary.into());
+        self
+    }
+
+    /// Adds a host.
+    pub fn host(mut self, host: AnsibleHost) -> Self {
+        self.hosts.push(host);
+        self
+    }
+
+    /// Adds hosts from pipeline targets (see [`AnsibleHost::from_target`]).
+    pub fn targets_from<I: IntoIterator<Item = Target>>(mut self, targets: I) -> Self {
+        self.hosts
+            .extend(targets.into_iter().map(|t| AnsibleHost::from_target(&t)));
+        self
+    }
+
+    /// A playbook that undoes a release, run by [`Deployer::rollback`] with
+    /// the previous release's variables and `cd_rollback_from` /
+    /// `cd_rollback_to`. Without it, rollback runs the main playbook with
+    /// the previous release's variables.
+    pub fn rollback_playbook(mut self, playbook: impl Into<PathBuf>) -> Self {
+        self.rollback_playbook = Some(absolute(playbook.into()));
+        self
+    }
+
+    /// A variable for every run (all hosts); the release's configuration wins.
+    pub fn var(mut self, name: impl Into<String>, value: impl Into<Value>) -> Self {
+        self.vars.insert(name.into(), value.into());
+        self
+    }
+
+    /// An environment variable for ansible-playbook.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Verify host keys against this known_hosts file (strictly).
+    pub fn known_hosts(mut self, path: impl Into<PathBuf>) -> Self {
+        self.known_hosts = Some(expand_home(path.into()));
+        self
+    }
+
+    /// Extra arguments for every ssh connection (`ansible_ssh_common_args`).
+    pub fn ssh_args(mut self, args: impl Into<String>) -> Self {
+        self.ssh_args = Some(args.into());
+        self
+    }
+
+    /// The Python interpreter on the hosts (`ansible_python_interpreter`);
+    /// default: ansible's discovery.
+    pub fn python_interpreter(mut self, path: impl Into<String>) -> Self {
+        self.python = Some(path.into());
+        self
+    }
+
+    /// `--forks` (default: the number of hosts, at least 5).
+    pub fn forks(mut self, n: u32) -> Self {
+        self.forks = Some(n);
+        self
+    }
+
+    /// SSH pipelining (default on).
+    pub fn pipelining(mut self, on: bool) -> Self {
+        self.pipelining = on;
+        self
+    }
+
+    /// `--diff` on real runs too (default on; check runs always diff).
+    pub fn diff(mut self, on: bool) -> Self {
+        self.diff = on;
+        self
+    }
+
+    /// SSH connection timeout in seconds (`--timeout`).
+    pub fn connect_timeout(mut self, secs: u32) -> Self {
+        self.timeout = Some(secs);
+        self
+    }
+
+    /// Further ansible-playbook arguments (`--tags`, `-v`, ...).
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.extra_args.push(arg.into());
+        self
+    }
+
+    /// Where the deployer keeps its release history, run files and the
+    /// callback plugin. Default: `<playbook dir>/.cd/ansible`.
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(absolute(dir.into()));
+        self
+    }
+
+    /// The hosts.
+    pub fn hosts(&self) -> &[AnsibleHost] {
+        &self.hosts
+    }
+
+    /// A target standing for a whole group (or any host pattern): plans and
+    /// applies run all its hosts in one playbook run.
+    pub fn group_target(&self, group: &str) -> Target {
+        Target::new(group).label(LIMIT_LABEL, group)
+    }
+
+    /// The binary that will be run.
+    pub fn binary_path(&self) -> PathBuf {
+        self.binary
+            .clone()
+            .or_else(|| std::env::var_os(ANSIBLE_PLAYBOOK_ENV).map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from("ansible-playbook"))
+    }
+
+    fn state_root(&self) -> PathBuf {
+        self.state_dir.clone().unwrap_or_else(|| {
+            self.playbook
+                .parent()
+                .unwrap_or_else(|| Path::new("."))
+                .join(".cd")
+                .join("ansible")
+        })
+    }
+
+    fn limit_of(target: &Target) -> String {
+        target
+            .label_value(LIMIT_LABEL)
+            .unwrap_or(&target.name)
+            .to_string()
+    }
+
+    fn extra_vars(&self, release: &Release, rollback: Option<(&str, Option<&str>)>) -> Value {
+        let mut vars: serde_json::Map<String, Value> = self
+            .vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (k, v) in &release.config {
+            vars.insert(k.clone(), v.clone());
+        }
+        vars.insert("cd_release_version".into(), json!(release.version));
+        if let Some(a) = &release.artifact {
+            vars.insert(
+                "cd_release_artifact".into(),
+                json!(a.path.display().to_string()),
+            );
+        }
+        if let Some((from, to)) = rollback {
+            vars.insert("cd_rollback_from".into(), json!(from));
+            vars.insert("cd_rollback_to".into(), json!(to));
+        }
+        Value::Object(vars)
+    }
+
+    /// Runs `playbook` (the main one when `None`) for `release` on the hosts
+    /// matched by `limit`, streaming one event per task and host to `cx`.
+    ///
+    /// Returns the report whether or not hosts failed (see
+    /// [`PlaybookReport::error`]); errors only when ansible-playbook could
+    /// not run at all.
+    pub async fn run_playbook(
+        &self,
+        playbook: Option<&Path>,
+        release: &Release,
+        limit: Option<&str>,
+        mode: RunMode,
+        cx: &DeployContext,
+    ) -> Result<(PlaybookReport, String)> {
+        self.run_inner(playbook, release, limit, mode, None, cx)
+            .await
+    }
+
+    async fn run_inner(
+        &self,
+        playbook: Option<&Path>,
+        release: &Release,
+        limit: Option<&str>,
+        mode: RunMode,
+        rollback: Option<(&str, Option<&str>)>,
+        cx: &DeployContext,
+    ) -> Result<(PlaybookReport, String)> {
+        let playbook = playbook.unwrap_or(&self.playbook).to_path_buf();
+        let run_dir = self
+            .state_root()
+            .join("runs")
+            .join(uuid::Uuid::new_v4().simple().to_string());
+        let plugin_dir = run_dir.join("callback_plugins");
+        std::fs::create_dir_all(&plugin_dir)
+            .map_err(|e| AnsibleError::io(format!("creating {}", plugin_dir.display()), e))?;
+        let result = self
+            .run_in(
+                &run_dir,
+                &plugin_dir,
+                &playbook,
+                release,
+                limit,
+                mode,
+                rollback,
+                cx,
+            )
+            .await;
+        let _ = std::fs::remove_dir_all(&run_dir);
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_in(
+        &self,
+        run_dir: &Path,
+        plugin_dir: &Path,
+        playbook: &Path,
+        release: &Release,
+        limit: Option<&str>,
+        mode: RunMode,
+        rollback: Option<(&str, Option<&str>)>,
+        cx: &DeployContext,
+    ) -> Result<(PlaybookReport, String)> {
+        write_private(
+            &plugin_dir.join(format!("{CALLBACK_NAME}.py")),
+            CALLBACK_PLUGIN.as_bytes(),
+        )?;
+        let mut common = BTreeMap::new();
+        let mut ssh_args: Vec<String> = Vec::new();
+        if let Some(kh) = &self.known_hosts {
+            ssh_args.push(format!(
+                "-o UserKnownHostsFile={} -o StrictHostKeyChecking=yes",
+                kh.display()
+            ));
+        }
+        if let Some(a) = &self.ssh_args {
+            ssh_args.push(a.clone());
+        }
+        if let Some(p) = &self.python {
+            common.insert("ansible_python_interpreter".to_string(), json!(p));
+        }
+        if !ssh_args.is_empty() {
+            common.insert(
+                "ansible_ssh_common_args".to_string(),
+                json!(ssh_args.join(" ")),
+            );
+        }
+        let inventory = run_dir.join("inventory.json");
+        write_private(
+            &inventory,
+            &serde_json::to_vec_pretty(&inventory_json(&self.hosts, &common))?,
+        )?;
+        let vars_file = run_dir.join("extra_vars.json");
+        write_private(
+            &vars_file,
+            &serde_json::to_vec_pretty(&self.extra_vars(release, rollback))?,
+        )?;
+
+        let mut args: Vec<OsString> = vec!["-i".into(), inventory.clone().into_os_string()];
+        let mut at_vars = OsString::from("@");
+        at_vars.push(vars_file.as_os_str());
+        args.push("-e".into());
+        args.push(at_vars);
+        if let Some(l) = limit {
+            args.push("--limit".into());
+            args.push(l.into());
+        }
+        let forks = self
+            .forks
+            .unwrap_or_else(|| (self.hosts.len() as u32).max(5));
+        args.push(format!("--forks={forks}").into());
+        if let Some(t) = self.timeout {
+            args.push(format!("--timeout={t}").into());
+        }
+        match mode {
+            RunMode::Check => {
+                args.push("--check".into());
+                args.push("--diff".into());
+            }
+            RunMode::Apply if self.diff => args.push("--diff".into()),
+            RunMode::Apply => {}
+        }
+        args.extend(self.extra_args.iter().map(OsString::from));
+        args.push(playbook.as_os_str().to_owned());
+
+        let binary = self.binary_path();
+        let mut cmd = Command::new(&binary);
+        cmd.args(&args)
+            .current_dir(playbook.parent().unwrap_or_else(|| Path::new(".")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .env("ANSIBLE_CALLBACK_PLUGINS", plugin_dir)
+            .env("ANSIBLE_STDOUT_CALLBACK", CALLBACK_NAME)
+            .env("ANSIBLE_NOCOLOR", "1")
+            .env("ANSIBLE_FORCE_COLOR", "0")
+            .env("ANSIBLE_RETRY_FILES_ENABLED", "0")
+            .env("ANSIBLE_PYTHON_INTERPRETER", "auto_silent")
+            .env(
+                "ANSIBLE_PIPELINING",
+                if self.pipelining { "1" } else { "0" },
+            )
+            .env("PYTHONUNBUFFERED", "1");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let started = Instant::now();
+        let step = match mode {
+            RunMode::Check => "ansible-playbook --check",
+            RunMode::Apply => "ansible-playbook",
+        };
+        cx.events.progress(
+            limit,
+            step,
+            "started",
+            None,
+            Some(format!("{} {}", playbook.display(), release.version)),
+        );
+        let mut child = cmd.spawn().map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied => {
+                AnsibleError::BinaryNotFound {
+                    binary: binary.clone(),
+                    reason: e.to_string(),
+                }
+            }
+            _ => AnsibleError::io(format!("starting {}", binary.display()), e),
+        })?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let stderr_task = tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let _ = stderr.read_to_end(&mut buf).await;
+            String::from_utf8_lossy(&buf).into_owned()
+        });
+        let mut report = PlaybookReport {
+            playbook: playbook.display().to_string(),
+            check: mode == RunMode::Check,
+            ..Default::default()
+        };
+        let mut lines = BufReader::new(stdout).lines();
+        let mut cancelled = false;
+        loop {
+            tokio::select! {
+                line = lines.next_line() => match line {
+                    Ok(Some(line)) => match CallbackLine::parse(&line) {
+                        Some(l) => {
+                            report.absorb(&l);
+                            emit_line(&cx.events, &l, mode);
+                        }
+                        None if !line.trim().is_empty() => {
+                            cx.events.log(LogLevel::Debug, format!("ansible: {line}"));
+                        }
+                        None => {}
+                    },
+                    Ok(None) => break,
+                    Err(e) => return Err(AnsibleError::io("reading ansible-playbook output", e).into()),
+                },
+                _ = cx.cancel.cancelled(), if !cancelled => {
+                    cancelled = true;
+                    interrupt(&mut child).await;
+                }
+            }
+        }
+        let status = if cancelled {
+            match tokio::time::timeout(INTERRUPT_GRACE, child.wait()).await {
+                Ok(s) => s.ok(),
+                Err(_) => {
+                    let _ = child.kill().await;
+                    None
+                }
+            }
+        } else {
+            Some(
+                child
+                    .wait()
+                    .await
+                    .map_err(|e| AnsibleError::io("waiting for ansible-playbook", e))?,
+            )
+        };
+        let stderr = stderr_task.await.unwrap_or_default();
+        if cancelled {
+            return Err(AnsibleError::Cancelled.into());
+        }
+        report.exit_code = status.and_then(|s| s.code());
+        report.duration_s = started.elapsed().as_secs_f64();
+        for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+            let level = if line.contains("ERROR") {
+                LogLevel::Error
+            } else {
+                LogLevel::Warn
+            };
+            cx.events.log(level, format!("ansible: {line}"));
+        }
+        cx.events.progress(
+            limit,
+            step,
+            if report.succeeded() { "ok" } else { "failed" },
+            Some(started.elapsed()),
+            Some(format!(
+                "{} task results, {} changed, {} failed, {} unreachable",
+                report.results.len(),
+                report.changed().len(),
+                report.failures().len(),
+                report.unreachable().len()
+            )),
+        );
+        Ok((report, stderr))
+    }
+
+    /// Runs and turns host failures into an error.
+    async fn run_checked(
+        &self,
+        playbook: Option<&Path>,
+        release: &Release,
+        limit: Option<&str>,
+        mode: RunMode,
+        rollback: Option<(&str, Option<&str>)>,
+        cx: &DeployContext,
+    ) -> Result<PlaybookReport> {
+        let (report, stderr) = self
+            .run_inner(playbook, release, limit, mode, rollback, cx)
+            .await?;
+        match report.error(&stderr) {
+            Some(e) => Err(e.into()),
+            None => Ok(report),
+        }
+    }
+
+    /// Plans with events (`--check --diff`); [`Deployer::plan`] does the
+    /// same without events.
+    pub async fn plan_in(
+        &self,
+        release: &Release,
+        target: &Target,
+        cx: &DeployContext,
+    ) -> Result<Plan> {
+        let limit = Self::limit_of(target);
+        let report = self
+            .run_checked(None, release, Some(&limit), RunMode::Check, None, cx)
+            .await?;
+        let current = self.current(target).await?;
+        let mut plan = Plan::new(release.clone(), target.clone(), current);
+        for r in &report.results {
+            let action = match r.status {
+                TaskStatus::Changed => ChangeAction::Update,
+                _ => ChangeAction::NoOp,
+            };
+            let mut c = Change::new(action, format!("{}: {}", r.host, r.task));
+            c.detail = json!({"host": r.host, "task": r.task, "status": r.status, "diff": r.diff, "message": r.message});
+            plan.changes.push(c);
+        }
+        plan.detail = json!({
+            "backend": "ansible",
+            "limit": limit,
+            "check_report": report,
+        });
+        Ok(plan)
+    }
+
+    fn history_file(&self, target: &Target) -> PathBuf {
+        let safe: String = target
+            .name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.state_root()
+            .join("history")
+            .join(format!("{safe}.json"))
+    }
+
+    /// The releases applied to a target, oldest first.
+    pub async fn history(&self, target: &Target) -> Result<Vec<AppliedRelease>> {
+        let _g = self.shared.history.lock().await;
+        self.read_history(target)
+    }
+
+    fn read_history(&self, target: &Target) -> Result<Vec<AppliedRelease>> {
+        let path = self.history_file(target);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(serde_json::from_slice(&b)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(AnsibleError::io(format!("reading {}", path.display()), e).into()),
+        }
+    }
+
+    async fn record(&self, target: &Target, entry: AppliedRelease) -> Result<()> {
+        let _g = self.shared.history.lock().await;
+        let mut h = self.read_history(target)?;
+        h.push(entry);
+        if h.len() > 100 {
+            let n = h.len() - 100;
+            h.drain(..n);
+        }
+        let path = self.history_file(target);
+        write_private(&path, &serde_json::to_vec_pretty(&h)?)
+    }
+
+    fn revision(&self, target: &Target, e: &AppliedRelease) -> Revision {
+        let mut r = Revision::new(
+            &target.name,
+            &e.version,
+            format!("{}@{}", target.name, e.version),
+        )
+        .detail(json!({
+            "config": e.config,
+            "changed": e.changed,
+            "rollback_of": e.rollback_of,
+        }));
+        r.deployed_at = Some(e.at);
+        r
+    }
+
+    async fn apply_release(
+        &self,
+        release: &Release,
+        target: &Target,
+        playbook: Option<&Path>,
+        rollback: Option<(&str, Option<&str>)>,
+        cx: &DeployContext,
+    ) -> Result<(PlaybookReport, AppliedRelease)> {
+        let limit = Self::limit_of(target);
+        let report = self
+            .run_checked(
+                playbook,
+                release,
+                Some(&limit),
+                RunMode::Apply,
+                rollback,
+                cx,
+            )
+            .await?;
+        let mut changed = BTreeMap::new();
+        for r in report.changed() {
+            *changed.entry(r.host.clone()).or_insert(0) += 1;
+        }
+        let entry = AppliedRelease {
+            version: release.version.clone(),
+            config: release.config.clone(),
+            artifact: release.artifact.as_ref().map(|a| a.path.clone()),
+            changed,
+            at: Utc::now(),
+            rollback_of: rollback.map(|(from, _)| from.to_string()),
+            removed: false,
+        };
+        Ok((report, entry))
+    }
+}
+
+#[async_trait]
+impl Deployer for AnsibleDeployer {
+    fn name(&self) -> &str {
+        "ansible"
+    }
+
+    fn capabilities(&self) -> DeployerCapabilities {
+        DeployerCapabilities {
+            rollback: true,
+            idempotent: true,
+            dry_run: true,
+        }
+    }
+
+    fn targets(&self) -> Vec<Target> {
+        self.hosts.iter().map(AnsibleHost::to_target).collect()
+    }
+
+    async fn current(&self, target: &Target) -> Result<Option<Revision>> {
+        let h = self.history(target).await?;
+        Ok(h.last()
+            .filter(|e| !e.removed)
+            .map(|e| self.revision(target, e)))
+    }
+
+    async fn plan(&self, release: &Release, target: &Target) -> Result<Plan> {
+        self.plan_in(release, target, &DeployContext::detached("default"))
+            .await
+    }
+
+    async fn apply(&self, plan: &Plan, cx: &DeployContext) -> Result<Revision> {
+        if plan.detail.get("backend").and_then(Value::as_str) != Some("ansible") {
+            return Err(AnsibleError::InvalidPlan(
+                "the plan was not made by an AnsibleDeployer".into(),
+            )
+            .into());
+        }
+        let (_, entry) = self
+            .apply_release(&plan.release, &plan.target, None, None, cx)
+            .await?;
+        self.record(&plan.target, entry.clone()).await?;
+        Ok(self.revision(&plan.target, &entry))
+    }
+
+    async fn rollback(
+        &self,
+        target: &Target,
+        to: Option<&Revision>,
+        cx: &DeployContext,
+    ) -> Result<Option<Revision>> {
+        let history = self.history(target).await?;
+        let current = history.last().filter(|e| !e.removed).cloned();
+        let from = current
+            .as_ref()
+            .map(|c| c.version.clone())
+            .unwrap_or_default();
+        let previous: Option<Release> = match to {
+            Some(rev) => {
+                let found = history
+                    .iter()
+                    .rev()
+                    .find(|e| e.version == rev.version && !e.removed);
+                let config = match found {
+                    Some(e) => Some(e.config.clone()),
+                    None => rev
+                        .detail
+                        .get("config")
+                        .cloned()
+                        .and_then(|c| serde_json::from_value(c).ok()),
+                };
+                let config = config.ok_or_else(|| AnsibleError::NoPreviousRelease {
+                    target: target.name.clone(),
+                })?;
+                let mut r = Release::new(rev.version.clone());
+                r.config = config;
+                r.artifact = found
+                    .and_then(|e| e.artifact.clone())
+                    .map(|p| cd_core::Artifact {
+                        path: p,
+                        sha256: None,
+                    });
+                Some(r)
+            }
+            None if history.len() >= 2 => {
+                let e = &history[history.len() - 2];
+                let mut r = Release::new(e.version.clone());
+                r.config = e.config.clone();
+                r.artifact = e.artifact.clone().map(|p| cd_core::Artifact {
+                    path: p,
+                    sha256: None,
+                });
+                Some(r)
+            }
+            None => None,
+        };
+        cx.events.emit(cd_core::EventKind::Rollout {
+            strategy: "ansible".into(),
+            message: format!(
+                "rolling back {} from {} to {}{}",
+                target.name,
+                if from.is_empty() { "nothing" } else { &from },
+                previous
+                    .as_ref()
+                    .map(|p| p.version.as_str())
+                    .unwrap_or("nothing"),
+                if self.rollback_playbook.is_some() {
+                    " with the rollback playbook"
+                } else {
+                    ""
+                }
+            ),
+        });
+        let playbook = self.rollback_playbook.as_deref();
+        match previous {
+            Some(release) => {
+                let (_, entry) = self
+                    .apply_release(
+                        &release,
+                        target,
+                        playbook,
+                        Some((&from, Some(&release.version))),
+                        cx,
+                    )
+                    .await?;
+                self.record(target, entry.clone()).await?;
+                Ok(Some(self.revision(target, &entry)))
+            }
+            None if playbook.is_some() => {
+                let release = current
+                    .map(|c| {
+                        let mut r = Release::new(c.version);
+                        r.config = c.config;
+                        r
+                    })
+                    .unwrap_or_else(|| Release::new(""));
+                let (_, mut entry) = self
+                    .apply_release(&release, target, playbook, Some((&from, None)), cx)
+                    .await?;
+                entry.removed = true;
+                self.record(target, entry).await?;
+                Ok(None)
+            }
+            None => Err(AnsibleError::NoPreviousRelease {
+                target: target.name.clone(),
+            }
+            .into()),
+        }
+    }
+}
+
+/// Turns one callback line into events: per task and host.
+fn emit_line(events: &Emitter, l: &CallbackLine, mode: RunMode) {
+    let task = l.task.clone().unwrap_or_default();
+    let dur = l.duration_s.map(Duration::from_secs_f64);
+    match l.event.as_str() {
+        "play_start" => events.info(format!(
+            "ansible play: {}",
+            l.play.clone().unwrap_or_default()
+        )),
+        "task_start" => events.log(LogLevel::Debug, format!("ansible task: {task}")),
+        "runner_start" => events.progress(l.host.as_deref(), &task, "started", None, None),
+        "runner_ok" | "runner_failed" | "runner_skipped" | "runner_unreachable" => {
+            let status = match l.event.as_str() {
+                "runner_ok" if l.changed && mode == RunMode::Check => "would_change",
+                "runner_ok" if l.changed => "changed",
+                "runner_ok" => "ok",
+                "runner_failed" if l.ignore_errors => "ignored",
+                "runner_failed" => "failed",
+                "runner_skipped" => "skipped",
+                _ => "unreachable",
+            };
+            let message = if matches!(status, "failed" | "unreachable" | "ignored") {
+                l.msg.clone()
+            } else {
+                None
+            };
+            events.progress(l.host.as_deref(), &task, status, dur, message);
+        }
+        "item_failed" => events.warn(format!(
+            "{}: {task} item {} failed: {}",
+            l.host.as_deref().unwrap_or("-"),
+            l.item.as_deref().unwrap_or_default(),
+            l.msg.as_deref().unwrap_or_default()
+        )),
+        "diff" => {
+            if let Some(d) = &l.diff {
+                events.info(format!(
+                    "{}: {task} diff: {}",
+                    l.host.as_deref().unwrap_or("-"),
+                    d
+                ));
+            }
+        }
+        "stats" => {
+            for (host, s) in l.hosts.iter().flatten() {
+                let status = if s.unreachable > 0 {
+                    "unreachable"
+                } else if s.failed > 0 {
+                    "failed"
+                } else {
+                    "ok"
+                };
+                events.progress(
+                    Some(host),
+                    "recap",
+                    status,
+                    None,
+                    Some(format!(
+                        "ok={} changed={} unreachable={} failed={} skipped={}",
+                        s.ok, s.changed, s.unreachable, s.failed, s.skipped
+                    )),
+                );
+            }
+        }
+        "no_hosts_matched" => events.warn("ansible: no hosts matched"),
+        _ => {}
+    }
+}
+
+/// Sends SIGINT so ansible-playbook stops its workers cleanly.
+async fn interrupt(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let sent = Command::new("kill")
+            .arg("-INT")
+            .arg(pid.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if sent {
+            return;
+        }
+    }
+    let _ = child.start_kill();
+}
+
+/// Writes a file readable by the owner only (extra vars may hold secrets).
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| AnsibleError::io(format!("creating {}", parent.display()), e))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| AnsibleError::io(format!("writing {}", tmp.display()), e))?;
+    f.write_all(bytes)
+        .map_err(|e| AnsibleError::io(format!("writing {}", tmp.display()), e))?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+        .map_err(|e| AnsibleError::io(format!("writing {}", path.display()), e).into())
+}
+
+fn absolute(p: PathBuf) -> PathBuf {
+    let p = expand_home(p);
+    if p.is_absolute() {
+        p
+    } else {
+        std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p)
+    }
+}
+
+fn expand_home(p: PathBuf) -> PathBuf {
+    match p.to_str().and_then(|s| s.strip_prefix("~/")) {
+        Some(rest) => std::env::var_os("HOME")
+            .map(|h| PathBuf::from(h).join(rest))
+            .unwrap_or(p),
+        None => p,
+    }
+}

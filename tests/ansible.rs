@@ -1,0 +1,344 @@
+//! The Ansible deployer against real ansible-playbook (ansible-core from
+//! scripts/setup.sh's virtualenv) and real sshd hosts (cd-testkit's
+//! SshFleet on 127.0.0.2…).
+//!
+//! Tool path: `CD_ANSIBLE_PLAYBOOK` when set, else the set-up script's
+//! `~/.cache/cd-tools/venv/bin/ansible-playbook`. A missing tool fails the
+//! test when `CI` or `CD_SETUP_DONE` is set, and skips it loudly otherwise.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cd_backends::ansible::{AnsibleDeployer, AnsibleHost, TaskStatus};
+use cd_core::{
+    ChangeAction, CollectingSink, DeployContext, Deployer, Emitter, ErrorKind, Event, EventKind,
+    Redactor, Release,
+};
+use cd_testkit::SshFleet;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+fn ansible_playbook() -> Option<PathBuf> {
+    match std::env::var_os("CD_ANSIBLE_PLAYBOOK").filter(|v| !v.is_empty()) {
+        Some(p) => cd_testkit::require_tool(&PathBuf::from(p).to_string_lossy()),
+        None => cd_testkit::require_tool("ansible-playbook"),
+    }
+}
+
+/// The hosts are this machine: use its system Python (ansible's discovery
+/// may find a pyenv shim that does not work in a non-interactive session).
+fn remote_python() -> String {
+    let system = Path::new("/usr/bin/python3");
+    if system.exists() {
+        return system.display().to_string();
+    }
+    cd_testkit::tools_dir()
+        .join("venv/bin/python")
+        .display()
+        .to_string()
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/ansible")
+        .join(name)
+}
+
+/// The deployer for a fleet: every host in group `web`, its root directory
+/// as the host variable `host_root`; state kept in `state`.
+fn deployer(bin: &Path, fleet: &SshFleet, state: &Path) -> AnsibleDeployer {
+    let mut d = AnsibleDeployer::new(fixture("site.yml"))
+        .binary(bin)
+        .known_hosts(fleet.known_hosts_path())
+        .state_dir(state)
+        .connect_timeout(5)
+        .python_interpreter(remote_python());
+    for h in fleet.hosts() {
+        d = d.host(
+            AnsibleHost::new(&h.name)
+                .address(&h.ip)
+                .port(h.port)
+                .user(fleet.user())
+                .key_file(fleet.user_key_path())
+                .groups(["web"])
+                .var("host_root", h.root.display().to_string()),
+        );
+    }
+    d
+}
+
+fn context() -> (DeployContext, CollectingSink) {
+    let sink = CollectingSink::new();
+    let emitter = Emitter::new("test", 1, vec![Arc::new(sink.clone())], Redactor::default());
+    (
+        DeployContext::new(emitter, CancellationToken::new(), "test"),
+        sink,
+    )
+}
+
+fn config_of(root: &Path) -> Value {
+    let text = std::fs::read_to_string(root.join("app/config.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn statuses<'a>(events: &'a [Event], host: &str, task: &str) -> Vec<&'a str> {
+    events
+        .iter()
+        .filter_map(|e| match &e.kind {
+            EventKind::Progress {
+                target: Some(t),
+                step,
+                status,
+                ..
+            } if t == host && step == task => Some(status.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn playbook_on_three_hosts_with_per_host_events_and_rollback() {
+    let Some(bin) = ansible_playbook() else {
+        return;
+    };
+    let Some(fleet) = SshFleet::start_or_skip(3).await.unwrap() else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let ansible = deployer(&bin, &fleet, state.path());
+    assert_eq!(ansible.targets().len(), 3);
+    let web = ansible.group_target("web");
+    let (cx, sink) = context();
+
+    // A value that would break any shell quoting.
+    let motd = "it's \"quoted\"; $(touch /tmp/pwned) `x` \\ done";
+    let v1 = Release::new("v1")
+        .config("color", "blue")
+        .config("motd", motd);
+    let plan = ansible.plan_in(&v1, &web, &cx).await.unwrap();
+    let rev = ansible.apply(&plan, &cx).await.unwrap();
+    assert_eq!(rev.version, "v1");
+
+    for h in fleet.hosts() {
+        let config = config_of(&h.root);
+        assert_eq!(config["version"], "v1");
+        assert_eq!(config["color"], "blue");
+        assert_eq!(config["motd"], motd);
+        assert_eq!(
+            std::fs::read_to_string(h.root.join("app/restarted")).unwrap(),
+            "v1\n"
+        );
+    }
+    let events = sink.events();
+    for h in fleet.hosts() {
+        let s = statuses(&events, &h.name, "write the config");
+        assert!(
+            s.contains(&"would_change"),
+            "check run for {}: {s:?}",
+            h.name
+        );
+        assert!(s.contains(&"started"), "{}: {s:?}", h.name);
+        assert!(s.contains(&"changed"), "{}: {s:?}", h.name);
+        assert!(statuses(&events, &h.name, "check health").contains(&"skipped"));
+        assert!(statuses(&events, &h.name, "recap").contains(&"ok"));
+    }
+
+    // v2, then back to v1.
+    let v2 = Release::new("v2").config("color", "green");
+    let plan = ansible.plan_in(&v2, &web, &cx).await.unwrap();
+    assert!(plan
+        .changes
+        .iter()
+        .any(|c| c.action == ChangeAction::Update && c.address == "host1: write the config"));
+    ansible.apply(&plan, &cx).await.unwrap();
+    assert_eq!(config_of(&fleet.host(2).root)["color"], "green");
+    assert_eq!(ansible.current(&web).await.unwrap().unwrap().version, "v2");
+
+    let back = ansible.rollback(&web, None, &cx).await.unwrap().unwrap();
+    assert_eq!(back.version, "v1");
+    for h in fleet.hosts() {
+        let config = config_of(&h.root);
+        assert_eq!(config["version"], "v1");
+        assert_eq!(config["color"], "blue");
+        assert_eq!(config["motd"], motd);
+    }
+    assert_eq!(ansible.current(&web).await.unwrap().unwrap().version, "v1");
+    assert!(!Path::new("/tmp/pwned").exists());
+}
+
+#[tokio::test]
+async fn check_mode_changes_nothing_on_disk() {
+    let Some(bin) = ansible_playbook() else {
+        return;
+    };
+    let Some(fleet) = SshFleet::start_or_skip(3).await.unwrap() else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let ansible = deployer(&bin, &fleet, state.path());
+    let web = ansible.group_target("web");
+    let plan = ansible.plan(&Release::new("v1"), &web).await.unwrap();
+    for h in fleet.hosts() {
+        for task in [
+            "create the app directory",
+            "write the config",
+            "restart the app",
+        ] {
+            let address = format!("{}: {task}", h.name);
+            let change = plan.changes.iter().find(|c| c.address == address);
+            assert_eq!(
+                change.map(|c| c.action),
+                Some(ChangeAction::Update),
+                "{address}"
+            );
+        }
+        assert!(
+            !h.root.join("app").exists(),
+            "check mode wrote to {}",
+            h.name
+        );
+    }
+    assert!(ansible.current(&web).await.unwrap().is_none());
+
+    // Once applied, a second check shows nothing to change.
+    let (cx, _) = context();
+    ansible.apply(&plan, &cx).await.unwrap();
+    let before = std::fs::read(fleet.host(0).root.join("app/config.json")).unwrap();
+    let again = ansible.plan(&Release::new("v1"), &web).await.unwrap();
+    assert!(again.is_noop(), "{:?}", again.changes);
+    let other = ansible.plan(&Release::new("v2"), &web).await.unwrap();
+    assert!(!other.is_noop());
+    assert_eq!(
+        std::fs::read(fleet.host(0).root.join("app/config.json")).unwrap(),
+        before
+    );
+}
+
+#[tokio::test]
+async fn one_failing_host_names_host_and_task() {
+    let Some(bin) = ansible_playbook() else {
+        return;
+    };
+    let Some(fleet) = SshFleet::start_or_skip(3).await.unwrap() else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let ansible = deployer(&bin, &fleet, state.path());
+    let web = ansible.group_target("web");
+    let (cx, sink) = context();
+    // Check mode skips nothing here: `fail` runs in check mode too.
+    let release = Release::new("v1").config("fail_on", "host2");
+    let err = ansible.plan_in(&release, &web, &cx).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Failed, "{err}");
+    assert_eq!(err.context("host"), Some("host2"), "{err}");
+    assert_eq!(err.context("task"), Some("check health"), "{err}");
+    assert!(
+        err.message().contains("health check failed on host2"),
+        "{err}"
+    );
+
+    // The real run: the other hosts finish, host2 stops at the failing task.
+    let (report, _) = ansible
+        .run_playbook(
+            None,
+            &release,
+            Some("web"),
+            cd_backends::ansible::RunMode::Apply,
+            &cx,
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.failures().len(), 1);
+    assert_eq!(
+        report.result("host1", "restart the app").map(|r| r.status),
+        Some(TaskStatus::Changed)
+    );
+    assert!(report.result("host2", "restart the app").is_none());
+    assert_eq!(report.stats["host2"].failed, 1);
+    let e: cd_core::Error = report.error("").unwrap().into();
+    assert_eq!(e.context("host"), Some("host2"));
+    assert!(statuses(&sink.events(), "host2", "check health").contains(&"failed"));
+}
+
+#[tokio::test]
+async fn unreachable_host_is_reported_as_unreachable() {
+    let Some(bin) = ansible_playbook() else {
+        return;
+    };
+    let Some(fleet) = SshFleet::start_or_skip(3).await.unwrap() else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let ansible = deployer(&bin, &fleet, state.path());
+    let web = ansible.group_target("web");
+    fleet.stop_host(2).await.unwrap();
+    let (cx, sink) = context();
+    let err = ansible
+        .plan_in(&Release::new("v1"), &web, &cx)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert_eq!(err.context("host"), Some("host3"), "{err}");
+    assert!(err.message().contains("unreachable"), "{err}");
+    assert_eq!(err.context("unreachable"), Some("host3"));
+    assert!(statuses(&sink.events(), "host3", "recap").contains(&"unreachable"));
+    // The reachable hosts were planned.
+    assert!(statuses(&sink.events(), "host1", "write the config").contains(&"would_change"));
+
+    // Per-host targets: the reachable host deploys on its own.
+    let host1 = ansible.targets().into_iter().next().unwrap();
+    let plan = ansible
+        .plan_in(&Release::new("v1"), &host1, &cx)
+        .await
+        .unwrap();
+    ansible.apply(&plan, &cx).await.unwrap();
+    assert_eq!(config_of(&fleet.host(0).root)["version"], "v1");
+    assert!(!fleet.host(1).root.join("app").exists());
+}
+
+#[tokio::test]
+async fn rollback_playbook_named_by_the_user() {
+    let Some(bin) = ansible_playbook() else {
+        return;
+    };
+    let Some(fleet) = SshFleet::start_or_skip(3).await.unwrap() else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let ansible = deployer(&bin, &fleet, state.path()).rollback_playbook(fixture("rollback.yml"));
+    let web = ansible.group_target("web");
+    let (cx, _) = context();
+    for (v, color) in [("v1", "blue"), ("v2", "red")] {
+        let plan = ansible
+            .plan_in(&Release::new(v).config("color", color), &web, &cx)
+            .await
+            .unwrap();
+        ansible.apply(&plan, &cx).await.unwrap();
+    }
+    let back = ansible.rollback(&web, None, &cx).await.unwrap().unwrap();
+    assert_eq!(back.version, "v1");
+    for h in fleet.hosts() {
+        assert_eq!(
+            std::fs::read_to_string(h.root.join("app/rolled_back")).unwrap(),
+            "v2 -> v1\n"
+        );
+        assert_eq!(config_of(&h.root)["color"], "blue");
+    }
+}
+
+#[tokio::test]
+async fn missing_binary_names_the_binary_and_the_setting() {
+    let ansible = AnsibleDeployer::new(fixture("site.yml"))
+        .binary("/nonexistent/ansible-playbook-xyz")
+        .state_dir(tempfile::tempdir().unwrap().path())
+        .host(AnsibleHost::new("h").address("127.0.0.1"));
+    let err = ansible
+        .plan(&Release::new("v1"), &ansible.group_target("all"))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("/nonexistent/ansible-playbook-xyz"), "{text}");
+    assert!(text.contains("CD_ANSIBLE_PLAYBOOK"), "{text}");
+    assert!(text.contains("AnsibleDeployer::binary"), "{text}");
+    assert_eq!(err.kind(), ErrorKind::Invalid);
+}
