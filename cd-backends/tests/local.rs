@@ -81,21 +81,33 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        let Ok(entries) = std::fs::read_dir(self.state_dir()) else {
-            return;
+        kill_recorded(&self.state_dir());
+    }
+}
+
+/// Kills the live process named in each state file under `dir` (recursively).
+fn kill_recorded(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            kill_recorded(&path);
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
         };
-        for entry in entries.flatten() {
-            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
-                continue;
-            };
-            for key in ["current", "previous"] {
-                if let Some(pid) = v.pointer(&format!("/{key}/pid")).and_then(|p| p.as_u64()) {
-                    let _ = std::process::Command::new("kill")
-                        .args(["-9", &format!("-{pid}")])
-                        .stderr(std::process::Stdio::null())
-                        .status();
-                }
+        // Only the live one: a previous process was stopped already and its
+        // pid may belong to someone else by now.
+        if let Some(pid) = v.pointer("/current/pid").and_then(|p| p.as_u64()) {
+            if alive(pid) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &format!("-{pid}")])
+                    .stderr(std::process::Stdio::null())
+                    .status();
             }
         }
     }

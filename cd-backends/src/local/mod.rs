@@ -8,7 +8,7 @@
 //! `GET http://127.0.0.1:<port><health_path>` answers 2xx. If it never does,
 //! the new process is stopped and the one it replaced is started again, so
 //! the slot is left as it was. Zero-downtime comes from blue-green: deploy
-//! the idle slot, then [`LocalRouter::switch`] to it. (A fixed port per slot
+//! the idle slot, then switch the [`LocalRouter`] to it. (A fixed port per slot
 //! keeps the router's and the user's view simple: a slot *is* a port; the
 //! price is that redeploying the live slot in place has a short gap, which
 //! blue-green avoids.)
