@@ -230,13 +230,16 @@ impl Stage for Bake {
                     .warn(format!("bake inconclusive, allowed: {reason}"));
                 Ok(output())
             }
-            AnalysisOutcome::Fail(_) | AnalysisOutcome::Inconclusive(_) => {
-                Err(Error::failed(format!(
-                    "{} is not healthy after deployment: {outcome}",
-                    cx.release().version
-                ))
-                .with("node", cx.node()))
-            }
+            AnalysisOutcome::Fail(reason) => Err(Error::failed(format!(
+                "{} is not healthy after deployment: {reason}",
+                cx.release().version
+            ))
+            .with("node", cx.node())),
+            AnalysisOutcome::Inconclusive(reason) => Err(Error::failed(format!(
+                "{} could not be judged healthy after deployment (inconclusive is not a pass): {reason}",
+                cx.release().version
+            ))
+            .with("node", cx.node())),
         }
     }
 }
@@ -351,6 +354,34 @@ mod tests {
         assert!(msg.contains("v2 is not healthy after deployment"), "{msg}");
         assert!(msg.contains("-> 503"), "{msg}");
         assert_eq!(err.context("node"), Some("bake"));
+    }
+
+    struct NoData;
+
+    #[async_trait]
+    impl Monitor for NoData {
+        fn name(&self) -> String {
+            "nothing".into()
+        }
+        async fn sample(&self, _cx: &MonitorContext) -> Result<Sample> {
+            Ok(Sample::no_data("no series"))
+        }
+    }
+
+    #[tokio::test]
+    async fn no_data_is_not_a_pass_unless_allowed() {
+        let sink = CollectingSink::new();
+        let bake =
+            Bake::new(NoData).for_duration(Duration::from_millis(20), Duration::from_millis(10));
+        let err = bake.run(&stage_cx(&sink)).await.unwrap_err();
+        assert!(
+            err.to_string().contains("inconclusive is not a pass"),
+            "{err}"
+        );
+        bake.allow_inconclusive()
+            .run(&stage_cx(&sink))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

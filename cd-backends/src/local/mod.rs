@@ -80,7 +80,7 @@ struct Slot {
 #[derive(Debug, Clone)]
 pub struct LocalProcessDeployerBuilder {
     name: String,
-    program: Option<PathBuf>,
+    program: Option<String>,
     args: Vec<String>,
     env: Vec<(String, String)>,
     slots: Vec<Slot>,
@@ -99,7 +99,7 @@ impl LocalProcessDeployerBuilder {
 
     /// The program to run (a path, or a command name looked up in `PATH`).
     /// Without it, the release's artifact path is run.
-    pub fn program(mut self, program: impl Into<PathBuf>) -> Self {
+    pub fn program(mut self, program: impl Into<String>) -> Self {
         self.program = Some(program.into());
         self
     }
@@ -364,7 +364,7 @@ impl LocalProcessDeployer {
     fn command_for(&self, release: &Release, slot: &Slot) -> Result<Command> {
         let cfg = &self.inner.cfg;
         let program = match (&cfg.program, &release.artifact) {
-            (Some(p), _) => p.display().to_string(),
+            (Some(p), _) => p.clone(),
             (None, Some(a)) => a.path.display().to_string(),
             (None, None) => {
                 return Err(Error::invalid(format!(
