@@ -433,6 +433,7 @@ enum Framing {
 /// per worker; [`HttpClient`] pools them.
 pub struct HttpConnection {
     stream: TcpStream,
+    last_url: Option<Url>,
     url_for_errors: String,
     buf: Vec<u8>,
     pos: usize,
@@ -476,6 +477,7 @@ impl HttpConnection {
         let _ = stream.set_nodelay(true);
         Ok(HttpConnection {
             stream,
+            last_url: Some(url.clone()),
             url_for_errors: url.to_string(),
             buf: Vec::with_capacity(8 * 1024),
             pos: 0,
@@ -498,7 +500,10 @@ impl HttpConnection {
     }
 
     async fn send_with(&mut self, req: &Request, keep_alive: bool) -> Result<Response, HttpError> {
-        self.url_for_errors = req.url.to_string();
+        if self.last_url.as_ref() != Some(&req.url) {
+            self.url_for_errors = req.url.to_string();
+            self.last_url = Some(req.url.clone());
+        }
         self.got_bytes = false;
         let mut out = std::mem::take(&mut self.out);
         req.encode(keep_alive, &mut out);
