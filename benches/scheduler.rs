@@ -10,7 +10,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cd::core::{stage_fn, MemoryStore, Pipeline, Release, RetryPolicy, RunStatus, Runner, StageOutput};
+use cd::core::{
+    stage_fn, MemoryStore, Pipeline, Release, RetryPolicy, RunStatus, Runner, StageOutput,
+};
 
 const N: usize = 10_000;
 const ROUNDS: usize = 7;
@@ -19,7 +21,10 @@ fn layered() -> Pipeline {
     let mut b = Pipeline::builder("layered");
     for layer in 0..100 {
         for j in 0..100 {
-            b = b.stage(format!("l{layer}n{j}"), stage_fn(|_| async { Ok(StageOutput::empty()) }));
+            b = b.stage(
+                format!("l{layer}n{j}"),
+                stage_fn(|_| async { Ok(StageOutput::empty()) }),
+            );
             if layer > 0 {
                 b = b.needs((0..3).map(|k| format!("l{}n{}", layer - 1, (j + k) % 100)));
             }
@@ -31,7 +36,10 @@ fn layered() -> Pipeline {
 fn chain() -> Pipeline {
     let mut b = Pipeline::builder("chain");
     for i in 0..N {
-        b = b.stage(format!("n{i}"), stage_fn(|_| async { Ok(StageOutput::empty()) }));
+        b = b.stage(
+            format!("n{i}"),
+            stage_fn(|_| async { Ok(StageOutput::empty()) }),
+        );
         if i > 0 {
             b = b.needs([format!("n{}", i - 1)]);
         }
@@ -71,7 +79,10 @@ fn us_per(d: Duration) -> f64 {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let (layered_p, chain_p) = (layered(), chain());
     rt.block_on(async {
         // Warm up.

@@ -372,7 +372,7 @@ type Waiter = (String, DateTime<Utc>, DateTime<Utc>);
 #[derive(Default)]
 struct MemoryInner {
     runs: BTreeMap<String, RunRecord>,
-    nodes: HashMap<(String, String), NodeRecord>,
+    nodes: HashMap<String, HashMap<String, NodeRecord>>,
     events: HashMap<String, Vec<Event>>,
     approvals: Vec<ApprovalRecord>,
     locks: HashMap<String, Lease>,
@@ -437,9 +437,17 @@ impl Store for MemoryStore {
     }
 
     async fn put_node(&self, node: &NodeRecord) -> Result<()> {
-        self.lock()
-            .nodes
-            .insert((node.run_id.clone(), node.node.clone()), node.clone());
+        let mut g = self.lock();
+        let run = match g.nodes.get_mut(&node.run_id) {
+            Some(run) => run,
+            None => g.nodes.entry(node.run_id.clone()).or_default(),
+        };
+        match run.get_mut(&node.node) {
+            Some(slot) => slot.clone_from(node),
+            None => {
+                run.insert(node.node.clone(), node.clone());
+            }
+        }
         Ok(())
     }
 
@@ -447,10 +455,9 @@ impl Store for MemoryStore {
         let g = self.lock();
         let mut v: Vec<_> = g
             .nodes
-            .values()
-            .filter(|n| n.run_id == run_id)
-            .cloned()
-            .collect();
+            .get(run_id)
+            .map(|run| run.values().cloned().collect())
+            .unwrap_or_default();
         v.sort_by(|a, b| a.started_at.cmp(&b.started_at).then(a.node.cmp(&b.node)));
         Ok(v)
     }
