@@ -12,7 +12,7 @@ use crate::http::{HttpConnection, Method, Request, Url};
 use crate::source::UrlSource;
 
 /// How much load to generate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoadOptions {
     /// Total requests (`None`: until `duration` ends).
     pub requests: Option<u64>,
@@ -22,6 +22,11 @@ pub struct LoadOptions {
     pub duration: Option<Duration>,
     /// Deadline per request.
     pub timeout: Duration,
+    /// Open loop: start requests at this rate (per second) whatever the
+    /// responses do, and measure each latency from the moment its request
+    /// was due (so a stalled server shows in the percentiles instead of
+    /// slowing the load down). `None`: closed loop, back to back.
+    pub rate: Option<f64>,
 }
 
 impl Default for LoadOptions {
@@ -31,6 +36,7 @@ impl Default for LoadOptions {
             concurrency: 8,
             duration: None,
             timeout: Duration::from_secs(5),
+            rate: None,
         }
     }
 }
@@ -105,8 +111,12 @@ pub async fn generate(req: Request, opts: LoadOptions) -> LoadReport {
     let mut tasks = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
         let (req, issued) = (req.clone(), issued.clone());
+        let pace = opts
+            .rate
+            .filter(|r| *r > 0.0)
+            .map(|r| (started, Duration::from_secs_f64(1.0 / r)));
         tasks.push(tokio::spawn(async move {
-            worker(&req, &issued, limit, deadline, opts.timeout).await
+            worker(&req, &issued, limit, deadline, opts.timeout, pace).await
         }));
     }
     let mut all = WorkerStats::default();
@@ -164,6 +174,7 @@ async fn worker(
     limit: u64,
     deadline: Option<Instant>,
     timeout: Duration,
+    pace: Option<(Instant, Duration)>,
 ) -> WorkerStats {
     let mut stats = WorkerStats::default();
     let mut conn: Option<HttpConnection> = None;
@@ -177,8 +188,17 @@ async fn worker(
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
-        if issued.fetch_add(1, Ordering::Relaxed) >= limit {
+        let i = issued.fetch_add(1, Ordering::Relaxed);
+        if i >= limit {
             break;
+        }
+        // Open loop: wait until this request is due, and time it from then.
+        let due = pace.map(|(start, period)| start + period.mul_f64(i as f64));
+        if let Some(due) = due {
+            if deadline.is_some_and(|d| due >= d) {
+                break;
+            }
+            tokio::time::sleep_until(due.into()).await;
         }
         let mut c = match conn.take() {
             Some(c) => c,
@@ -192,7 +212,7 @@ async fn worker(
                 }
             },
         };
-        let t0 = Instant::now();
+        let t0 = due.unwrap_or_else(Instant::now);
         match tokio::time::timeout(timeout, c.send(req)).await {
             Ok(Ok(resp)) => {
                 stats.latencies_ns.push(t0.elapsed().as_nanos() as u64);
@@ -308,6 +328,13 @@ impl LoadTest {
     /// [`LoadTest::requests`] too, whichever ends first).
     pub fn duration(mut self, d: Duration) -> Self {
         self.opts.duration = Some(d);
+        self
+    }
+
+    /// Open loop at `rps` requests per second (see [`LoadOptions::rate`]);
+    /// the concurrency caps the requests in flight.
+    pub fn rate(mut self, rps: u32) -> Self {
+        self.opts.rate = Some(f64::from(rps.max(1)));
         self
     }
 
@@ -596,11 +623,40 @@ mod tests {
                 concurrency: 2,
                 duration: Some(Duration::from_millis(200)),
                 timeout: Duration::from_secs(1),
+                rate: None,
             },
         )
         .await;
         assert!(started.elapsed() < Duration::from_secs(2));
         assert!(report.requests > 0);
+        assert_eq!(report.errors, 0);
+    }
+}
+
+#[cfg(test)]
+mod rate_tests {
+    use super::*;
+    use crate::test_server::{TestResponse, TestServer};
+
+    #[tokio::test]
+    async fn open_loop_keeps_the_rate() {
+        let server = TestServer::start(|_| TestResponse::ok("x")).await;
+        let started = Instant::now();
+        let report = generate(
+            Request::get(Url::parse(&server.url("/")).unwrap()),
+            LoadOptions {
+                requests: None,
+                concurrency: 4,
+                duration: Some(Duration::from_millis(500)),
+                timeout: Duration::from_secs(1),
+                rate: Some(100.0),
+            },
+        )
+        .await;
+        let elapsed = started.elapsed();
+        // 100/s for 0.5 s: 50 requests, due at 0, 10, ..., 490 ms.
+        assert_eq!(report.requests, 50, "{report:?}");
+        assert!(elapsed >= Duration::from_millis(480), "{elapsed:?}");
         assert_eq!(report.errors, 0);
     }
 }
