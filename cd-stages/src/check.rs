@@ -21,6 +21,12 @@ pub struct HttpProbe {
     pub status: u16,
     /// A substring the body must contain.
     pub body_contains: Option<String>,
+    /// Request headers.
+    #[serde(default)]
+    pub headers: Vec<(String, String)>,
+    /// The request body (empty for none).
+    #[serde(skip)]
+    pub body: Vec<u8>,
 }
 
 fn default_method() -> Method {
@@ -35,7 +41,24 @@ impl HttpProbe {
             path: path.into(),
             status: 200,
             body_contains: None,
+            headers: Vec::new(),
+            body: Vec::new(),
         }
+    }
+
+    /// `POST path` with a body of `content_type`, expecting 200.
+    pub fn post(path: impl Into<String>, content_type: &str, body: impl Into<Vec<u8>>) -> Self {
+        let mut probe = Self::get(path)
+            .method(Method::Post)
+            .header("Content-Type", content_type);
+        probe.body = body.into();
+        probe
+    }
+
+    /// Adds a request header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
     }
 
     /// Sets the method.
@@ -177,7 +200,9 @@ impl HttpCheck {
                 .map_err(|e| Error::from(e).with("node", cx.node()))?;
             let request = format!("{} {}", probe.method, url);
             let started = Instant::now();
-            let result = client.send(&Request::new(probe.method, url)).await;
+            let mut req = Request::new(probe.method, url).body(probe.body.clone());
+            req.headers.clone_from(&probe.headers);
+            let result = client.send(&req).await;
             let duration_ms = started.elapsed().as_millis() as u64;
             let (status, problem) = match result {
                 Err(e) => (None, Some(e.to_string())),
@@ -315,6 +340,7 @@ mod tests {
         TestServer::start(|req| match req.path.as_str() {
             "/health" => TestResponse::ok("ok"),
             "/version" => TestResponse::ok("{\"version\":\"v1\"}"),
+            "/echo" if req.method == "POST" => TestResponse::new(201, req.body.clone()),
             "/boom" => TestResponse::new(500, "internal error: database is down"),
             _ => TestResponse::new(404, "not found"),
         })
@@ -327,10 +353,19 @@ mod tests {
         let check = HttpCheck::base_url(server.base())
             .get("/health")
             .expect_body("/version", 200, "v1")
-            .expect("/nope", 404);
+            .expect("/nope", 404)
+            .probe(
+                HttpProbe::post("/echo", "text/plain", "ping")
+                    .status(201)
+                    .body_contains("ping"),
+            );
         let out = check.run(&cx()).await.unwrap();
         let summary: HttpCheckSummary = out.parse().unwrap();
-        assert_eq!((summary.passed, summary.failed), (3, 0));
+        assert_eq!((summary.passed, summary.failed), (4, 0));
+        assert_eq!(
+            summary.checks[3].request,
+            format!("POST {}/echo", server.base())
+        );
         assert_eq!(
             summary.checks[1].request,
             format!("GET {}/version", server.base())
