@@ -157,7 +157,7 @@ impl ApprovalGate {
         };
         Verdict::wait(
             self.recheck,
-            format!("waiting for {needed}: run `cdctl approve {run_id} {node} --as <name>`"),
+            format!("waiting for {needed}: run `cdctl approve {run_id} {node} --as <name>` (or `cdctl reject {run_id} {node} --as <name> --comment <why>`)"),
         )
     }
 }
