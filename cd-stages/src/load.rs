@@ -185,7 +185,9 @@ async fn worker(
         }
     }
     loop {
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+        // Closed loop: stop at the deadline. Open loop: send every request
+        // due before it, however late.
+        if pace.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
         let i = issued.fetch_add(1, Ordering::Relaxed);
