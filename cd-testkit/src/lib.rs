@@ -147,6 +147,10 @@ pub struct SshHost {
     pub port: u16,
     /// This host's own directory: deploy into it (e.g. `<root>/app`). The
     /// sshd session also sees it as the environment variable `CD_HOST_ROOT`.
+    /// Sessions get `HOME=<root>/../home` (an empty per-host directory), so
+    /// the test user's own shell start-up files (`~/.bashrc`, often slow)
+    /// are not run on every command, and tools that write to `~` (Ansible's
+    /// remote tmp) stay per host.
     pub root: PathBuf,
     /// The host's private key file (ed25519).
     pub host_key_path: PathBuf,
@@ -266,6 +270,7 @@ impl SshFleet {
             let hdir = dir.path().join(&name);
             let root = hdir.join("root");
             std::fs::create_dir_all(&root)?;
+            std::fs::create_dir_all(hdir.join("home"))?;
             let host_key_path = hdir.join("ssh_host_ed25519_key");
             keygen_ed25519(&keygen, &host_key_path, &format!("cd-testkit-{name}"))?;
             let host_public_key = public_key_of(&host_key_path)?;
@@ -453,6 +458,15 @@ impl SshFleet {
         self.check_index(i)?;
         self.kill_host(i);
         Ok(())
+    }
+
+    /// The blocking form of [`SshFleet::stop_host`], usable from an event
+    /// sink or any other synchronous callback ("stop this host when batch 2
+    /// begins").
+    pub fn stop_host_now(&self, i: usize) {
+        if i < self.lock().len() {
+            self.kill_host(i);
+        }
     }
 
     /// Starts host `i` again on the same address and port with the same host
@@ -643,7 +657,7 @@ fn sshd_config(host: &SshHost, authorized_keys: &Path, pid_file: &Path) -> Strin
          MaxStartups 500\n\
          MaxSessions 500\n\
          LogLevel VERBOSE\n\
-         SetEnv CD_HOST_ROOT={root}\n\
+         SetEnv CD_HOST_ROOT={root} HOME={home}\n\
          Subsystem sftp internal-sftp\n",
         ip = host.ip,
         port = host.port,
@@ -651,6 +665,7 @@ fn sshd_config(host: &SshHost, authorized_keys: &Path, pid_file: &Path) -> Strin
         pid = pid_file.display(),
         auth = authorized_keys.display(),
         root = host.root.display(),
+        home = host.root.with_file_name("home").display(),
     )
 }
 

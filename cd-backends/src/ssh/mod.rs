@@ -777,7 +777,10 @@ impl SshDeployer {
         {
             if hit.len == meta.len()
                 && hit.modified == modified
-                && artifact.sha256.as_deref().is_none_or(|s| s == hit.expected)
+                && artifact
+                    .sha256
+                    .as_deref()
+                    .map_or(true, |s| s == hit.expected)
             {
                 return Ok(Some(hit.clone()));
             }
