@@ -20,6 +20,9 @@
 //! A [`Target`] is one host (`--limit <host>`), or a group made with
 //! [`AnsibleDeployer::group_target`] (`--limit <group>`): rollout strategies
 //! go host by host, a plain deploy runs the whole group in one playbook run.
+//! Each target keeps its own release history
+//! (`<state dir>/history/<target>.json`), which `current()` and `rollback`
+//! read.
 //!
 //! ```no_run
 //! use cd_backends::ansible::{AnsibleDeployer, AnsibleHost};

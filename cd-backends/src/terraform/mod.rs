@@ -423,11 +423,11 @@ impl TerraformDeployer {
     fn variables(&self, release: &Release) -> BTreeMap<String, Value> {
         let mut vars = self.vars.clone();
         for (k, v) in &release.config {
-            if self
-                .config_filter
-                .as_ref()
-                .is_none_or(|keep| keep.iter().any(|x| x == k))
-            {
+            let keep = match &self.config_filter {
+                Some(names) => names.iter().any(|x| x == k),
+                None => true,
+            };
+            if keep {
                 vars.insert(k.clone(), v.clone());
             }
         }
@@ -469,6 +469,9 @@ impl TerraformDeployer {
         self.init(cx).await?;
         self.ensure_workspace(&workspace, cx).await?;
         let (plan_file, var_file) = self.plan_paths(&workspace, &release.version);
+        if let Some(dir) = plan_file.parent() {
+            remove_stale_plans(dir);
+        }
         write_json(
             &var_file,
             &Value::Object(self.variables(release).into_iter().collect()),
@@ -1117,6 +1120,23 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
         .map_err(|e| TerraformError::io(format!("writing {}", tmp.display()), e))?;
     std::fs::rename(&tmp, path)
         .map_err(|e| TerraformError::io(format!("writing {}", path.display()), e).into())
+}
+
+/// Plans that were never applied leave their files behind; remove those
+/// older than a day (they are stale by then anyway).
+fn remove_stale_plans(dir: &Path) {
+    const MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > MAX_AGE);
+        if old {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 fn os_flag(flag: &str, path: &Path) -> OsString {
