@@ -893,7 +893,8 @@ async fn acknowledged_appends_survive_sigkill() {
         let mut acked = 0u64;
         let target = 200 + round * 500;
         while let Some(Ok(line)) = lines.next() {
-            if let Some(n) = line.strip_prefix("acked ") {
+            // libtest may print `test helper_process ... ` before the first line.
+            if let Some((_, n)) = line.split_once("acked ") {
                 acked = n.trim().parse().unwrap();
                 if acked >= target {
                     break;

@@ -1,0 +1,617 @@
+//! `cdctl`: the operator CLI for a cd state database.
+//!
+//! Lists runs, shows a run's nodes and events, prints an environment's
+//! release history and the environment locks, breaks a stuck lock (with a
+//! reason, kept in an audit trail), and records approvals or rejections for
+//! waiting approval gates. Every command prints a table for people, or JSON
+//! with `--json`.
+//!
+//! ```text
+//! cdctl runs
+//! cdctl run show 3f2a
+//! cdctl history production --json
+//! cdctl locks
+//! cdctl unlock production --force --reason "deploy host died"
+//! cdctl approve 3f2a approval --as alice --comment "load test looks fine"
+//! ```
+//!
+//! Rollback is not a `cdctl` command: it needs the pipeline's deployers,
+//! which live in the host binary (see [`ROLLBACK_HELP`]).
+#![forbid(unsafe_code)]
+
+#[cfg(not(feature = "sqlite"))]
+fn main() {
+    eprintln!("cdctl was built without the `sqlite` feature; rebuild with `--features sqlite`");
+    std::process::exit(2);
+}
+
+/// How rollback is done, printed in `cdctl --help`.
+pub const ROLLBACK_HELP: &str = "\
+Rollback: cdctl shows the release history but does not redeploy, because that
+needs your pipeline's deployers, which live in your deploy binary. Roll back
+from the host binary through the library: cd_stages::Deploy::restore(&store,
+\"production\", None, &cx) redeploys the newest successful release before the
+live one, and Some(\"v41\") redeploys a named version; both read this history
+and record the restored release in it.";
+
+#[cfg(feature = "sqlite")]
+fn main() {
+    cli::main()
+}
+
+#[cfg(feature = "sqlite")]
+mod cli {
+    use std::path::PathBuf;
+
+    use chrono::{DateTime, Utc};
+    use clap::{Parser, Subcommand};
+    use serde_json::json;
+
+    use cd_backends::sqlite::SqliteStore;
+    use cd_core::{
+        ApprovalRecord, Decision, Error, ErrorKind, NodeStatus, Result, RunStatus, Store,
+    };
+
+    /// Inspect and operate the runs, locks, approvals and release history in
+    /// a cd state database.
+    #[derive(Debug, Parser)]
+    #[command(name = "cdctl", version, after_long_help = super::ROLLBACK_HELP)]
+    struct Cli {
+        /// The state database [default: $CD_DB, else .cd/state.db].
+        #[arg(long, global = true, value_name = "PATH")]
+        db: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    #[derive(Debug, Subcommand)]
+    enum Command {
+        /// List runs, newest first.
+        Runs {
+            /// How many runs.
+            #[arg(long, default_value_t = 20)]
+            limit: usize,
+            /// Only runs in this environment.
+            #[arg(long, value_name = "ENV")]
+            env: Option<String>,
+        },
+        /// Look at one run.
+        Run {
+            #[command(subcommand)]
+            command: RunCommand,
+        },
+        /// An environment's release history, newest first (which version is
+        /// live, which were rolled back).
+        #[command(after_long_help = super::ROLLBACK_HELP)]
+        History {
+            /// The environment.
+            env: String,
+            /// How many releases.
+            #[arg(long, default_value_t = 20)]
+            limit: usize,
+        },
+        /// Environment locks held now, and who waits for them.
+        Locks,
+        /// Break an environment's lock whoever holds it (recorded, with the
+        /// reason, in the lock audit trail). Use it when the holder is gone
+        /// and you cannot wait for its lease to expire.
+        Unlock {
+            /// The environment.
+            env: String,
+            /// Required: you know the holder may still be deploying.
+            #[arg(long)]
+            force: bool,
+            /// Why, for the audit trail.
+            #[arg(long)]
+            reason: String,
+            /// Who breaks it [default: $USER].
+            #[arg(long = "as", value_name = "NAME")]
+            actor: Option<String>,
+        },
+        /// Approve a waiting approval gate of a run.
+        Approve(Decide),
+        /// Reject a waiting approval gate of a run.
+        Reject(Decide),
+    }
+
+    #[derive(Debug, Subcommand)]
+    enum RunCommand {
+        /// A run's nodes, approvals and events.
+        Show {
+            /// The run id, or a unique prefix of it.
+            id: String,
+            /// Show the last N events.
+            #[arg(long, default_value_t = 200, value_name = "N")]
+            events: usize,
+        },
+    }
+
+    #[derive(Debug, clap::Args)]
+    struct Decide {
+        /// The run id, or a unique prefix of it.
+        run: String,
+        /// The approval gate's node name.
+        node: String,
+        /// Who decides (the gate checks that this person may).
+        #[arg(long = "as", value_name = "NAME")]
+        approver: String,
+        /// A comment kept with the decision.
+        #[arg(long)]
+        comment: Option<String>,
+    }
+
+    pub(super) fn main() {
+        let cli = Cli::parse();
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("error: cannot start the runtime: {e}");
+                std::process::exit(1);
+            }
+        };
+        if let Err(e) = rt.block_on(run(cli)) {
+            eprintln!("error: {e}");
+            std::process::exit(match e.kind() {
+                ErrorKind::NotFound => 3,
+                ErrorKind::Invalid => 2,
+                _ => 1,
+            });
+        }
+    }
+
+    fn db_path(cli: &Cli) -> PathBuf {
+        cli.db
+            .clone()
+            .or_else(|| std::env::var_os("CD_DB").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(".cd/state.db"))
+    }
+
+    async fn open(cli: &Cli) -> Result<SqliteStore> {
+        let path = db_path(cli);
+        if !path.exists() {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "no state database at {} (pass --db PATH or set CD_DB)",
+                    path.display()
+                ),
+            ));
+        }
+        SqliteStore::open(&path).await
+    }
+
+    fn print_json(value: &impl serde::Serialize) -> Result<()> {
+        println!("{}", serde_json::to_string_pretty(value)?);
+        Ok(())
+    }
+
+    async fn run(cli: Cli) -> Result<()> {
+        let store = open(&cli).await?;
+        match &cli.command {
+            Command::Runs { limit, env } => runs(&store, cli.json, *limit, env.as_deref()).await,
+            Command::Run {
+                command: RunCommand::Show { id, events },
+            } => show(&store, cli.json, id, *events).await,
+            Command::History { env, limit } => history(&store, cli.json, env, *limit).await,
+            Command::Locks => locks(&store, cli.json).await,
+            Command::Unlock {
+                env,
+                force,
+                reason,
+                actor,
+            } => unlock(&store, cli.json, env, *force, reason, actor.clone()).await,
+            Command::Approve(d) => decide(&store, cli.json, d, Decision::Approve).await,
+            Command::Reject(d) => decide(&store, cli.json, d, Decision::Reject).await,
+        }
+    }
+
+    async fn runs(
+        store: &SqliteStore,
+        as_json: bool,
+        limit: usize,
+        env: Option<&str>,
+    ) -> Result<()> {
+        let mut runs = store
+            .list_runs(if env.is_some() { usize::MAX } else { limit })
+            .await?;
+        if let Some(env) = env {
+            runs.retain(|r| r.environment == env);
+            runs.truncate(limit);
+        }
+        if as_json {
+            return print_json(&runs);
+        }
+        if runs.is_empty() {
+            println!("no runs");
+            return Ok(());
+        }
+        let mut t = Table::new(&[
+            "RUN", "PIPELINE", "RELEASE", "ENV", "STATUS", "BY", "STARTED", "TOOK",
+        ]);
+        for r in &runs {
+            t.row(vec![
+                r.id.clone(),
+                r.pipeline.clone(),
+                r.release.version.clone(),
+                r.environment.clone(),
+                r.status.to_string(),
+                r.started_by.clone(),
+                time(r.started_at),
+                took(Some(r.started_at), r.finished_at),
+            ]);
+        }
+        t.print();
+        Ok(())
+    }
+
+    async fn show(store: &SqliteStore, as_json: bool, id: &str, last: usize) -> Result<()> {
+        let run = store.find_run(id).await?;
+        let nodes = store.nodes(&run.id).await?;
+        let approvals = store.run_approvals(&run.id).await?;
+        let mut events = store.events(&run.id, 0, usize::MAX).await?;
+        let total = events.len();
+        if events.len() > last {
+            events.drain(..events.len() - last);
+        }
+        if as_json {
+            return print_json(&json!({
+                "run": run,
+                "nodes": nodes,
+                "approvals": approvals,
+                "events": events,
+                "events_total": total,
+            }));
+        }
+        println!("run       {}", run.id);
+        println!(
+            "pipeline  {} (definition {})",
+            run.pipeline,
+            short(&run.definition_hash, 12)
+        );
+        println!("release   {}", run.release.version);
+        println!("env       {}", run.environment);
+        println!("status    {}", run.status);
+        println!("started   {} by {}", time(run.started_at), run.started_by);
+        match run.finished_at {
+            Some(f) => println!(
+                "finished  {} (took {})",
+                time(f),
+                took(Some(run.started_at), Some(f))
+            ),
+            None if run.status == RunStatus::Running => {
+                println!(
+                    "finished  - (still running, or interrupted: resume it from the host binary)"
+                )
+            }
+            None => println!("finished  -"),
+        }
+        println!();
+        if nodes.is_empty() {
+            println!("no node records");
+        } else {
+            let mut t = Table::new(&["NODE", "STATUS", "ATTEMPTS", "STARTED", "TOOK", "DETAIL"]);
+            for n in &nodes {
+                let detail = match (&n.error, &n.output, n.recheck_at) {
+                    (Some(e), _, _) => e.to_string(),
+                    (None, _, Some(at)) if n.status == NodeStatus::Waiting => {
+                        format!("recheck at {}", time(at))
+                    }
+                    (None, Some(o), _) if !o.is_null() => short(&o.to_string(), 60),
+                    _ => String::new(),
+                };
+                t.row(vec![
+                    n.node.clone(),
+                    n.status.to_string(),
+                    n.attempts.to_string(),
+                    n.started_at.map(time).unwrap_or_else(|| "-".into()),
+                    took(n.started_at, n.finished_at),
+                    detail,
+                ]);
+            }
+            t.print();
+        }
+        if !approvals.is_empty() {
+            println!();
+            let mut t = Table::new(&["GATE", "BY", "DECISION", "AT", "COMMENT"]);
+            for a in &approvals {
+                t.row(vec![
+                    a.node.clone(),
+                    a.approver.clone(),
+                    decision(a.decision).into(),
+                    time(a.at),
+                    a.comment.clone().unwrap_or_default(),
+                ]);
+            }
+            t.print();
+        }
+        println!();
+        if total > events.len() {
+            println!(
+                "events (last {} of {total}; --events N for more):",
+                events.len()
+            );
+        } else {
+            println!("events ({total}):");
+        }
+        for e in &events {
+            println!("  {e}");
+        }
+        Ok(())
+    }
+
+    async fn history(store: &SqliteStore, as_json: bool, env: &str, limit: usize) -> Result<()> {
+        let releases = store.release_history(env, limit).await?;
+        if as_json {
+            return print_json(&releases);
+        }
+        if releases.is_empty() {
+            println!("no releases recorded for environment `{env}`");
+            return Ok(());
+        }
+        let mut t = Table::new(&["VERSION", "STATUS", "AT", "UPDATED", "BY", "RUN", "TARGETS"]);
+        for r in &releases {
+            let targets = r
+                .revisions
+                .iter()
+                .map(|rev| format!("{}={}", rev.target, rev.version))
+                .collect::<Vec<_>>()
+                .join(" ");
+            t.row(vec![
+                r.version.clone(),
+                r.status.to_string(),
+                time(r.at),
+                time(r.updated_at),
+                r.actor.clone(),
+                r.run_id
+                    .as_deref()
+                    .map(|s| short(s, 8))
+                    .unwrap_or_else(|| "-".into()),
+                targets,
+            ]);
+        }
+        t.print();
+        Ok(())
+    }
+
+    async fn locks(store: &SqliteStore, as_json: bool) -> Result<()> {
+        let leases = store.locks().await?;
+        let waiters = store.lock_waiters(None).await?;
+        let audit = store.lock_audit(None, 5).await?;
+        if as_json {
+            return print_json(
+                &json!({ "locks": leases, "waiters": waiters, "recent_force_unlocks": audit }),
+            );
+        }
+        let now = Utc::now();
+        if leases.is_empty() {
+            println!("no environment is locked");
+        } else {
+            let mut t = Table::new(&[
+                "ENV",
+                "HOLDER",
+                "RUN",
+                "MESSAGE",
+                "SINCE",
+                "RENEWED",
+                "EXPIRES IN",
+            ]);
+            for l in &leases {
+                t.row(vec![
+                    l.environment.clone(),
+                    l.holder.clone(),
+                    l.run_id.clone().unwrap_or_else(|| "-".into()),
+                    l.message.clone(),
+                    time(l.acquired_at),
+                    time(l.renewed_at),
+                    human((l.expires_at - now).to_std().unwrap_or_default()),
+                ]);
+            }
+            t.print();
+        }
+        if !waiters.is_empty() {
+            println!();
+            let mut t = Table::new(&["ENV", "WAITING", "SINCE", "LAST ASKED"]);
+            for w in &waiters {
+                t.row(vec![
+                    w.environment.clone(),
+                    w.holder.clone(),
+                    time(w.waiting_since),
+                    time(w.last_asked),
+                ]);
+            }
+            t.print();
+        }
+        Ok(())
+    }
+
+    async fn unlock(
+        store: &SqliteStore,
+        as_json: bool,
+        env: &str,
+        force: bool,
+        reason: &str,
+        actor: Option<String>,
+    ) -> Result<()> {
+        if !force {
+            return Err(Error::invalid(format!(
+                "refusing to break the lock on `{env}` without --force: its holder may still be deploying \
+                 (a lease whose process died expires by itself; see `cdctl locks`)"
+            )));
+        }
+        if reason.trim().is_empty() {
+            return Err(Error::invalid("--reason must say why the lock is broken"));
+        }
+        let actor = actor
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "cdctl".into());
+        let broken = store.force_unlock_as(env, &actor, Some(reason)).await?;
+        if as_json {
+            return print_json(&json!({
+                "environment": env,
+                "broken": broken,
+                "actor": actor,
+                "reason": reason,
+            }));
+        }
+        match broken {
+            Some(l) => println!(
+                "broke the lock on `{env}` held by {} ({}); recorded as {actor}: {reason}",
+                l.holder, l.message
+            ),
+            None => println!("`{env}` was not locked; recorded as {actor}: {reason}"),
+        }
+        Ok(())
+    }
+
+    async fn decide(
+        store: &SqliteStore,
+        as_json: bool,
+        d: &Decide,
+        decision: Decision,
+    ) -> Result<()> {
+        let run = store.find_run(&d.run).await?;
+        if run.status != RunStatus::Running {
+            return Err(Error::invalid(format!(
+                "run {} already finished ({}); nothing to decide",
+                run.id, run.status
+            )));
+        }
+        let nodes = store.nodes(&run.id).await?;
+        if let Some(n) = nodes.iter().find(|n| n.node == d.node) {
+            if !matches!(
+                n.status,
+                NodeStatus::Waiting | NodeStatus::Pending | NodeStatus::Running
+            ) {
+                return Err(Error::invalid(format!(
+                    "node `{}` of run {} is {}, not waiting for a decision",
+                    d.node, run.id, n.status
+                )));
+            }
+        } else if !nodes.is_empty() {
+            let names: Vec<_> = nodes.iter().map(|n| n.node.as_str()).collect();
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "run {} has no node `{}` (it has {})",
+                    run.id,
+                    d.node,
+                    names.join(", ")
+                ),
+            ));
+        }
+        let record = ApprovalRecord {
+            run_id: run.id.clone(),
+            node: d.node.clone(),
+            approver: d.approver.clone(),
+            decision,
+            comment: d.comment.clone(),
+            at: Utc::now(),
+        };
+        store.put_approval(&record).await?;
+        if as_json {
+            return print_json(&record);
+        }
+        println!(
+            "{} `{}` of run {} as {}; the gate takes it into account at its next check",
+            match decision {
+                Decision::Approve => "approved",
+                Decision::Reject => "rejected",
+            },
+            d.node,
+            run.id,
+            d.approver
+        );
+        Ok(())
+    }
+
+    fn decision(d: Decision) -> &'static str {
+        match d {
+            Decision::Approve => "approve",
+            Decision::Reject => "reject",
+        }
+    }
+
+    fn time(t: DateTime<Utc>) -> String {
+        t.format("%Y-%m-%d %H:%M:%S").to_string()
+    }
+
+    fn took(start: Option<DateTime<Utc>>, end: Option<DateTime<Utc>>) -> String {
+        match (start, end) {
+            (Some(a), Some(b)) => human((b - a).to_std().unwrap_or_default()),
+            _ => "-".into(),
+        }
+    }
+
+    fn human(d: std::time::Duration) -> String {
+        let ms = d.as_millis();
+        if ms < 1000 {
+            format!("{ms}ms")
+        } else if ms < 60_000 {
+            format!("{:.1}s", ms as f64 / 1000.0)
+        } else if ms < 3_600_000 {
+            format!("{}m{:02}s", ms / 60_000, (ms / 1000) % 60)
+        } else {
+            format!("{}h{:02}m", ms / 3_600_000, (ms / 60_000) % 60)
+        }
+    }
+
+    fn short(s: &str, n: usize) -> String {
+        if s.chars().count() <= n {
+            s.to_string()
+        } else {
+            let mut out: String = s.chars().take(n.saturating_sub(1)).collect();
+            out.push('…');
+            out
+        }
+    }
+
+    /// A plain text table with columns as wide as their widest cell.
+    struct Table {
+        head: Vec<String>,
+        rows: Vec<Vec<String>>,
+    }
+
+    impl Table {
+        fn new(head: &[&str]) -> Table {
+            Table {
+                head: head.iter().map(|s| s.to_string()).collect(),
+                rows: Vec::new(),
+            }
+        }
+
+        fn row(&mut self, cells: Vec<String>) {
+            self.rows.push(cells);
+        }
+
+        fn print(&self) {
+            let mut width: Vec<usize> = self.head.iter().map(|h| h.chars().count()).collect();
+            for r in &self.rows {
+                for (i, c) in r.iter().enumerate() {
+                    width[i] = width[i].max(c.chars().count());
+                }
+            }
+            let line = |cells: &[String]| {
+                let mut out = String::new();
+                for (i, c) in cells.iter().enumerate() {
+                    if i + 1 == cells.len() {
+                        out.push_str(c);
+                    } else {
+                        out.push_str(c);
+                        out.push_str(&" ".repeat(width[i] - c.chars().count() + 2));
+                    }
+                }
+                println!("{}", out.trim_end());
+            };
+            line(&self.head);
+            for r in &self.rows {
+                line(r);
+            }
+        }
+    }
+}
