@@ -233,6 +233,12 @@ fn main() {
     }
     let cd = median(&mut cd_times);
     let raw = median(&mut raw_times);
+    let raw_show = median(&mut raw_show_times);
+    println!(
+        "context: raw CLI plus `terraform show -json` (the typed plan cd also produces): \
+         raw_with_show_s={raw_show:.3} cd/raw_with_show={:.3}",
+        cd / raw_show
+    );
     println!("events emitted by cd: {}", sink.0.load(Ordering::Relaxed));
     println!(
         "bench terraform: cd_s={cd:.3} raw_s={raw:.3} ratio={:.3}",

@@ -470,3 +470,46 @@ async fn plan_stage_approval_and_apply_stage_in_a_pipeline() {
     let plan_out = report.output("plan").unwrap();
     assert_eq!(plan_out["counts"]["add"], json!(2));
 }
+
+#[tokio::test]
+async fn deploy_stage_compensation_rolls_infrastructure_back() {
+    let Some(tools) = tools() else { return };
+    let dir = fixture("app");
+    let tf = deployer(&tools, dir.path());
+    let store = Arc::new(MemoryStore::new());
+    let runner = Runner::new(store.clone()).environment("default");
+
+    let ok = Pipeline::builder("infra")
+        .stage("infra", cd_stages::Deploy::new(tf.clone()))
+        .build()
+        .unwrap();
+    let report = runner
+        .run(&ok, Release::new("v1").config("color", "blue"))
+        .await
+        .unwrap();
+    assert_eq!(report.status, RunStatus::Succeeded, "{report}");
+
+    // v2 goes out, then a later stage fails: the runner compensates and the
+    // infrastructure is back on v1's variables.
+    let failing = Pipeline::builder("infra")
+        .stage("infra", cd_stages::Deploy::new(tf.clone()))
+        .stage(
+            "smoke",
+            cd_core::stage_fn(|_| async { Err(cd_core::Error::failed("smoke test failed")) }),
+        )
+        .needs(["infra"])
+        .build()
+        .unwrap();
+    let report = runner
+        .run(&failing, Release::new("v2").config("color", "green"))
+        .await
+        .unwrap();
+    assert_eq!(report.status, RunStatus::Failed, "{report}");
+    let (cx, _) = context("default");
+    let target = tf.target("default");
+    assert_eq!(
+        tf.outputs(&target, &cx).await.unwrap()["color"].value,
+        json!("blue")
+    );
+    assert_eq!(tf.current(&target).await.unwrap().unwrap().version, "v1");
+}
