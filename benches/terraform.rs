@@ -12,6 +12,9 @@
 //! - **raw + show** (context only): the raw CLI plus the `terraform show
 //!   -json` it needs to hand an approver the same machine-readable plan.
 //!
+//! - **cd without show** (context only): the deployer with
+//!   `show_plan(false)`.
+//!
 //! Rounds alternate between cd and raw to spread machine noise. Settings (env):
 //! `CD_BENCH_TF_ROUNDS` (default 7), `CD_BENCH_TF_WORKERS` (default 10),
 //! `CD_BENCH_TF_WORK_SECONDS` (seconds each worker's provisioner works,
@@ -126,6 +129,16 @@ fn main() {
         tf = tf.cli_config(c);
     }
     let target = tf.target("default");
+    // Context: the same deployer with `show_plan(false)` (typed plan from
+    // the streamed plan lines only; no `terraform show -json`).
+    let fast_dir = tmp.path().join("cd_fast");
+    copy_fixture(&fast_dir);
+    let mut fast = TerraformDeployer::new(&fast_dir)
+        .binary(&terraform_bin)
+        .show_plan(false);
+    if let Some(c) = &cli_config {
+        fast = fast.cli_config(c);
+    }
     let sink = Arc::new(CountingSink(AtomicU64::new(0)));
     let emitter = Emitter::new(
         "bench",
@@ -182,6 +195,11 @@ fn main() {
     rt.block_on(async {
         let plan = tf.plan_in(&release("warmup"), &target, &cx).await.unwrap();
         tf.apply(&plan, &cx).await.unwrap();
+        let plan = fast
+            .plan_in(&release("warmup"), &target, &cx)
+            .await
+            .unwrap();
+        fast.apply(&plan, &cx).await.unwrap();
     });
 
     println!(
@@ -191,6 +209,7 @@ fn main() {
     let mut cd_times = Vec::new();
     let mut raw_times = Vec::new();
     let mut raw_show_times = Vec::new();
+    let mut fast_times = Vec::new();
     for i in 0..rounds {
         let color = format!("c{i}");
         let run_cd = || {
@@ -221,12 +240,20 @@ fn main() {
             (run_cd(), b)
         };
         let raw_show = run_raw_show();
+        let t = Instant::now();
+        rt.block_on(async {
+            let plan = fast.plan_in(&release(&color), &target, &cx).await.unwrap();
+            fast.apply(&plan, &cx).await.unwrap();
+        });
+        let cd_fast = t.elapsed();
         println!(
-            "round {i}: cd_s={:.3} raw_s={:.3} raw_with_show_s={:.3}",
+            "round {i}: cd_s={:.3} raw_s={:.3} raw_with_show_s={:.3} cd_without_show_s={:.3}",
             cd.as_secs_f64(),
             raw.as_secs_f64(),
-            raw_show.as_secs_f64()
+            raw_show.as_secs_f64(),
+            cd_fast.as_secs_f64()
         );
+        fast_times.push(cd_fast.as_secs_f64());
         cd_times.push(cd.as_secs_f64());
         raw_times.push(raw.as_secs_f64());
         raw_show_times.push(raw_show.as_secs_f64());
@@ -238,6 +265,12 @@ fn main() {
         "context: raw CLI plus `terraform show -json` (the typed plan cd also produces): \
          raw_with_show_s={raw_show:.3} cd/raw_with_show={:.3}",
         cd / raw_show
+    );
+    let fast_s = median(&mut fast_times);
+    println!(
+        "context: cd with show_plan(false) (partial typed plan, no `show -json`): \
+         cd_without_show_s={fast_s:.3} ratio_vs_raw={:.3}",
+        fast_s / raw
     );
     println!("events emitted by cd: {}", sink.0.load(Ordering::Relaxed));
     println!(

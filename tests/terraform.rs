@@ -513,3 +513,33 @@ async fn deploy_stage_compensation_rolls_infrastructure_back() {
     );
     assert_eq!(tf.current(&target).await.unwrap().unwrap().version, "v1");
 }
+
+#[tokio::test]
+async fn fast_plans_without_show_still_apply_output_only_changes() {
+    let Some(tools) = tools() else { return };
+    let dir = fixture("app");
+    let tf = deployer(&tools, dir.path()).show_plan(false);
+    let target = tf.target("default");
+    let (cx, _) = context("default");
+    let plan = tf
+        .plan_in(&Release::new("v1").config("size", 1), &target, &cx)
+        .await
+        .unwrap();
+    let typed = TerraformPlan::from_plan(&plan).unwrap();
+    assert!(typed.partial);
+    assert_eq!(
+        action_of(&plan, "null_resource.app"),
+        Some(ChangeAction::Create)
+    );
+    assert!(typed.output_changes.is_empty());
+    tf.apply(&plan, &cx).await.unwrap();
+
+    // Only an output changes: the partial plan cannot see it, apply runs anyway.
+    let plan = tf
+        .plan_in(&Release::new("v2").config("size", 2), &target, &cx)
+        .await
+        .unwrap();
+    assert!(plan.changes.is_empty(), "{:?}", plan.changes);
+    let rev = tf.apply(&plan, &cx).await.unwrap();
+    assert_eq!(rev.detail["outputs"]["size"], json!(2));
+}

@@ -132,6 +132,7 @@ pub struct TerraformDeployer {
     config_filter: Option<Vec<String>>,
     state_dir: Option<PathBuf>,
     destroy_when_no_previous: bool,
+    show_plan: bool,
     shared: Arc<Shared>,
 }
 
@@ -162,6 +163,7 @@ impl TerraformDeployer {
             config_filter: None,
             state_dir: None,
             destroy_when_no_previous: false,
+            show_plan: true,
             shared: Arc::new(Shared::default()),
         }
     }
@@ -254,6 +256,20 @@ impl TerraformDeployer {
     /// (`terraform apply -destroy`). Off by default: such a rollback is an error.
     pub fn destroy_when_no_previous(mut self, yes: bool) -> Self {
         self.destroy_when_no_previous = yes;
+        self
+    }
+
+    /// Whether planning runs `terraform show -json` on the saved plan to
+    /// build the full [`TerraformPlan`] (default `true`).
+    ///
+    /// With `false`, the typed plan is built from the `planned_change` lines
+    /// terraform streams while planning: resource addresses and actions only —
+    /// no before/after values and **no output changes** — and marked
+    /// [`TerraformPlan::partial`]. That saves one terraform process (and its
+    /// provider start) per plan; apply then always runs, since an
+    /// output-only change cannot be seen.
+    pub fn show_plan(mut self, yes: bool) -> Self {
+        self.show_plan = yes;
         self
     }
 
@@ -522,13 +538,21 @@ impl TerraformDeployer {
         args.push(os_flag("-out=", plan_file));
         args.push(os_flag("-var-file=", var_file));
         let events = cx.events.clone();
+        let mut streamed: Vec<PlannedChange> = Vec::new();
         let finished = self
             .cli()
             .run(
                 &args,
                 Some(workspace),
                 &cx.cancel,
-                |m| stream_event(&events, &m),
+                |m| {
+                    if m.kind == "planned_change" {
+                        if let Some(c) = &m.change {
+                            streamed.push(c.clone());
+                        }
+                    }
+                    stream_event(&events, &m)
+                },
                 |l| stream_line(&events, l),
             )
             .await?;
@@ -542,7 +566,11 @@ impl TerraformDeployer {
             );
             return Err(finished.into_error("plan").into());
         }
-        let typed = self.show(plan_file, workspace, cx).await?;
+        let typed = if self.show_plan {
+            self.show(plan_file, workspace, cx).await?
+        } else {
+            TerraformPlan::from_planned_changes(&streamed)
+        };
         let counts = typed.counts();
         cx.events.progress(
             Some(workspace),
@@ -656,7 +684,11 @@ impl TerraformDeployer {
         self.ensure_workspace(&workspace, cx).await?;
         let started = Instant::now();
         let mut outputs: Option<BTreeMap<String, OutputValue>> = None;
-        if plan.is_noop() && !destroy {
+        let partial = detail
+            .pointer("/terraform_plan/partial")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        if plan.is_noop() && !destroy && !partial {
             cx.events.progress(
                 Some(&workspace),
                 "terraform apply",

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::error::TerraformError;
+use super::ui::PlannedChange;
 
 /// A saved terraform plan, as `terraform show -json` describes it: resource
 /// changes with their actions and addresses, and output changes. Sensitive
@@ -41,6 +42,12 @@ pub struct TerraformPlan {
     /// Every root-module output, with what happens to it.
     #[serde(default)]
     pub output_changes: BTreeMap<String, OutputChange>,
+    /// `true` when the plan was built from terraform's streamed
+    /// `planned_change` lines only ([`super::TerraformDeployer::show_plan`]
+    /// off): addresses and actions of changed resources, no values, no
+    /// unchanged resources, no output changes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub partial: bool,
 }
 
 /// What happens to one resource.
@@ -213,6 +220,48 @@ impl TerraformPlan {
             terraform_version: s(raw, "terraform_version"),
             resource_changes,
             output_changes,
+            partial: false,
+        }
+    }
+
+    /// A partial plan from the `planned_change` lines terraform streams
+    /// while planning (see [`TerraformPlan::partial`]).
+    pub fn from_planned_changes(changes: &[PlannedChange]) -> TerraformPlan {
+        let resource_changes = changes
+            .iter()
+            .map(|c| {
+                let actions: Vec<String> = match c.action.as_str() {
+                    "replace" => vec!["delete".into(), "create".into()],
+                    "noop" => vec!["no-op".into()],
+                    other => vec![other.to_string()],
+                };
+                let r = &c.resource;
+                ResourceChange {
+                    address: r.addr.clone(),
+                    module_address: (!r.module.is_empty()).then(|| r.module.clone()),
+                    mode: if r.addr.starts_with("data.") || r.addr.contains(".data.") {
+                        "data".into()
+                    } else {
+                        "managed".into()
+                    },
+                    resource_type: r.resource_type.clone(),
+                    name: r.resource_name.clone(),
+                    provider_name: String::new(),
+                    action: action_from_list(&actions),
+                    actions,
+                    action_reason: c.reason.clone(),
+                    before: Value::Null,
+                    after: Value::Null,
+                    after_unknown: Value::Null,
+                }
+            })
+            .collect();
+        TerraformPlan {
+            format_version: String::new(),
+            terraform_version: String::new(),
+            resource_changes,
+            output_changes: BTreeMap::new(),
+            partial: true,
         }
     }
 
