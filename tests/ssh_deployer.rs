@@ -218,13 +218,13 @@ async fn ssh_v1_v2_rollback_on_ten_hosts() {
         .expect("v2 rolls out");
     assert_eq!(r2.deployed.len(), 10);
     assert!(!r2.noop);
-    for i in 0..10 {
+    for (i, target) in targets.iter().enumerate() {
         fx.assert_live(i, "v2");
         assert_eq!(
             std::fs::read_link(fx.root(i).join("previous")).unwrap(),
             PathBuf::from("releases/v1")
         );
-        let rev = deployer.current(&targets[i]).await.unwrap().unwrap();
+        let rev = deployer.current(target).await.unwrap().unwrap();
         assert_eq!(rev.version, "v2");
     }
     // Still one connection per host after two rollouts.

@@ -76,7 +76,10 @@ use tokio::sync::{Mutex, OnceCell, Semaphore};
 
 pub use error::SshError;
 pub use session::HostKeyPolicy;
-use session::{Connection, Credentials, Endpoint, HostKeyVerifier, Output};
+use session::{Connection, Credentials, Endpoint, HostKeyVerifier, Output, MARK};
+
+/// How long a `current()` answer may stand in for the one `plan()` needs.
+const RECENT_STATE_TTL: Duration = Duration::from_secs(2);
 
 /// Artifacts up to this size are read once and shared by every host's
 /// upload; larger ones are streamed from the file for each host.
@@ -437,6 +440,7 @@ impl SshDeployerBuilder {
                 conns,
                 preflight: OnceCell::new(),
                 artifacts: std::sync::Mutex::new(HashMap::new()),
+                recent: std::sync::Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -484,11 +488,14 @@ struct Inner {
     conns: HashMap<String, Mutex<Option<Arc<Connection>>>>,
     preflight: OnceCell<()>,
     artifacts: std::sync::Mutex<HashMap<PathBuf, Arc<LoadedArtifact>>>,
+    /// The last `current()` per host, for the `plan()` right after it.
+    recent: std::sync::Mutex<HashMap<String, (Instant, Option<Revision>)>>,
 }
 
 /// The artifact of a release, read and hashed once per deployer.
 struct LoadedArtifact {
     name: String,
+    declared: Option<String>,
     expected: String,
     len: u64,
     modified: Option<std::time::SystemTime>,
@@ -683,6 +690,35 @@ impl SshDeployer {
         let started = Instant::now();
         cx.events
             .progress(Some(&host.name), step, "started", None, message);
+        let result = self.bounded(cx, host, step, fut).await;
+        match &result {
+            Ok(_) => {
+                cx.events
+                    .progress(Some(&host.name), step, "ok", Some(started.elapsed()), None)
+            }
+            Err(e) => cx.events.progress(
+                Some(&host.name),
+                step,
+                "failed",
+                Some(started.elapsed()),
+                Some(e.to_string()),
+            ),
+        }
+        result
+    }
+
+    /// Runs a step's future under the step timeout and the run's
+    /// cancellation; forgets the connection when the session broke.
+    async fn bounded<T, F>(
+        &self,
+        cx: &DeployContext,
+        host: &SshHost,
+        step: &str,
+        fut: F,
+    ) -> SshResult<T>
+    where
+        F: Future<Output = SshResult<T>>,
+    {
         let result = tokio::select! {
             biased;
             _ = cx.cancel.cancelled() => Err(SshError::Cancelled {
@@ -699,23 +735,8 @@ impl SshDeployer {
                 }),
             },
         };
-        match &result {
-            Ok(_) => {
-                cx.events
-                    .progress(Some(&host.name), step, "ok", Some(started.elapsed()), None)
-            }
-            Err(e) => {
-                cx.events.progress(
-                    Some(&host.name),
-                    step,
-                    "failed",
-                    Some(started.elapsed()),
-                    Some(e.to_string()),
-                );
-                if matches!(e, SshError::Session { .. }) {
-                    self.forget_connection(host).await;
-                }
-            }
+        if let Err(SshError::Session { .. }) = &result {
+            self.forget_connection(host).await;
         }
         result
     }
@@ -775,12 +796,7 @@ impl SshDeployer {
             .unwrap_or_else(|e| e.into_inner())
             .get(&path)
         {
-            if hit.len == meta.len()
-                && hit.modified == modified
-                && artifact
-                    .sha256
-                    .as_deref()
-                    .map_or(true, |s| s == hit.expected)
+            if hit.len == meta.len() && hit.modified == modified && artifact.sha256 == hit.declared
             {
                 return Ok(Some(hit.clone()));
             }
@@ -791,7 +807,7 @@ impl SshDeployer {
             .unwrap_or_else(|| "artifact".into());
         check_name("artifact name", &name)?;
         let p = path.clone();
-        let (sha256, data) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
+        let (actual, data) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
             if meta.len() <= IN_MEMORY_ARTIFACT_LIMIT {
                 let data = std::fs::read(&p)?;
                 let sha = hex::encode(Sha256::digest(&data));
@@ -810,9 +826,10 @@ impl SshDeployer {
             .sha256
             .clone()
             .map(|s| s.to_ascii_lowercase())
-            .unwrap_or_else(|| sha256.clone());
+            .unwrap_or(actual);
         let loaded = Arc::new(LoadedArtifact {
             name,
+            declared: artifact.sha256.clone(),
             expected,
             len: meta_len(&data, &path),
             modified,
@@ -827,41 +844,11 @@ impl SshDeployer {
         Ok(Some(loaded))
     }
 
-    async fn upload(
+    /// Uploads the artifact and verifies its sha256 on the host, in one
+    /// remote command; reports `upload` and `checksum` as two steps.
+    async fn upload_verified(
         &self,
-        conn: &Connection,
-        host: &SshHost,
-        dir: &str,
-        art: &LoadedArtifact,
-    ) -> SshResult<()> {
-        let part = format!("{dir}/.{}.part", art.name);
-        let cmd = format!("umask 022 && mkdir -p {dir} && cat > {part}");
-        match &art.data {
-            Some(data) => {
-                self.exec_ok(conn, host, "upload", &cmd, Some(data.as_slice()))
-                    .await?;
-            }
-            None => {
-                // Large artifact: stream it from the file.
-                let file = tokio::fs::File::open(&art.path).await.map_err(|source| {
-                    SshError::Artifact {
-                        path: art.path.clone(),
-                        source,
-                    }
-                })?;
-                let out = conn
-                    .exec_with("upload", &cmd, Some(tokio::io::BufReader::new(file)))
-                    .await?;
-                if !out.success() {
-                    return Err(command_failed(host, "upload", &out));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn verify_checksum(
-        &self,
+        cx: &DeployContext,
         conn: &Connection,
         host: &SshHost,
         dir: &str,
@@ -870,52 +857,191 @@ impl SshDeployer {
         let part = format!("{dir}/.{}.part", art.name);
         let fin = format!("{dir}/{}", art.name);
         let cmd = format!(
-            "{SUM_FN} h=$(cd_sum {part}) || exit 2; echo \"$h\"; \
+            "umask 022 && mkdir -p {dir} && cat > {part} || exit 2; echo {MARK}uploaded; \
+             {SUM_FN} h=$(cd_sum {part}) || exit 4; echo \"sha256=$h\"; \
              if [ \"$h\" = {exp} ]; then mv -f {part} {fin}; else rm -f {part}; exit 3; fi",
             exp = sq(&art.expected)
         );
-        let out = conn.exec("checksum", &cmd, None).await?;
-        match out.status {
+        let started = Instant::now();
+        let name = Some(host.name.as_str());
+        cx.events.progress(
+            name,
+            "upload",
+            "started",
+            None,
+            Some(format!("{} ({} bytes)", art.name, art.len)),
+        );
+        let result = self
+            .bounded(cx, host, "upload", async {
+                match &art.data {
+                    Some(data) => conn.exec("upload", &cmd, Some(data.as_slice())).await,
+                    None => {
+                        // Large artifact: stream it from the file.
+                        let file = tokio::fs::File::open(&art.path).await.map_err(|source| {
+                            SshError::Artifact {
+                                path: art.path.clone(),
+                                source,
+                            }
+                        })?;
+                        conn.exec_with("upload", &cmd, Some(tokio::io::BufReader::new(file)))
+                            .await
+                    }
+                }
+            })
+            .await;
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => {
+                cx.events.progress(
+                    name,
+                    "upload",
+                    "failed",
+                    Some(started.elapsed()),
+                    Some(e.to_string()),
+                );
+                return Err(e);
+            }
+        };
+        let text = out.stdout_str();
+        let Some(sent) = out.mark("uploaded") else {
+            let e = command_failed(host, "upload", &out);
+            cx.events.progress(
+                name,
+                "upload",
+                "failed",
+                Some(started.elapsed()),
+                Some(e.to_string()),
+            );
+            return Err(e);
+        };
+        cx.events.progress(
+            name,
+            "upload",
+            "ok",
+            Some(sent.duration_since(started)),
+            None,
+        );
+        cx.events.progress(name, "checksum", "started", None, None);
+        let result = match out.status {
             Some(0) => Ok(()),
             Some(3) => Err(SshError::ChecksumMismatch {
                 host: host.name.clone(),
                 address: host.address(),
                 expected: art.expected.clone(),
-                actual: out.stdout_str().trim().to_string(),
+                actual: text
+                    .lines()
+                    .find_map(|l| l.strip_prefix("sha256="))
+                    .unwrap_or("?")
+                    .trim()
+                    .to_string(),
             }),
             _ => Err(command_failed(host, "checksum", &out)),
-        }
+        };
+        let (status, msg) = match &result {
+            Ok(()) => ("ok", Some(format!("sha256 {}", art.expected))),
+            Err(e) => ("failed", Some(e.to_string())),
+        };
+        cx.events
+            .progress(name, "checksum", status, Some(sent.elapsed()), msg);
+        result
     }
 
-    /// Points `current` at `releases/<version>` (symlink + rename).
+    /// Points `current` at `releases/<version>` (symlink + rename) as the
+    /// step `step`; with `cleanup`, then removes all but the newest
+    /// `keep_releases` releases (never `current` or `previous`), reported
+    /// as the step `cleanup`.
+    #[allow(clippy::too_many_arguments)]
     async fn switch(
         &self,
+        cx: &DeployContext,
         conn: &Connection,
         host: &SshHost,
         step: &str,
         version: &str,
         require_existing: bool,
+        cleanup: bool,
     ) -> SshResult<()> {
         let root = sq(self.root_of(host));
         let ensure = if require_existing {
-            format!("[ -d releases/{version} ] || {{ echo 'release {version} is not on this host' >&2; exit 4; }}; ")
+            format!(
+                "[ -d releases/{version} ] || {{ echo 'release {version} is not on this host' >&2; exit 4; }}; "
+            )
         } else {
             format!("mkdir -p releases/{version}; ")
         };
+        let cleanup_cmd = if cleanup {
+            format!(
+                "echo {MARK}switched; set +e; if ! ( cd releases && \
+                 cur=$(readlink ../current 2>/dev/null); cur=${{cur##*/}}; \
+                 prev=$(readlink ../previous 2>/dev/null); prev=${{prev##*/}}; n=0; \
+                 for d in $(ls -1t); do n=$((n+1)); [ $n -le {keep} ] && continue; \
+                 [ \"$d\" = \"$cur\" ] || [ \"$d\" = \"$prev\" ] || rm -rf -- \"$d\"; done \
+                 ) >/dev/null 2>&1; then echo cd:cleanup-failed; fi",
+                keep = self.inner.keep_releases
+            )
+        } else {
+            String::new()
+        };
         let cmd = format!(
             "set -e; cd {root}; {ensure}touch releases/{version}; \
-             ln -sfn releases/{version} .current.tmp.$$; mv -Tf .current.tmp.$$ current"
+             ln -sfn releases/{version} .current.tmp.$$; mv -Tf .current.tmp.$$ current; {cleanup_cmd}"
         );
-        let out = conn.exec(step, &cmd, None).await?;
-        match out.status {
-            Some(0) => Ok(()),
-            Some(4) => Err(SshError::NoSuchRelease {
-                host: host.name.clone(),
-                address: host.address(),
-                message: format!("release {version} is not on the host"),
-            }),
-            _ => Err(command_failed(host, step, &out)),
+        let started = Instant::now();
+        let name = Some(host.name.as_str());
+        cx.events.progress(
+            name,
+            step,
+            "started",
+            None,
+            Some(format!("current -> releases/{version}")),
+        );
+        let result = self
+            .bounded(cx, host, step, conn.exec(step, &cmd, None))
+            .await
+            .and_then(|out| match out.status {
+                Some(0) => Ok(out),
+                Some(4) => Err(SshError::NoSuchRelease {
+                    host: host.name.clone(),
+                    address: host.address(),
+                    message: format!("release {version} is not on the host"),
+                }),
+                _ => Err(command_failed(host, step, &out)),
+            });
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => {
+                cx.events.progress(
+                    name,
+                    step,
+                    "failed",
+                    Some(started.elapsed()),
+                    Some(e.to_string()),
+                );
+                return Err(e);
+            }
+        };
+        let switched = out.mark("switched").unwrap_or_else(Instant::now);
+        cx.events.progress(
+            name,
+            step,
+            "ok",
+            Some(switched.duration_since(started)),
+            None,
+        );
+        if cleanup {
+            let failed = out.stdout_str().contains("cd:cleanup-failed");
+            cx.events.progress(
+                name,
+                "cleanup",
+                if failed { "failed" } else { "ok" },
+                Some(switched.elapsed()),
+                Some(format!(
+                    "keep the last {} releases",
+                    self.inner.keep_releases
+                )),
+            );
         }
+        Ok(())
     }
 
     fn env_prefix(&self, host: &SshHost, version: &str) -> String {
@@ -930,53 +1056,139 @@ impl SshDeployer {
         )
     }
 
-    async fn restart(&self, conn: &Connection, host: &SshHost, version: &str) -> SshResult<()> {
-        if let Some(cmd) = &self.inner.restart {
-            let full = format!("{}{{ {cmd}\n}}", self.env_prefix(host, version));
-            self.exec_ok(conn, host, "restart", &full, None).await?;
-        }
-        Ok(())
-    }
-
-    async fn health(&self, conn: &Connection, host: &SshHost, version: &str) -> SshResult<()> {
-        let Some(check) = &self.inner.health else {
-            return Ok(());
-        };
-        let body = match check {
+    fn health_body(&self) -> Option<String> {
+        self.inner.health.as_ref().map(|check| match check {
             HealthCheck::Command(cmd) => cmd.clone(),
             HealthCheck::Http(url) => format!(
                 "if command -v curl >/dev/null 2>&1; then curl -fsS -o /dev/null --max-time 10 {u}; \
                  else wget -q -O /dev/null -T 10 {u}; fi",
                 u = sq(url)
             ),
-        };
-        let full = format!("{}{{ {body}\n}}", self.env_prefix(host, version));
-        let mut attempt = 1;
-        loop {
-            match self.exec_ok(conn, host, "health", &full, None).await {
-                Ok(_) => return Ok(()),
-                Err(e) if attempt >= self.inner.health_attempts => return Err(e),
-                Err(SshError::CommandFailed { .. }) => {
-                    attempt += 1;
-                    tokio::time::sleep(self.inner.health_interval).await;
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        })
     }
 
-    async fn cleanup(&self, conn: &Connection, host: &SshHost) -> SshResult<()> {
-        let root = sq(self.root_of(host));
+    /// Runs the restart command, then the health check, as the steps
+    /// `restart` and `health` — in one remote command (a mark line between
+    /// them gives each its own timing and standard error). A failing health
+    /// check is retried alone as configured.
+    async fn activate(
+        &self,
+        cx: &DeployContext,
+        conn: &Connection,
+        host: &SshHost,
+        version: &str,
+        note: Option<String>,
+    ) -> SshResult<()> {
+        let health = self.health_body();
+        if self.inner.restart.is_none() && health.is_none() {
+            return Ok(());
+        }
+        let name = Some(host.name.as_str());
+        let prefix = self.env_prefix(host, version);
+        let restart_part = match &self.inner.restart {
+            Some(cmd) => format!("( {cmd}\n ) || exit $?; "),
+            None => String::new(),
+        };
+        let health_part = match &health {
+            Some(cmd) => format!("( {cmd}\n )"),
+            None => "true".into(),
+        };
         let cmd = format!(
-            "cd {root}/releases || exit 0; \
-             cur=$(basename \"$(readlink ../current 2>/dev/null)\"); \
-             prev=$(basename \"$(readlink ../previous 2>/dev/null)\"); n=0; \
-             for d in $(ls -1t); do n=$((n+1)); [ $n -le {keep} ] && continue; \
-             [ \"$d\" = \"$cur\" ] || [ \"$d\" = \"$prev\" ] || rm -rf -- \"$d\"; done",
-            keep = self.inner.keep_releases
+            "{prefix}{{ {restart_part}echo {MARK}restarted; echo {MARK}restarted >&2; {health_part}; }}"
         );
-        self.exec_ok(conn, host, "cleanup", &cmd, None).await?;
-        Ok(())
+        let started = Instant::now();
+        let first = if self.inner.restart.is_some() {
+            "restart"
+        } else {
+            "health"
+        };
+        cx.events
+            .progress(name, first, "started", None, note.clone());
+        let out = match self
+            .bounded(cx, host, first, conn.exec(first, &cmd, None))
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                cx.events.progress(
+                    name,
+                    first,
+                    "failed",
+                    Some(started.elapsed()),
+                    Some(e.to_string()),
+                );
+                return Err(e);
+            }
+        };
+        let restarted = out.mark("restarted");
+        if self.inner.restart.is_some() {
+            match restarted {
+                Some(at) => {
+                    cx.events.progress(
+                        name,
+                        "restart",
+                        "ok",
+                        Some(at.duration_since(started)),
+                        None,
+                    );
+                }
+                None => {
+                    let e = command_failed(host, "restart", &out.stderr_before("restarted"));
+                    cx.events.progress(
+                        name,
+                        "restart",
+                        "failed",
+                        Some(started.elapsed()),
+                        Some(e.to_string()),
+                    );
+                    return Err(e);
+                }
+            }
+            if health.is_none() {
+                return Ok(());
+            }
+            cx.events.progress(name, "health", "started", None, note);
+        }
+        let health_started = restarted.unwrap_or(started);
+        let mut result = if out.success() {
+            Ok(())
+        } else {
+            Err(command_failed(
+                host,
+                "health",
+                &out.stderr_after("restarted"),
+            ))
+        };
+        if let (Err(_), Some(body)) = (&result, &health) {
+            let full = format!("{prefix}{{ {body}\n}}");
+            for _ in 1..self.inner.health_attempts {
+                tokio::time::sleep(self.inner.health_interval).await;
+                result = self
+                    .bounded(cx, host, "health", async {
+                        self.exec_ok(conn, host, "health", &full, None)
+                            .await
+                            .map(|_| ())
+                    })
+                    .await;
+                if !matches!(result, Err(SshError::CommandFailed { .. })) {
+                    break;
+                }
+            }
+        }
+        match &result {
+            Ok(()) => {
+                cx.events
+                    .progress(name, "health", "ok", Some(health_started.elapsed()), None)
+            }
+            Err(e) => cx.events.progress(
+                name,
+                "health",
+                "failed",
+                Some(health_started.elapsed()),
+                Some(e.to_string()),
+            ),
+        }
+        result
     }
 
     /// Switches `host` back to `old` (or removes `current` when nothing was
@@ -990,22 +1202,10 @@ impl SshDeployer {
     ) -> SshResult<()> {
         match old {
             Some(old) => {
-                self.run_step(
-                    cx,
-                    host,
-                    "revert",
-                    Some(format!("back to {old}")),
-                    self.switch(conn, host, "revert", old, true),
-                )
-                .await?;
-                self.run_step(
-                    cx,
-                    host,
-                    "restart",
-                    Some(format!("revert to {old}")),
-                    async { self.restart(conn, host, old).await },
-                )
-                .await
+                self.switch(cx, conn, host, "revert", old, true, false)
+                    .await?;
+                self.activate(cx, conn, host, old, Some(format!("revert to {old}")))
+                    .await
             }
             None => {
                 let root = sq(self.root_of(host));
@@ -1019,8 +1219,17 @@ impl SshDeployer {
         }
     }
 
+    fn forget_state(&self, host: &SshHost) {
+        self.inner
+            .recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&host.name);
+    }
+
     async fn apply_inner(&self, plan: &Plan, cx: &DeployContext) -> SshResult<Revision> {
         let host = self.host_for(&plan.target)?.clone();
+        self.forget_state(&host);
         let version = plan.release.version.clone();
         check_name("version", &version)?;
         let art = self.load_artifact(&plan.release).await?;
@@ -1086,68 +1295,19 @@ impl SshDeployer {
                     Some(format!("{} already on the host", a.name)),
                 );
             } else {
-                self.run_step(
-                    cx,
-                    &host,
-                    "upload",
-                    Some(format!("{} ({} bytes)", a.name, a.len)),
-                    self.upload(&conn, &host, &dir, a),
-                )
-                .await?;
-                self.run_step(
-                    cx,
-                    &host,
-                    "checksum",
-                    None,
-                    self.verify_checksum(&conn, &host, &dir, a),
-                )
-                .await?;
+                self.upload_verified(cx, &conn, &host, &dir, a).await?;
             }
         }
 
-        self.run_step(
-            cx,
-            &host,
-            "switch",
-            Some(format!("current -> releases/{version}")),
-            self.switch(&conn, &host, "switch", &version, art.is_some()),
-        )
-        .await?;
-
-        let activated = async {
-            self.run_step(
-                cx,
-                &host,
-                "restart",
-                None,
-                self.restart(&conn, &host, &version),
-            )
+        self.switch(cx, &conn, &host, "switch", &version, art.is_some(), true)
             .await?;
-            self.run_step(
-                cx,
-                &host,
-                "health",
-                None,
-                self.health(&conn, &host, &version),
-            )
-            .await
-        }
-        .await;
-        if let Err(e) = activated {
+        if let Err(e) = self.activate(cx, &conn, &host, &version, None).await {
             if self.inner.revert_on_failure && !matches!(e, SshError::Cancelled { .. }) {
                 if let Err(revert_err) = self.revert(cx, &conn, &host, old.as_deref()).await {
                     tracing::error!(host = %host.name, error = %revert_err, "revert failed");
                 }
             }
             return Err(e);
-        }
-
-        // Cleanup failures do not fail a deployment that is live.
-        if let Err(e) = self
-            .run_step(cx, &host, "cleanup", None, self.cleanup(&conn, &host))
-            .await
-        {
-            tracing::warn!(host = %host.name, error = %e, "cleanup failed");
         }
         Ok(self.revision(&host, &version, sha.as_deref()))
     }
@@ -1159,6 +1319,7 @@ impl SshDeployer {
         cx: &DeployContext,
     ) -> SshResult<Option<Revision>> {
         let host = self.host_for(target)?.clone();
+        self.forget_state(&host);
         let _permit = self
             .inner
             .permits
@@ -1210,17 +1371,9 @@ impl SshDeployer {
                 Ok(None)
             }
             Some(v) => {
-                self.run_step(
-                    cx,
-                    &host,
-                    "rollback",
-                    Some(format!("current -> releases/{v}")),
-                    self.switch(&conn, &host, "rollback", &v, true),
-                )
-                .await?;
-                self.run_step(cx, &host, "restart", None, self.restart(&conn, &host, &v))
+                self.switch(cx, &conn, &host, "rollback", &v, true, false)
                     .await?;
-                self.run_step(cx, &host, "health", None, self.health(&conn, &host, &v))
+                self.activate(cx, &conn, &host, &v, Some(format!("rollback to {v}")))
                     .await?;
                 Ok(Some(self.revision(&host, &v, None)))
             }
@@ -1270,17 +1423,36 @@ impl Deployer for SshDeployer {
                 return Err(e.into());
             }
         };
-        Ok(state.current.map(|v| {
+        let rev = state.current.map(|v| {
             let mut rev = self.revision(&host, &v, None);
             rev.deployed_at = None;
             rev
-        }))
+        });
+        self.inner
+            .recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(host.name.clone(), (Instant::now(), rev.clone()));
+        Ok(rev)
     }
 
     async fn plan(&self, release: &Release, target: &Target) -> Result<Plan> {
         let host = self.host_for(target)?.clone();
         check_name("version", &release.version)?;
-        let current = self.current(target).await?;
+        // A `current()` read an instant ago (rollout strategies call it just
+        // before planning) saves a round trip; `apply` reconciles anyway.
+        let recent = self
+            .inner
+            .recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&host.name)
+            .filter(|(at, _)| at.elapsed() < RECENT_STATE_TTL)
+            .map(|(_, rev)| rev);
+        let current = match recent {
+            Some(rev) => rev,
+            None => self.current(target).await?,
+        };
         let root = self.root_of(&host).to_string();
         let mut plan = Plan::new(release.clone(), target.clone(), current.clone());
         plan.detail = json!({ "host": host.address(), "root": root });

@@ -179,7 +179,12 @@ pub(crate) struct Output {
     pub(crate) signal: Option<String>,
     pub(crate) stdout: Vec<u8>,
     pub(crate) stderr: Vec<u8>,
+    /// `cd:mark:<name>` lines seen on stdout, with their arrival time.
+    pub(crate) marks: Vec<(String, std::time::Instant)>,
 }
+
+/// Prefix of a stdout line that marks the end of a step inside a command.
+pub(crate) const MARK: &str = "cd:mark:";
 
 impl Output {
     pub(crate) fn success(&self) -> bool {
@@ -195,6 +200,44 @@ impl Output {
             (Some(s), _) => format!("status {s}"),
             (None, Some(sig)) => format!("signal {sig}"),
             (None, None) => "none (channel closed)".into(),
+        }
+    }
+
+    /// When the `cd:mark:<name>` line arrived, if it did.
+    pub(crate) fn mark(&self, name: &str) -> Option<std::time::Instant> {
+        self.marks.iter().find(|(n, _)| n == name).map(|(_, t)| *t)
+    }
+
+    /// Standard error after the `cd:mark:<name>` line written to it (all of
+    /// it when the mark is absent).
+    pub(crate) fn stderr_after(&self, name: &str) -> Output {
+        let text = String::from_utf8_lossy(&self.stderr);
+        let mark = format!("{MARK}{name}\n");
+        let tail = match text.find(&mark) {
+            Some(i) => text[i + mark.len()..].to_string(),
+            None => text.into_owned(),
+        };
+        Output {
+            status: self.status,
+            signal: self.signal.clone(),
+            stderr: tail.into_bytes(),
+            ..Output::default()
+        }
+    }
+
+    /// Standard error before the `cd:mark:<name>` line.
+    pub(crate) fn stderr_before(&self, name: &str) -> Output {
+        let text = String::from_utf8_lossy(&self.stderr);
+        let mark = format!("{MARK}{name}\n");
+        let head = match text.find(&mark) {
+            Some(i) => text[..i].to_string(),
+            None => text.into_owned(),
+        };
+        Output {
+            status: self.status,
+            signal: self.signal.clone(),
+            stderr: head.into_bytes(),
+            ..Output::default()
         }
     }
 
@@ -400,9 +443,24 @@ impl Connection {
             .map_err(|e| self.session_error(step, e))?;
         let mut out = Output::default();
         let mut exited = false;
+        let mut scanned = 0;
         while let Some(msg) = channel.wait().await {
             match msg {
-                ChannelMsg::Data { data } => out.stdout.extend_from_slice(&data),
+                ChannelMsg::Data { data } => {
+                    out.stdout.extend_from_slice(&data);
+                    // Record when each `cd:mark:<name>` line arrives (the
+                    // boundary between two steps run by one command).
+                    while let Some(nl) = out.stdout[scanned..].iter().position(|b| *b == b'\n') {
+                        let line = &out.stdout[scanned..scanned + nl];
+                        if let Some(name) = line.strip_prefix(MARK.as_bytes()) {
+                            out.marks.push((
+                                String::from_utf8_lossy(name).into_owned(),
+                                std::time::Instant::now(),
+                            ));
+                        }
+                        scanned += nl + 1;
+                    }
+                }
                 ChannelMsg::ExtendedData { data, ext: 1 } => out.stderr.extend_from_slice(&data),
                 ChannelMsg::ExitStatus { exit_status } => {
                     out.status = Some(exit_status);
