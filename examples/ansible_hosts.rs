@@ -62,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
         .binary(playbook_bin)
         .known_hosts(fleet.known_hosts_path())
         .python_interpreter(python)
+        .pipelining(true)
         .state_dir(state.path());
     for h in fleet.hosts() {
         ansible = ansible.host(

@@ -52,7 +52,8 @@ fn deployer(bin: &Path, fleet: &SshFleet, state: &Path) -> AnsibleDeployer {
         .known_hosts(fleet.known_hosts_path())
         .state_dir(state)
         .connect_timeout(5)
-        .python_interpreter(remote_python());
+        .python_interpreter(remote_python())
+        .pipelining(true);
     for h in fleet.hosts() {
         d = d.host(
             AnsibleHost::new(&h.name)

@@ -130,7 +130,7 @@ pub struct AnsibleDeployer {
     ssh_args: Option<String>,
     python: Option<String>,
     forks: Option<u32>,
-    pipelining: bool,
+    pipelining: Option<bool>,
     diff: bool,
     timeout: Option<u32>,
     extra_args: Vec<String>,
@@ -158,7 +158,7 @@ impl AnsibleDeployer {
             ssh_args: None,
             python: None,
             forks: None,
-            pipelining: true,
+            pipelining: None,
             diff: true,
             timeout: None,
             extra_args: Vec::new(),
@@ -232,9 +232,10 @@ impl AnsibleDeployer {
         self
     }
 
-    /// SSH pipelining (default on).
+    /// SSH pipelining (`ANSIBLE_PIPELINING`); by default the user's
+    /// ansible configuration decides.
     pub fn pipelining(mut self, on: bool) -> Self {
-        self.pipelining = on;
+        self.pipelining = Some(on);
         self
     }
 
@@ -455,17 +456,14 @@ impl AnsibleDeployer {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
-            .env("ANSIBLE_CALLBACK_PLUGINS", plugin_dir)
+            .env("ANSIBLE_CALLBACK_PLUGINS", callback_path(plugin_dir))
             .env("ANSIBLE_STDOUT_CALLBACK", CALLBACK_NAME)
             .env("ANSIBLE_NOCOLOR", "1")
             .env("ANSIBLE_FORCE_COLOR", "0")
-            .env("ANSIBLE_RETRY_FILES_ENABLED", "0")
-            .env("ANSIBLE_PYTHON_INTERPRETER", "auto_silent")
-            .env(
-                "ANSIBLE_PIPELINING",
-                if self.pipelining { "1" } else { "0" },
-            )
             .env("PYTHONUNBUFFERED", "1");
+        if let Some(on) = self.pipelining {
+            cmd.env("ANSIBLE_PIPELINING", if on { "1" } else { "0" });
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -934,6 +932,22 @@ fn emit_line(events: &Emitter, l: &CallbackLine, mode: RunMode) {
         "no_hosts_matched" => events.warn("ansible: no hosts matched"),
         _ => {}
     }
+}
+
+/// `ANSIBLE_CALLBACK_PLUGINS` with our plugin first, then what the
+/// environment already named, then ansible's default directories (setting the
+/// variable replaces the configured path; playbook-adjacent
+/// `callback_plugins/` directories are still searched by ansible itself).
+fn callback_path(plugin_dir: &Path) -> OsString {
+    let mut dirs: Vec<PathBuf> = vec![plugin_dir.to_path_buf()];
+    if let Some(existing) = std::env::var_os("ANSIBLE_CALLBACK_PLUGINS") {
+        dirs.extend(std::env::split_paths(&existing));
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".ansible/plugins/callback"));
+    }
+    dirs.push(PathBuf::from("/usr/share/ansible/plugins/callback"));
+    std::env::join_paths(dirs).unwrap_or_else(|_| plugin_dir.as_os_str().to_owned())
 }
 
 /// Sends SIGINT so ansible-playbook stops its workers cleanly.
