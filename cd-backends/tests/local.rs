@@ -531,3 +531,19 @@ async fn pipeline_deploys_then_rolls_back_a_broken_release() {
     staging.stop_all().await.unwrap();
     production.stop_all().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_deployer_passes_the_conformance_suite() {
+    let fx = Fixture::new();
+    let d = fx.deployer(&[("solo", free_port())]);
+    let report = cd_core::conformance::check_deployer(
+        &d,
+        &cd_core::Target::new("solo"),
+        &cd_core::Release::new("v1"),
+        &cd_core::Release::new("v2"),
+        &cd_core::DeployContext::detached("test"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.passed.len(), 5, "{report:?}");
+}

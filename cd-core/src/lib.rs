@@ -37,6 +37,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod conformance;
 pub mod deploy;
 pub mod error;
 pub mod event;
