@@ -49,9 +49,14 @@ impl Fixture {
     }
 
     fn builder(&self) -> SshDeployerBuilder {
+        self.builder_without_key()
+            .key_file(self.fleet.user_key_path())
+    }
+
+    /// Everything but credentials.
+    fn builder_without_key(&self) -> SshDeployerBuilder {
         let mut b = SshDeployer::builder()
             .user(self.fleet.user())
-            .key_file(self.fleet.user_key_path())
             .known_hosts(self.fleet.known_hosts_path())
             .restart(RESTART)
             .health_command(HEALTH)
@@ -750,4 +755,156 @@ async fn ssh_canary_one_host_first_then_the_rest() {
     for i in 0..5 {
         fx.assert_live(i, "v2");
     }
+}
+
+/// Kills a child process on drop (panics included).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_agent_authentication() {
+    let Some(fx) = Fixture::start(2).await else {
+        return;
+    };
+    let Some(agent_bin) = cd_testkit::require_tool("ssh-agent") else {
+        return;
+    };
+    let Some(ssh_add) = cd_testkit::require_tool("ssh-add") else {
+        return;
+    };
+    let sock = fx.fleet.dir().join("agent.sock");
+    let _agent = KillOnDrop(
+        std::process::Command::new(agent_bin)
+            .arg("-D")
+            .arg("-a")
+            .arg(&sock)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (cx, _) = collecting_cx();
+    let targets = fx.deployer().targets();
+
+    // An empty agent has nothing to offer: a typed auth error.
+    let deployer = fx
+        .builder_without_key()
+        .agent_socket(&sock)
+        .build()
+        .unwrap();
+    let err = deployer.current(&targets[0]).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
+    assert!(err.to_string().contains("ssh-agent"), "{err}");
+
+    let out = std::process::Command::new(ssh_add)
+        .arg(fx.fleet.user_key_path())
+        .env("SSH_AUTH_SOCK", &sock)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deployer = fx
+        .builder_without_key()
+        .agent_socket(&sock)
+        .build()
+        .unwrap();
+    Rolling::new()
+        .batch_size(2)
+        .deploy(&deployer, &fx.release("v1"), &targets, &cx)
+        .await
+        .expect("deploys with the agent's key");
+    fx.assert_live(0, "v1");
+    fx.assert_live(1, "v1");
+
+    // A key file the hosts refuse, then the agent: the agent's key is used.
+    let both = fx
+        .builder_without_key()
+        .key_file(fx.fleet.unauthorized_key().unwrap())
+        .agent_socket(&sock)
+        .build()
+        .unwrap();
+    assert_eq!(
+        both.current(&targets[1]).await.unwrap().map(|r| r.version),
+        Some("v1".to_string())
+    );
+}
+
+/// Answers `GET /health` with 200 and anything else with 503; counts hits.
+async fn http_server() -> (u16, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let seen = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = sock.read(&mut buf).await.unwrap_or(0);
+                let req = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let path = req.split_whitespace().nth(1).unwrap_or("").to_string();
+                let status = if path == "/health" {
+                    "200 OK"
+                } else {
+                    "503 Service Unavailable"
+                };
+                seen.lock().unwrap().push(path);
+                let body =
+                    format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                let _ = sock.write_all(body.as_bytes()).await;
+            });
+        }
+    });
+    (port, hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_http_health_check_runs_on_the_host() {
+    let Some(fx) = Fixture::start(2).await else {
+        return;
+    };
+    if cd_testkit::require_tool("curl").is_none() {
+        return;
+    }
+    let (port, hits) = http_server().await;
+    let (cx, _) = collecting_cx();
+    let good = fx
+        .builder()
+        .health_http(format!("http://127.0.0.1:{port}/health"))
+        .build()
+        .unwrap();
+    let targets = good.targets();
+    Rolling::new()
+        .batch_size(2)
+        .deploy(&good, &fx.release("v1"), &targets, &cx)
+        .await
+        .expect("healthy over HTTP");
+    assert_eq!(hits.lock().unwrap().len(), 2);
+
+    let bad = fx
+        .builder()
+        .health_http(format!("http://127.0.0.1:{port}/broken"))
+        .build()
+        .unwrap();
+    let plan = bad.plan(&fx.release("v2"), &targets[1]).await.unwrap();
+    let err = bad.apply(&plan, &cx).await.unwrap_err();
+    assert_eq!(err.context("step"), Some("health"), "{err}");
+    assert_eq!(err.context("host"), Some("host2"));
+    assert!(hits.lock().unwrap().contains(&"/broken".to_string()));
+    fx.assert_live(1, "v1");
 }

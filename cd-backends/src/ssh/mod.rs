@@ -192,6 +192,7 @@ pub struct SshDeployerBuilder {
     key_file: Option<PathBuf>,
     passphrase: Option<Secret<String>>,
     agent: bool,
+    agent_socket: Option<PathBuf>,
     known_hosts: Option<PathBuf>,
     host_key_policy: HostKeyPolicy,
     root: String,
@@ -216,6 +217,7 @@ impl Default for SshDeployerBuilder {
             key_file: None,
             passphrase: None,
             agent: false,
+            agent_socket: None,
             known_hosts: None,
             host_key_policy: HostKeyPolicy::Strict,
             root: "/srv/app".into(),
@@ -278,6 +280,14 @@ impl SshDeployerBuilder {
     /// key file, if any).
     pub fn agent(mut self, enabled: bool) -> Self {
         self.agent = enabled;
+        self
+    }
+
+    /// Offer the keys of the ssh-agent listening on `socket` (after the key
+    /// file, if any); implies [`SshDeployerBuilder::agent`].
+    pub fn agent_socket(mut self, socket: impl AsRef<Path>) -> Self {
+        self.agent = true;
+        self.agent_socket = Some(expand_home(socket.as_ref()));
         self
     }
 
@@ -422,6 +432,7 @@ impl SshDeployerBuilder {
                 key_file: self.key_file,
                 passphrase: self.passphrase,
                 agent: self.agent,
+                agent_socket: self.agent_socket,
                 verifier: Arc::new(HostKeyVerifier::new(known_hosts, self.host_key_policy)),
                 root: self.root,
                 restart: self.restart,
@@ -470,6 +481,7 @@ struct Inner {
     key_file: Option<PathBuf>,
     passphrase: Option<Secret<String>>,
     agent: bool,
+    agent_socket: Option<PathBuf>,
     verifier: Arc<HostKeyVerifier>,
     root: String,
     restart: Option<String>,
@@ -613,6 +625,7 @@ impl SshDeployer {
             user: host.user.clone().unwrap_or_else(|| self.inner.user.clone()),
             key: key.map(|k| (self.inner.key_file.clone().unwrap_or_default(), k)),
             agent: self.inner.agent,
+            agent_socket: self.inner.agent_socket.clone(),
         };
         let result = Connection::open(
             host.endpoint(),

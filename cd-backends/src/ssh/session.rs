@@ -145,6 +145,8 @@ pub(crate) struct Credentials {
     pub(crate) user: String,
     pub(crate) key: Option<(PathBuf, Arc<PrivateKey>)>,
     pub(crate) agent: bool,
+    /// The agent's socket; `None` means `SSH_AUTH_SOCK`.
+    pub(crate) agent_socket: Option<PathBuf>,
 }
 
 /// Where a host is and what it is called.
@@ -339,7 +341,10 @@ impl Connection {
         }
         if creds.agent {
             offered.push("ssh-agent".to_string());
-            if self.authenticate_with_agent(&creds.user).await? {
+            if self
+                .authenticate_with_agent(&creds.user, creds.agent_socket.as_deref())
+                .await?
+            {
                 return Ok(());
             }
         }
@@ -355,11 +360,19 @@ impl Connection {
         })
     }
 
-    async fn authenticate_with_agent(&mut self, user: &str) -> Result<bool, SshError> {
+    async fn authenticate_with_agent(
+        &mut self,
+        user: &str,
+        socket: Option<&Path>,
+    ) -> Result<bool, SshError> {
         use russh::keys::agent::client::AgentClient;
         use russh::keys::agent::AgentIdentity;
-        let Ok(mut agent) = AgentClient::connect_env().await else {
-            tracing::debug!("ssh-agent not reachable (SSH_AUTH_SOCK)");
+        let agent = match socket {
+            Some(path) => AgentClient::connect_uds(path).await,
+            None => AgentClient::connect_env().await,
+        };
+        let Ok(mut agent) = agent else {
+            tracing::debug!(socket = ?socket, "ssh-agent not reachable");
             return Ok(false);
         };
         let identities = agent.request_identities().await.unwrap_or_default();
