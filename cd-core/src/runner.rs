@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::stream::FuturesUnordered;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -736,6 +736,7 @@ impl Runner {
                 outputs: Outputs::default(),
                 release: Arc::new(run.release.clone()),
                 run_cancel: run_cancel.clone(),
+                dirty: Vec::new(),
             };
             exec.restore_outputs();
             let status = exec.main_loop().await?;
@@ -821,6 +822,7 @@ struct Execution<'a> {
     outputs: Outputs,
     release: Arc<Release>,
     run_cancel: CancellationToken,
+    dirty: Vec<usize>,
 }
 
 impl Execution<'_> {
@@ -857,7 +859,32 @@ impl Execution<'_> {
         }
     }
 
+    /// Writes node `i` now.
     async fn persist(&self, i: usize) -> Result<()> {
+        self.runner.store.put_node(&self.record(i)).await
+    }
+
+    /// Marks node `i` to be written by the next [`Execution::flush`]: the
+    /// hot path batches writes, and flushes before any dependent starts.
+    fn mark_dirty(&mut self, i: usize) {
+        self.dirty.push(i);
+    }
+
+    /// Writes every node marked dirty, in one store call.
+    async fn flush(&mut self) -> Result<()> {
+        if self.dirty.is_empty() {
+            return Ok(());
+        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_unstable();
+        dirty.dedup();
+        let records: Vec<NodeRecord> = dirty.iter().map(|&i| self.record(i)).collect();
+        dirty.clear();
+        self.dirty = dirty;
+        self.runner.store.put_nodes(&records).await
+    }
+
+    fn record(&self, i: usize) -> NodeRecord {
         let st = &self.states[i];
         let redactor = self.emitter.redactor();
         let output = st.output.as_ref().map(|o| {
@@ -871,7 +898,7 @@ impl Execution<'_> {
             }
             e
         });
-        let rec = NodeRecord {
+        NodeRecord {
             run_id: self.run.id.clone(),
             node: self.pipeline.nodes()[i].name.clone(),
             status: st.status,
@@ -881,8 +908,7 @@ impl Execution<'_> {
             started_at: st.started_at,
             finished_at: st.finished_at,
             recheck_at: st.recheck_at,
-        };
-        self.runner.store.put_node(&rec).await
+        }
     }
 
     fn spawn(
@@ -1009,22 +1035,32 @@ impl Execution<'_> {
         let cancelled_fut = cancel_token.cancelled();
         tokio::pin!(cancelled_fut);
         loop {
+            // Completions are durable before any dependent starts.
+            self.flush().await?;
             while !stopping && running.len() < self.runner.concurrency {
                 let Some(i) = ready.pop_front() else { break };
                 let fut = self.spawn(i, self.run_cancel.clone(), None);
-                self.persist(i).await?;
+                self.mark_dirty(i);
                 running.push(fut);
             }
+            self.flush().await?;
             if running.is_empty() && (timers.is_empty() || stopping) {
                 break;
             }
             let next_timer = timers.peek().map(|Reverse((t, _))| *t);
             tokio::select! {
-                Some((i, result, elapsed)) = running.next() => {
-                    self.finish_attempt(i, result, elapsed, &mut ready, &mut timers, &mut remaining, &mut failed).await?;
-                    if failed && !stopping && self.runner.fail_fast {
-                        stopping = true;
-                        self.run_cancel.cancel();
+                Some(first) = running.next() => {
+                    // Take every attempt that is already done, then persist them together.
+                    let mut done = vec![first];
+                    while let Some(Some(more)) = running.next().now_or_never() {
+                        done.push(more);
+                    }
+                    for (i, result, elapsed) in done {
+                        self.finish_attempt(i, result, elapsed, &mut ready, &mut timers, &mut remaining, &mut failed).await?;
+                        if failed && !stopping && self.runner.fail_fast {
+                            stopping = true;
+                            self.run_cancel.cancel();
+                        }
                     }
                 }
                 _ = sleep_until_opt(next_timer), if next_timer.is_some() => {
@@ -1044,6 +1080,7 @@ impl Execution<'_> {
             }
         }
 
+        self.flush().await?;
         // Whatever did not run.
         let reason = if cancelled {
             "run cancelled".to_string()
@@ -1155,7 +1192,7 @@ impl Execution<'_> {
         st.finished_at = Some(Utc::now());
         st.error = None;
         st.output = Some(out);
-        self.persist(i).await?;
+        self.mark_dirty(i);
         self.emitter.emit_for(
             Some(name),
             EventKind::NodeSucceeded {
@@ -1292,6 +1329,7 @@ impl Execution<'_> {
                     &mut failed,
                 )
                 .await?;
+                self.flush().await?;
                 match timers.pop() {
                     Some(Reverse((t, _))) => tokio::time::sleep_until(t.into()).await,
                     None => break,

@@ -315,6 +315,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Creates or replaces a node's record.
     async fn put_node(&self, node: &NodeRecord) -> Result<()>;
+    /// Creates or replaces several node records at once (one transaction
+    /// where the store has them). The runner batches its writes through it.
+    async fn put_nodes(&self, nodes: &[NodeRecord]) -> Result<()> {
+        for n in nodes {
+            self.put_node(n).await?;
+        }
+        Ok(())
+    }
     /// All node records of a run.
     async fn nodes(&self, run_id: &str) -> Result<Vec<NodeRecord>>;
 
@@ -437,15 +445,21 @@ impl Store for MemoryStore {
     }
 
     async fn put_node(&self, node: &NodeRecord) -> Result<()> {
+        self.put_nodes(std::slice::from_ref(node)).await
+    }
+
+    async fn put_nodes(&self, nodes: &[NodeRecord]) -> Result<()> {
         let mut g = self.lock();
-        let run = match g.nodes.get_mut(&node.run_id) {
-            Some(run) => run,
-            None => g.nodes.entry(node.run_id.clone()).or_default(),
-        };
-        match run.get_mut(&node.node) {
-            Some(slot) => slot.clone_from(node),
-            None => {
-                run.insert(node.node.clone(), node.clone());
+        for node in nodes {
+            let run = match g.nodes.get_mut(&node.run_id) {
+                Some(run) => run,
+                None => g.nodes.entry(node.run_id.clone()).or_default(),
+            };
+            match run.get_mut(&node.node) {
+                Some(slot) => slot.clone_from(node),
+                None => {
+                    run.insert(node.node.clone(), node.clone());
+                }
             }
         }
         Ok(())
