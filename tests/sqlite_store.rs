@@ -211,9 +211,10 @@ async fn node_records_are_replaced_and_ordered_like_memory_store() {
         retryable: false,
     });
     deploy.recheck_at = Some(at(100));
+    // Several records in one call (one transaction for SQLite).
     for s in [&store as &dyn Store, &memory] {
-        s.put_node(&build).await.unwrap();
-        s.put_node(&deploy).await.unwrap();
+        s.put_nodes(&[build.clone(), deploy.clone()]).await.unwrap();
+        s.put_nodes(&[]).await.unwrap();
     }
     let got = store.nodes("r1").await.unwrap();
     assert_eq!(got, memory.nodes("r1").await.unwrap());

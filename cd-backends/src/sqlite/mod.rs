@@ -619,23 +619,37 @@ impl Store for SqliteStore {
     }
 
     async fn put_node(&self, node: &NodeRecord) -> Result<()> {
+        self.put_nodes(std::slice::from_ref(node)).await
+    }
+
+    async fn put_nodes(&self, nodes: &[NodeRecord]) -> Result<()> {
+        if nodes.is_empty() {
+            return Ok(());
+        }
         let path = self.p();
-        let n = node.clone();
-        let output = n.output.as_ref().map(to_json).transpose()?;
-        let error = n.error.as_ref().map(to_json).transpose()?;
+        let mut encoded = Vec::with_capacity(nodes.len());
+        for n in nodes {
+            encoded.push((
+                n.clone(),
+                n.output.as_ref().map(to_json).transpose()?,
+                n.error.as_ref().map(to_json).transpose()?,
+            ));
+        }
         self.engine
             .write(move |c| {
-                c.prepare_cached(
-                    "INSERT INTO nodes (run_id, node, status, attempts, output, error, started_at,
-                                        finished_at, recheck_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                     ON CONFLICT (run_id, node) DO UPDATE SET status = excluded.status,
-                       attempts = excluded.attempts, output = excluded.output, error = excluded.error,
-                       started_at = excluded.started_at, finished_at = excluded.finished_at,
-                       recheck_at = excluded.recheck_at",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![
+                let mut stmt = c
+                    .prepare_cached(
+                        "INSERT INTO nodes (run_id, node, status, attempts, output, error, started_at,
+                                            finished_at, recheck_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                         ON CONFLICT (run_id, node) DO UPDATE SET status = excluded.status,
+                           attempts = excluded.attempts, output = excluded.output,
+                           error = excluded.error, started_at = excluded.started_at,
+                           finished_at = excluded.finished_at, recheck_at = excluded.recheck_at",
+                    )
+                    .map_err(|e| sql_err(&path, e))?;
+                for (n, output, error) in &encoded {
+                    stmt.execute(params![
                         n.run_id,
                         n.node,
                         n.status.as_str(),
@@ -646,8 +660,8 @@ impl Store for SqliteStore {
                         ts_opt(n.finished_at),
                         ts_opt(n.recheck_at)
                     ])
-                })
-                .map_err(|e| sql_err(&path, e))?;
+                    .map_err(|e| sql_err(&path, e))?;
+                }
                 Ok(())
             })
             .await
