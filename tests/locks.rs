@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use cd_backends::sqlite::SqliteStore;
 use cd_core::{
-    stage_fn, ErrorKind, LockAttempt, LockRequest, LockSettings, Pipeline, Release, RunStatus,
-    Runner, StageOutput, Store,
+    stage_fn, ErrorKind, EventKind, FnSink, LockAttempt, LockRequest, LockSettings, Pipeline,
+    Release, RunStatus, Runner, StageOutput, Store,
 };
 
 const ROLE: &str = "CD_LOCK_HELPER_ROLE";
@@ -104,6 +104,47 @@ fn lock_helper() {
                     // Stdin closed: hold until killed.
                     std::thread::sleep(Duration::from_secs(3600));
                 }
+            }
+            "run" => {
+                // A deploy binary as users write it: Ctrl-C cancels the run.
+                let token = tokio_util::sync::CancellationToken::new();
+                let on_signal = token.clone();
+                tokio::spawn(async move {
+                    let _ = tokio::signal::ctrl_c().await;
+                    on_signal.cancel();
+                });
+                let store: Arc<dyn Store> = Arc::new(store);
+                let pipeline = Pipeline::builder("web")
+                    .stage(
+                        "deploy",
+                        stage_fn(|cx| async move {
+                            cx.sleep(Duration::from_secs(600)).await?;
+                            Ok(StageOutput::empty())
+                        }),
+                    )
+                    .build()
+                    .unwrap();
+                let runner = Runner::new(store)
+                    .environment("production")
+                    .actor(holder.as_str())
+                    .cancel_token(token)
+                    .lock(LockSettings {
+                        ttl,
+                        wait_timeout: Duration::from_secs(30),
+                        poll_interval: Duration::from_millis(20),
+                    })
+                    .sink(FnSink(|e: &cd_core::Event| {
+                        if let EventKind::NodeStarted { .. } = e.kind {
+                            println!("\nrunning");
+                            let _ = std::io::stdout().flush();
+                        }
+                    }));
+                let outcome = runner.run(&pipeline, Release::new("v42")).await;
+                let status = match outcome {
+                    Ok(report) => report.status.to_string(),
+                    Err(e) => e.kind().to_string(),
+                };
+                println!("\nfinished {status}");
             }
             other => panic!("unknown role {other}"),
         }
@@ -350,4 +391,42 @@ async fn a_waiter_past_its_timeout_learns_the_holders_name() {
     let report = runner.run(&pipeline, Release::new("v43")).await.unwrap();
     assert_eq!(report.status, RunStatus::Succeeded);
     assert!(store.locks().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn ctrl_c_releases_the_lock_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    // A 10-minute lease: only the cancelled run's release can free it.
+    let mut deploying = Helper::start("run", &db, "alice", &[(TTL_MS, "600000".into())]);
+    deploying.expect("running");
+    let store = SqliteStore::open(&db).await.unwrap();
+    let me = req("bob", Duration::from_secs(30));
+    match store.try_acquire_lock(&me).await.unwrap() {
+        LockAttempt::Busy(Some(l)) => assert!(l.holder.starts_with("alice@"), "{l:?}"),
+        other => panic!("expected the run to hold the lock, got {other:?}"),
+    }
+    let pid = deploying.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let t0 = Instant::now();
+    loop {
+        match store.try_acquire_lock(&me).await.unwrap() {
+            LockAttempt::Acquired(l) => {
+                assert_eq!(l.holder, "bob");
+                break;
+            }
+            LockAttempt::Busy(_) => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(5),
+                    "lock still held 5 s after Ctrl-C"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    deploying.expect("finished cancelled");
 }

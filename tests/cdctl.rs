@@ -1,0 +1,258 @@
+//! `cdctl` against a real state database: tables, `--json`, breaking a lock
+//! (only with `--force` and a reason, audited), approvals, errors.
+#![cfg(feature = "sqlite")]
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use cd_backends::sqlite::SqliteStore;
+use cd_core::{
+    Decision, LockRequest, NodeRecord, NodeStatus, Release, ReleaseRecord, ReleaseStatus, Revision,
+    RunRecord, RunStatus, Store,
+};
+use chrono::{Duration as ChronoDuration, Utc};
+
+const RUN: &str = "7f3c2a10-0000-4000-8000-000000000001";
+const DONE: &str = "1b2d0000-0000-4000-8000-000000000002";
+
+fn cdctl(db: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cdctl"))
+        .arg("--db")
+        .arg(db)
+        .args(args)
+        .env_remove("CD_DB")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "cdctl failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+fn record(id: &str, version: &str, status: ReleaseStatus, ago_s: i64) -> ReleaseRecord {
+    let at = Utc::now() - ChronoDuration::seconds(ago_s);
+    ReleaseRecord {
+        id: id.into(),
+        environment: "production".into(),
+        version: version.into(),
+        release: Release::new(version),
+        revisions: vec![Revision::new("blue", version, format!("pid-{ago_s}"))],
+        status,
+        run_id: Some(DONE.into()),
+        actor: "alice".into(),
+        at,
+        updated_at: at,
+    }
+}
+
+async fn populate(db: &Path) {
+    let store = SqliteStore::open(db).await.unwrap();
+    let now = Utc::now();
+    for (id, status, version, ago) in [
+        (DONE, RunStatus::Failed, "v2-broken", 60),
+        (RUN, RunStatus::Running, "v3", 5),
+    ] {
+        store
+            .create_run(&RunRecord {
+                id: id.into(),
+                pipeline: "web".into(),
+                definition_hash: "0123456789abcdef".into(),
+                release: Release::new(version),
+                environment: "production".into(),
+                status,
+                started_by: "alice".into(),
+                started_at: now - ChronoDuration::seconds(ago),
+                finished_at: (status != RunStatus::Running).then_some(now),
+            })
+            .await
+            .unwrap();
+    }
+    let mut build = NodeRecord::pending(RUN, "build");
+    build.status = NodeStatus::Succeeded;
+    build.attempts = 1;
+    build.started_at = Some(now - ChronoDuration::seconds(4));
+    build.finished_at = Some(now - ChronoDuration::seconds(3));
+    build.output = Some(serde_json::json!({"image": "app:v3"}));
+    let mut gate = NodeRecord::pending(RUN, "approval");
+    gate.status = NodeStatus::Waiting;
+    gate.started_at = Some(now - ChronoDuration::seconds(2));
+    gate.recheck_at = Some(now + ChronoDuration::seconds(30));
+    store.put_nodes(&[build, gate]).await.unwrap();
+    store
+        .append_events(&[cd_core::Event {
+            run_id: RUN.into(),
+            seq: 1,
+            at: now,
+            node: Some("build".into()),
+            kind: cd_core::EventKind::Log {
+                level: cd_core::LogLevel::Info,
+                message: "built app:v3".into(),
+            },
+        }])
+        .await
+        .unwrap();
+    store
+        .put_release(&record("r1", "v1", ReleaseStatus::Live, 120))
+        .await
+        .unwrap();
+    store
+        .put_release(&record("r2", "v2-broken", ReleaseStatus::RolledBack, 60))
+        .await
+        .unwrap();
+    store
+        .try_acquire_lock(&LockRequest {
+            environment: "production".into(),
+            holder: "alice@ci pid 7".into(),
+            run_id: Some(RUN.into()),
+            message: "run 7f3c".into(),
+            ttl: Duration::from_secs(600),
+        })
+        .await
+        .unwrap();
+    store.close().await;
+}
+
+#[tokio::test]
+async fn cdctl_reads_and_operates_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    populate(&db).await;
+
+    // runs: newest first, as a table and as JSON.
+    let table = ok(&cdctl(&db, &["runs"]));
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("RUN"), "{table}");
+    assert!(
+        lines[1].starts_with(RUN) && lines[1].contains("running"),
+        "{table}"
+    );
+    assert!(
+        lines[2].starts_with(DONE) && lines[2].contains("failed"),
+        "{table}"
+    );
+    let runs: serde_json::Value =
+        serde_json::from_str(&ok(&cdctl(&db, &["runs", "--json"]))).unwrap();
+    assert_eq!(runs.as_array().unwrap().len(), 2);
+    assert_eq!(runs[0]["id"], RUN);
+
+    // run show, by a prefix of the id.
+    let show = ok(&cdctl(&db, &["run", "show", "7f3c"]));
+    assert!(show.contains(RUN), "{show}");
+    assert!(
+        show.contains("approval") && show.contains("waiting"),
+        "{show}"
+    );
+    assert!(show.contains("built app:v3"), "{show}");
+    let show: serde_json::Value =
+        serde_json::from_str(&ok(&cdctl(&db, &["run", "show", RUN, "--json"]))).unwrap();
+    assert_eq!(show["run"]["id"], RUN);
+    assert_eq!(show["nodes"].as_array().unwrap().len(), 2);
+    assert_eq!(show["events"][0]["seq"], 1);
+
+    // history: the table and the JSON say the same.
+    let history = ok(&cdctl(&db, &["history", "production"]));
+    let rows: Vec<&str> = history.lines().skip(1).collect();
+    assert!(
+        rows[0].starts_with("v2-broken") && rows[0].contains("rolled_back"),
+        "{history}"
+    );
+    assert!(
+        rows[1].starts_with("v1") && rows[1].contains("live"),
+        "{history}"
+    );
+    let json: Vec<ReleaseRecord> =
+        serde_json::from_str(&ok(&cdctl(&db, &["history", "production", "--json"]))).unwrap();
+    let store = SqliteStore::open(&db).await.unwrap();
+    assert_eq!(json, store.release_history("production", 20).await.unwrap());
+
+    // locks, and breaking one: refused without --force, audited with it.
+    let locks = ok(&cdctl(&db, &["locks"]));
+    assert!(locks.contains("alice@ci pid 7"), "{locks}");
+    let refused = cdctl(&db, &["unlock", "production", "--reason", "stuck"]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--force"));
+    assert_eq!(store.locks().await.unwrap().len(), 1);
+    let out = ok(&cdctl(
+        &db,
+        &[
+            "unlock",
+            "production",
+            "--force",
+            "--reason",
+            "ci host died",
+            "--as",
+            "carol",
+        ],
+    ));
+    assert!(out.contains("alice@ci pid 7"), "{out}");
+    assert!(store.locks().await.unwrap().is_empty());
+    let audit = store.lock_audit(Some("production"), 5).await.unwrap();
+    assert_eq!(audit[0].actor, "carol");
+    assert_eq!(audit[0].reason.as_deref(), Some("ci host died"));
+    let locks: serde_json::Value =
+        serde_json::from_str(&ok(&cdctl(&db, &["locks", "--json"]))).unwrap();
+    assert!(locks["locks"].as_array().unwrap().is_empty());
+
+    // approve a waiting gate; a finished run or an unknown node is refused.
+    let approval: serde_json::Value = serde_json::from_str(&ok(&cdctl(
+        &db,
+        &[
+            "approve",
+            "7f3c",
+            "approval",
+            "--as",
+            "bob",
+            "--comment",
+            "lgtm",
+            "--json",
+        ],
+    )))
+    .unwrap();
+    assert_eq!(approval["approver"], "bob");
+    let stored = store.approvals(RUN, "approval").await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].decision, Decision::Approve);
+    assert_eq!(stored[0].comment.as_deref(), Some("lgtm"));
+    let reject = cdctl(&db, &["reject", "7f3c", "nope", "--as", "bob"]);
+    assert_eq!(reject.status.code(), Some(3));
+    let late = cdctl(&db, &["approve", DONE, "approval", "--as", "bob"]);
+    assert_eq!(late.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&late.stderr).contains("already finished"));
+    assert_eq!(store.approvals(DONE, "approval").await.unwrap().len(), 0);
+}
+
+#[test]
+fn cdctl_explains_a_missing_database_and_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope/state.db");
+    let out = cdctl(&missing, &["runs"]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no state database") && err.contains("CD_DB"),
+        "{err}"
+    );
+    assert!(
+        !missing.exists(),
+        "a read command must not create a database"
+    );
+
+    let help = Command::new(env!("CARGO_BIN_EXE_cdctl"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("Deploy::restore"), "{help}");
+    for cmd in [
+        "runs", "run", "history", "locks", "unlock", "approve", "reject",
+    ] {
+        assert!(help.contains(cmd), "{cmd} missing from --help");
+    }
+}
