@@ -44,28 +44,39 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The deployer for a fleet: every host in group `web`, its root directory
-/// as the host variable `host_root`; state kept in `state`.
-fn deployer(bin: &Path, fleet: &SshFleet, state: &Path) -> AnsibleDeployer {
-    let mut d = AnsibleDeployer::new(fixture("site.yml"))
-        .binary(bin)
-        .known_hosts(fleet.known_hosts_path())
-        .state_dir(state)
-        .connect_timeout(5)
-        .python_interpreter(remote_python())
-        .pipelining(true);
-    for h in fleet.hosts() {
-        d = d.host(
+/// The fleet's hosts, all in group `web`, each with its root directory as
+/// the host variable `host_root`.
+fn hosts(fleet: &SshFleet) -> Vec<AnsibleHost> {
+    fleet
+        .hosts()
+        .iter()
+        .map(|h| {
             AnsibleHost::new(&h.name)
                 .address(&h.ip)
                 .port(h.port)
                 .user(fleet.user())
                 .key_file(fleet.user_key_path())
                 .groups(["web"])
-                .var("host_root", h.root.display().to_string()),
-        );
-    }
-    d
+                .var("host_root", h.root.display().to_string())
+        })
+        .collect()
+}
+
+/// A deployer running `playbook` on the fleet; state kept in `state`.
+fn deployer_for(playbook: &str, bin: &Path, fleet: &SshFleet, state: &Path) -> AnsibleDeployer {
+    AnsibleDeployer::new(fixture(playbook))
+        .binary(bin)
+        .known_hosts(fleet.known_hosts_path())
+        .state_dir(state)
+        .connect_timeout(5)
+        .python_interpreter(remote_python())
+        .pipelining(true)
+        .hosts_from(hosts(fleet))
+}
+
+/// The deployer for `site.yml`.
+fn deployer(bin: &Path, fleet: &SshFleet, state: &Path) -> AnsibleDeployer {
+    deployer_for("site.yml", bin, fleet, state)
 }
 
 fn context() -> (DeployContext, CollectingSink) {
@@ -342,4 +353,37 @@ async fn missing_binary_names_the_binary_and_the_setting() {
     assert!(text.contains("CD_ANSIBLE_PLAYBOOK"), "{text}");
     assert!(text.contains("AnsibleDeployer::binary"), "{text}");
     assert_eq!(err.kind(), ErrorKind::Invalid);
+}
+
+#[tokio::test]
+async fn cancelling_a_run_interrupts_ansible_playbook() {
+    let Some(bin) = ansible_playbook() else {
+        return;
+    };
+    let Some(fleet) = SshFleet::start_or_skip(1).await.unwrap() else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let ansible = deployer_for("slow.yml", &bin, &fleet, state.path());
+    let target = ansible.group_target("all");
+    let (cx, _) = context();
+    // Check mode skips `command`, so plan in check mode first, then apply.
+    let plan = ansible
+        .plan_in(&Release::new("v1"), &target, &cx)
+        .await
+        .unwrap();
+    let cancel = cx.cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+        cancel.cancel();
+    });
+    let started = std::time::Instant::now();
+    let err = ansible.apply(&plan, &cx).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Cancelled, "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "ansible-playbook went on after the interrupt ({:?})",
+        started.elapsed()
+    );
+    assert!(ansible.current(&target).await.unwrap().is_none());
 }

@@ -384,6 +384,8 @@ async fn drift_gate_passes_then_fails_on_a_tainted_resource() {
     let gate = TerraformDriftGate::new(tf.clone(), target.clone());
     let scx = StageContext::detached("drift", v1.clone(), Arc::new(MemoryStore::new()));
     assert_eq!(gate.evaluate(&scx).await.unwrap(), Verdict::Pass);
+    let refresh_only = TerraformDriftGate::new(tf.clone(), target.clone()).refresh_only();
+    assert_eq!(refresh_only.evaluate(&scx).await.unwrap(), Verdict::Pass);
 
     // Someone taints the app outside the pipeline.
     let mut taint = std::process::Command::new(&tools.terraform);
@@ -542,4 +544,48 @@ async fn fast_plans_without_show_still_apply_output_only_changes() {
     assert!(plan.changes.is_empty(), "{:?}", plan.changes);
     let rev = tf.apply(&plan, &cx).await.unwrap();
     assert_eq!(rev.detail["outputs"]["size"], json!(2));
+}
+
+#[tokio::test]
+async fn cancelling_an_apply_interrupts_terraform_and_releases_the_lock() {
+    let Some(tools) = tools() else { return };
+    let dir = fixture("app");
+    // One operation at a time: the interrupt lands while worker 0 works;
+    // terraform finishes it and starts nothing else.
+    let tf = deployer(&tools, dir.path())
+        .parallelism(1)
+        .lock_timeout(std::time::Duration::from_secs(5));
+    let target = tf.target("default");
+    let (cx, sink) = context("default");
+    let slow = Release::new("v1")
+        .config("workers", 4)
+        .config("work_seconds", 4);
+    let plan = tf.plan_in(&slow, &target, &cx).await.unwrap();
+    let cancel = cx.cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        cancel.cancel();
+    });
+    let started = std::time::Instant::now();
+    let err = tf.apply(&plan, &cx).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Cancelled, "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(14),
+        "terraform went on after the interrupt ({:?})",
+        started.elapsed()
+    );
+    let events = sink.events();
+    let started_workers = progress(&events, "null_resource.worker[3]");
+    assert!(
+        !started_workers.contains(&("create", "ok")),
+        "{started_workers:?}"
+    );
+    assert!(tf.current(&target).await.unwrap().is_none());
+    // The state lock was released and the rest is still to do.
+    let (cx, _) = context("default");
+    let again = tf.plan_in(&slow, &target, &cx).await.unwrap();
+    assert_eq!(
+        action_of(&again, "null_resource.worker[3]"),
+        Some(ChangeAction::Create)
+    );
 }

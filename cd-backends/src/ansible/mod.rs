@@ -179,6 +179,12 @@ impl AnsibleDeployer {
         self
     }
 
+    /// Adds several hosts.
+    pub fn hosts_from<I: IntoIterator<Item = AnsibleHost>>(mut self, hosts: I) -> Self {
+        self.hosts.extend(hosts);
+        self
+    }
+
     /// Adds hosts from pipeline targets (see [`AnsibleHost::from_target`]).
     pub fn targets_from<I: IntoIterator<Item = Target>>(mut self, targets: I) -> Self {
         self.hosts
@@ -456,6 +462,12 @@ impl AnsibleDeployer {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
+            // Its own process group: a Ctrl-C on the user's terminal reaches
+            // the host program (which cancels the run), not the tool
+            // directly; on cancellation the whole group gets SIGINT, as a
+            // terminal would send it (terraform re-executes itself under
+            // panicwrap, so signalling the parent alone does nothing).
+            .process_group(0)
             .env("ANSIBLE_CALLBACK_PLUGINS", callback_path(plugin_dir))
             .env("ANSIBLE_STDOUT_CALLBACK", CALLBACK_NAME)
             .env("ANSIBLE_NOCOLOR", "1")
@@ -528,6 +540,7 @@ impl AnsibleDeployer {
             match tokio::time::timeout(INTERRUPT_GRACE, child.wait()).await {
                 Ok(s) => s.ok(),
                 Err(_) => {
+                    signal_group(&child, "KILL").await;
                     let _ = child.kill().await;
                     None
                 }
@@ -952,22 +965,29 @@ fn callback_path(plugin_dir: &Path) -> OsString {
 
 /// Sends SIGINT so ansible-playbook stops its workers cleanly.
 async fn interrupt(child: &mut tokio::process::Child) {
-    if let Some(pid) = child.id() {
-        let sent = Command::new("kill")
-            .arg("-INT")
-            .arg(pid.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if sent {
-            return;
-        }
+    if signal_group(child, "INT").await {
+        return;
     }
     let _ = child.start_kill();
+}
+
+/// Sends `signal` to the child's process group (the child leads it).
+async fn signal_group(child: &tokio::process::Child, signal: &str) -> bool {
+    let Some(pid) = child.id() else {
+        return false;
+    };
+    Command::new("kill")
+        .arg("-s")
+        .arg(signal)
+        .arg("--")
+        .arg(format!("-{pid}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 /// Writes a file readable by the owner only (extra vars may hold secrets).

@@ -13,10 +13,6 @@ use tokio_util::sync::CancellationToken;
 use super::error::TerraformError;
 use super::ui::{parse_human_diagnostics, Diagnostic, UiMessage};
 
-/// How long terraform gets to stop cleanly (release its lock) after an
-/// interrupt before it is killed.
-const INTERRUPT_GRACE: Duration = Duration::from_secs(30);
-
 /// How much of stderr an error keeps.
 const STDERR_TAIL: usize = 4000;
 
@@ -27,6 +23,9 @@ pub(crate) struct Cli {
     pub dir: PathBuf,
     pub cli_config: Option<PathBuf>,
     pub env: Vec<(String, String)>,
+    /// How long terraform gets to finish in-flight operations (and release
+    /// its lock) after an interrupt before it is killed.
+    pub grace: Duration,
 }
 
 /// What a finished terraform process left behind.
@@ -38,6 +37,8 @@ pub(crate) struct Finished {
     pub diagnostics: Vec<Diagnostic>,
     /// Non-JSON stdout (when the command had no `-json`) — kept for errors.
     pub text: String,
+    /// The run was cancelled and terraform was interrupted.
+    pub interrupted: bool,
 }
 
 impl Finished {
@@ -112,6 +113,31 @@ impl Cli {
         args: &[OsString],
         workspace: Option<&str>,
         cancel: &CancellationToken,
+        on_message: impl FnMut(UiMessage),
+        on_line: impl FnMut(&str),
+    ) -> Result<Finished, TerraformError> {
+        let finished = self
+            .run_raw(args, workspace, cancel, on_message, on_line)
+            .await?;
+        if finished.interrupted {
+            return Err(TerraformError::Cancelled {
+                command: args
+                    .first()
+                    .map(|a| a.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            });
+        }
+        Ok(finished)
+    }
+
+    /// Like [`Cli::run`], but an interrupted run still returns what
+    /// terraform did ([`Finished::interrupted`]): after an interrupt,
+    /// terraform finishes the operations in flight, and may even succeed.
+    pub async fn run_raw(
+        &self,
+        args: &[OsString],
+        workspace: Option<&str>,
+        cancel: &CancellationToken,
         mut on_message: impl FnMut(UiMessage),
         mut on_line: impl FnMut(&str),
     ) -> Result<Finished, TerraformError> {
@@ -126,6 +152,12 @@ impl Cli {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
+            // Its own process group: a Ctrl-C on the user's terminal reaches
+            // the host program (which cancels the run), not the tool
+            // directly; on cancellation the whole group gets SIGINT, as a
+            // terminal would send it (terraform re-executes itself under
+            // panicwrap, so signalling the parent alone does nothing).
+            .process_group(0)
             .env("TF_IN_AUTOMATION", "1")
             .env("TF_INPUT", "0");
         if let Some(cfg) = &self.cli_config {
@@ -176,9 +208,10 @@ impl Cli {
         }
         let status =
             if cancelled {
-                match tokio::time::timeout(INTERRUPT_GRACE, child.wait()).await {
+                match tokio::time::timeout(self.grace, child.wait()).await {
                     Ok(s) => s.ok(),
                     Err(_) => {
+                        signal_group(&child, "KILL").await;
                         let _ = child.kill().await;
                         None
                     }
@@ -189,9 +222,7 @@ impl Cli {
                 })?)
             };
         finished.stderr = stderr_task.await.unwrap_or_default();
-        if cancelled {
-            return Err(TerraformError::Cancelled { command });
-        }
+        finished.interrupted = cancelled;
         finished.code = status.and_then(|s| s.code());
         Ok(finished)
     }
@@ -222,22 +253,29 @@ impl Cli {
 
 /// Sends SIGINT so terraform stops cleanly and releases its state lock.
 async fn interrupt(child: &mut tokio::process::Child) {
-    if let Some(pid) = child.id() {
-        let sent = Command::new("kill")
-            .arg("-INT")
-            .arg(pid.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if sent {
-            return;
-        }
+    if signal_group(child, "INT").await {
+        return;
     }
     let _ = child.start_kill();
+}
+
+/// Sends `signal` to the child's process group (the child leads it).
+async fn signal_group(child: &tokio::process::Child, signal: &str) -> bool {
+    let Some(pid) = child.id() else {
+        return false;
+    };
+    Command::new("kill")
+        .arg("-s")
+        .arg(signal)
+        .arg("--")
+        .arg(format!("-{pid}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 pub(crate) fn spawn_error(binary: &Path, e: std::io::Error) -> TerraformError {

@@ -1,5 +1,6 @@
 //! A drift check as a pipeline gate.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::time::Instant;
 
@@ -97,8 +98,14 @@ impl TerraformDriftGate {
             "-detailed-exitcode".into(),
             d.lock_arg(),
         ];
+        // Refresh-only exit codes are unreliable (terraform 1.0 answers 2
+        // for "No changes"; see hashicorp/terraform#36403, and OpenTofu
+        // never answers 2: opentofu/opentofu#3107): save the refresh plan and
+        // compare the refreshed state with the stored one instead.
+        let (refresh_plan, _) = d.plan_paths(&workspace, &format!("drift-{}", release.version));
         if self.mode == DriftMode::RefreshOnly {
             args.push("-refresh-only".into());
+            args.push(os_flag("-out=", &refresh_plan));
         }
         args.push(os_flag("-var-file=", &var_file));
         let started = Instant::now();
@@ -126,11 +133,31 @@ impl TerraformDriftGate {
             )
             .await;
         let _ = std::fs::remove_file(&var_file);
-        let finished = result?;
+        let finished = match result {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = std::fs::remove_file(&refresh_plan);
+                return Err(e.into());
+            }
+        };
         let drifted = match finished.code {
             Some(0) => false,
+            Some(2) if self.mode == DriftMode::RefreshOnly => {
+                let found = self
+                    .refreshed_differences(&refresh_plan, &workspace, cx)
+                    .await;
+                let _ = std::fs::remove_file(&refresh_plan);
+                let found = found?;
+                changes.extend(
+                    found
+                        .iter()
+                        .map(|a| (a.clone(), "changed outside terraform".to_string())),
+                );
+                !found.is_empty()
+            }
             Some(2) => true,
             _ => {
+                let _ = std::fs::remove_file(&refresh_plan);
                 cx.events.progress(
                     Some(&workspace),
                     "drift check",
@@ -153,6 +180,87 @@ impl TerraformDriftGate {
             drifted,
             changes,
         })
+    }
+}
+
+impl TerraformDriftGate {
+    /// Addresses whose refreshed values (the saved refresh-only plan's
+    /// `prior_state`) differ from the stored state (`terraform show -json`),
+    /// plus outputs that would change.
+    async fn refreshed_differences(
+        &self,
+        refresh_plan: &std::path::Path,
+        workspace: &str,
+        cx: &DeployContext,
+    ) -> Result<Vec<String>> {
+        let d = &self.deployer;
+        let show = |args: Vec<std::ffi::OsString>| async move {
+            let (finished, out) = d.cli().capture(&args, Some(workspace), &cx.cancel).await?;
+            if !finished.success() {
+                return Err(cd_core::Error::from(finished.into_error("show")));
+            }
+            serde_json::from_str::<Value>(&out).map_err(|e| {
+                cd_core::Error::from(super::error::TerraformError::Parse {
+                    command: "show -json".into(),
+                    message: e.to_string(),
+                })
+            })
+        };
+        let plan = show(vec!["show".into(), "-json".into(), refresh_plan.into()]).await?;
+        let state = show(vec!["show".into(), "-json".into()]).await?;
+        let mut refreshed = BTreeMap::new();
+        if let Some(m) = plan.pointer("/prior_state/values/root_module") {
+            collect_resources(m, &mut refreshed);
+        }
+        let mut stored = BTreeMap::new();
+        if let Some(m) = state.pointer("/values/root_module") {
+            collect_resources(m, &mut stored);
+        }
+        let mut out: Vec<String> = stored
+            .iter()
+            .filter(|(addr, v)| refreshed.get(*addr) != Some(*v))
+            .map(|(addr, _)| addr.clone())
+            .collect();
+        out.extend(
+            refreshed
+                .keys()
+                .filter(|a| !stored.contains_key(*a))
+                .cloned(),
+        );
+        if let Some(outputs) = plan.get("output_changes").and_then(Value::as_object) {
+            for (name, c) in outputs {
+                let actions = c.get("actions").cloned().unwrap_or(Value::Null);
+                if actions != serde_json::json!(["no-op"]) {
+                    out.push(format!("output.{name}"));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Resource address → values, over a module and its child modules.
+fn collect_resources(module: &Value, out: &mut BTreeMap<String, Value>) {
+    for r in module
+        .get("resources")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(addr) = r.get("address").and_then(Value::as_str) {
+            out.insert(
+                addr.to_string(),
+                r.get("values").cloned().unwrap_or(Value::Null),
+            );
+        }
+    }
+    for child in module
+        .get("child_modules")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        collect_resources(child, out);
     }
 }
 

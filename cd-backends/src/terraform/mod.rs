@@ -133,6 +133,7 @@ pub struct TerraformDeployer {
     state_dir: Option<PathBuf>,
     destroy_when_no_previous: bool,
     show_plan: bool,
+    interrupt_grace: Duration,
     shared: Arc<Shared>,
 }
 
@@ -164,6 +165,7 @@ impl TerraformDeployer {
             state_dir: None,
             destroy_when_no_previous: false,
             show_plan: true,
+            interrupt_grace: Duration::from_secs(300),
             shared: Arc::new(Shared::default()),
         }
     }
@@ -259,6 +261,14 @@ impl TerraformDeployer {
         self
     }
 
+    /// How long terraform gets, after the run is cancelled and terraform is
+    /// interrupted, to finish the operations in flight and release its state
+    /// lock before it is killed (killing it may lose state). Default 5 min.
+    pub fn interrupt_grace(mut self, grace: Duration) -> Self {
+        self.interrupt_grace = grace;
+        self
+    }
+
     /// Whether planning runs `terraform show -json` on the saved plan to
     /// build the full [`TerraformPlan`] (default `true`).
     ///
@@ -297,6 +307,7 @@ impl TerraformDeployer {
             dir: self.dir.clone(),
             cli_config: self.cli_config.clone(),
             env: self.env.clone(),
+            grace: self.interrupt_grace,
         }
     }
 
@@ -684,6 +695,7 @@ impl TerraformDeployer {
         self.ensure_workspace(&workspace, cx).await?;
         let started = Instant::now();
         let mut outputs: Option<BTreeMap<String, OutputValue>> = None;
+        let mut interrupted = false;
         let partial = detail
             .pointer("/terraform_plan/partial")
             .and_then(Value::as_bool)
@@ -718,7 +730,7 @@ impl TerraformDeployer {
             let events = cx.events.clone();
             let finished = self
                 .cli()
-                .run(
+                .run_raw(
                     &args,
                     Some(&workspace),
                     &cx.cancel,
@@ -731,6 +743,29 @@ impl TerraformDeployer {
                     |l| stream_line(&events, l),
                 )
                 .await?;
+            interrupted = finished.interrupted;
+            if interrupted && !finished.success() {
+                cx.events.progress(
+                    Some(&workspace),
+                    "terraform apply",
+                    "cancelled",
+                    Some(started.elapsed()),
+                    Some("interrupted; operations in flight were finished".into()),
+                );
+                let _ = std::fs::remove_file(&plan_file);
+                return Err(TerraformError::Cancelled {
+                    command: "apply".into(),
+                }
+                .into());
+            }
+            if interrupted {
+                // Terraform finished everything before the interrupt took
+                // effect: the release is live, say so truthfully.
+                cx.events.warn(format!(
+                    "terraform apply of {} completed although the run was cancelled",
+                    plan.release.version
+                ));
+            }
             if !finished.success() {
                 cx.events.progress(
                     Some(&workspace),
@@ -756,7 +791,7 @@ impl TerraformDeployer {
         }
         let outputs = match outputs {
             Some(o) => o,
-            None if destroy => BTreeMap::new(),
+            None if destroy || interrupted => BTreeMap::new(),
             None => self.outputs(&plan.target, cx).await?,
         };
         let mut shown = BTreeMap::new();
