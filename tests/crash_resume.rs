@@ -499,6 +499,28 @@ async fn explain(db: &Path, version: &str) -> String {
     out
 }
 
+/// Kills the servers this test started that no state file names any more
+/// (their command line contains the test's own temporary `www` path).
+fn kill_servers_under(www: &Path) {
+    let needle = www.display().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in procs.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        }
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -597,6 +619,7 @@ async fn killed_runs_resume_to_completion() {
     // Stop the servers whatever happened.
     let result = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(outcome)).await;
     let _ = local.stop_all().await;
+    kill_servers_under(&setup.www);
     if let Err(panic) = result {
         std::panic::resume_unwind(panic);
     }
