@@ -918,3 +918,72 @@ async fn acknowledged_appends_survive_sigkill() {
         store.close().await;
     }
 }
+
+// --- secrets ----------------------------------------------------------------
+
+/// Whether `needle` occurs in the database file or its WAL.
+fn file_contains(db: &Path, needle: &str) -> bool {
+    let mut hay = std::fs::read(db).unwrap();
+    let wal = PathBuf::from(format!("{}-wal", db.display()));
+    hay.extend(std::fs::read(&wal).unwrap_or_default());
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test]
+async fn registered_secrets_never_reach_the_database_file() {
+    use cd_core::{stage_fn, Error, Pipeline, Runner, Secret, StageOutput};
+    const SECRET: &str = "hunter2-Zq8xV3kP";
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    let store = Arc::new(SqliteStore::open(&db).await.unwrap());
+    let pipeline = Pipeline::builder("secretive")
+        .stage(
+            "login",
+            stage_fn(|cx| async move {
+                cx.log(format!("logging in with token {SECRET}"));
+                Ok(StageOutput::json(serde_json::json!({
+                    "header": format!("Bearer {SECRET}"),
+                    "nested": [{"token": SECRET}],
+                })))
+            }),
+        )
+        .stage(
+            "push",
+            stage_fn(|_| async move {
+                Err::<StageOutput, _>(Error::failed(format!("registry refused token {SECRET}")))
+            }),
+        )
+        .needs(["login"])
+        .build()
+        .unwrap();
+    let runner = Runner::new(store.clone())
+        .secret(&Secret::new(SECRET.to_string()))
+        .retry(cd_core::RetryPolicy::none());
+    let report = runner.run(&pipeline, Release::new("v1")).await.unwrap();
+    assert_eq!(report.status, RunStatus::Failed);
+    // What was stored is scrubbed, yet still there to read.
+    let evs = store.events(&report.run_id, 0, 1000).await.unwrap();
+    assert!(evs.iter().any(|e| matches!(&e.kind,
+        EventKind::Log { message, .. } if message.starts_with("logging in with token"))));
+    let nodes = store.nodes(&report.run_id).await.unwrap();
+    let login = nodes.iter().find(|n| n.node == "login").unwrap();
+    assert!(login.output.as_ref().unwrap()["header"]
+        .as_str()
+        .unwrap()
+        .starts_with("Bearer "));
+    let push = nodes.iter().find(|n| n.node == "push").unwrap();
+    assert!(push
+        .error
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("registry refused token"));
+    store.close().await;
+    assert!(
+        !file_contains(&db, SECRET),
+        "a secret value reached {}",
+        db.display()
+    );
+    // The check itself can see plain text in the file.
+    assert!(file_contains(&db, "registry refused token"));
+}
