@@ -23,7 +23,9 @@ pub(crate) struct Migration {
     pub sql: &'static str,
 }
 
-/// Every migration, oldest first.
+/// Every migration, oldest first. A migration that has shipped is never
+/// edited: change the schema with a new file. `tests/fixtures/sqlite/v1.db`
+/// (written by version 1 only) checks that old files still upgrade.
 pub(crate) const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,

@@ -1,4 +1,5 @@
 -- Schema version 1 of the cd SQLite store.
+-- Never edit this file once released: add a new migration instead.
 -- Timestamps are UTC RFC 3339 text with nine fractional digits, so that text
 -- order is time order. JSON columns hold serde_json text.
 
