@@ -479,7 +479,10 @@ async fn deploy_stage_compensation_rolls_infrastructure_back() {
     let dir = fixture("app");
     let tf = deployer(&tools, dir.path());
     let store = Arc::new(MemoryStore::new());
-    let runner = Runner::new(store.clone()).environment("default");
+    let sink = CollectingSink::new();
+    let runner = Runner::new(store.clone())
+        .environment("default")
+        .sink(sink.clone());
 
     let ok = Pipeline::builder("infra")
         .stage("infra", cd_stages::Deploy::new(tf.clone()))
@@ -490,6 +493,12 @@ async fn deploy_stage_compensation_rolls_infrastructure_back() {
         .await
         .unwrap();
     assert_eq!(report.status, RunStatus::Succeeded, "{report}");
+    // The generic Deploy stage plans through the trait (no event context):
+    // the plan's events are recorded and emitted when the plan is applied.
+    let events = sink.events();
+    let app = progress(&events, "null_resource.app");
+    assert!(app.contains(&("plan", "create")), "{app:?}");
+    assert!(app.contains(&("create", "ok")), "{app:?}");
 
     // v2 goes out, then a later stage fails: the runner compensates and the
     // infrastructure is back on v1's variables.

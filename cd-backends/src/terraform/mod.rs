@@ -1059,16 +1059,60 @@ impl Deployer for TerraformDeployer {
             .map(|e| self.revision(target, &workspace, e)))
     }
 
+    /// Plans without a run context (the trait gives none): the events
+    /// terraform's plan produced are recorded in the plan
+    /// (`detail.plan_events`) and emitted when the plan is applied. Use
+    /// [`TerraformDeployer::plan_in`] to stream them as they happen.
     async fn plan(&self, release: &Release, target: &Target) -> Result<Plan> {
-        self.plan_in(
-            release,
-            target,
-            &DeployContext::detached(&Self::workspace_of(target)),
-        )
-        .await
+        let sink = Arc::new(cd_core::CollectingSink::new());
+        let emitter = Emitter::new(
+            "plan",
+            1,
+            vec![sink.clone() as Arc<dyn cd_core::EventSink>],
+            cd_core::Redactor::default(),
+        );
+        let cx = DeployContext::new(
+            emitter,
+            tokio_util::sync::CancellationToken::new(),
+            &Self::workspace_of(target),
+        );
+        let mut plan = self.plan_in(release, target, &cx).await?;
+        let recorded: Vec<cd_core::EventKind> = sink
+            .events()
+            .into_iter()
+            .map(|e| e.kind)
+            .filter(|k| {
+                !matches!(
+                    k,
+                    cd_core::EventKind::Log {
+                        level: LogLevel::Debug,
+                        ..
+                    }
+                )
+            })
+            .collect();
+        if let Value::Object(map) = &mut plan.detail {
+            map.insert("plan_events".into(), serde_json::to_value(recorded)?);
+        }
+        Ok(plan)
     }
 
     async fn apply(&self, plan: &Plan, cx: &DeployContext) -> Result<Revision> {
+        if let Some(events) = plan.detail.get("plan_events") {
+            if let Ok(kinds) = serde_json::from_value::<Vec<cd_core::EventKind>>(events.clone()) {
+                cx.events.log(
+                    LogLevel::Info,
+                    format!(
+                        "terraform: {} events recorded while planning {}:",
+                        kinds.len(),
+                        plan.release.version
+                    ),
+                );
+                for k in kinds {
+                    cx.events.emit(k);
+                }
+            }
+        }
         self.apply_plan(plan, cx, None).await?.ok_or_else(|| {
             TerraformError::InvalidPlan("a destroy plan leaves no revision".into()).into()
         })
