@@ -1225,10 +1225,26 @@ fn write_json(path: &Path, value: &Value) -> Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .map_err(|e| TerraformError::io(format!("creating {}", parent.display()), e))?;
+        // Plan files (written by terraform next to the variable files) hold
+        // variable values too.
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700));
     }
+    // Owner-only: variable files and the history hold release configuration,
+    // which may include secrets.
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
         .map_err(|e| TerraformError::io(format!("writing {}", tmp.display()), e))?;
+    f.write_all(&serde_json::to_vec_pretty(value)?)
+        .map_err(|e| TerraformError::io(format!("writing {}", tmp.display()), e))?;
+    drop(f);
     std::fs::rename(&tmp, path)
         .map_err(|e| TerraformError::io(format!("writing {}", path.display()), e).into())
 }
