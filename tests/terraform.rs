@@ -598,3 +598,30 @@ async fn cancelling_an_apply_interrupts_terraform_and_releases_the_lock() {
         Some(ChangeAction::Create)
     );
 }
+
+#[tokio::test]
+async fn rolling_back_the_first_release_destroys_only_when_asked() {
+    let Some(tools) = tools() else { return };
+    let dir = fixture("app");
+    let tf = deployer(&tools, dir.path());
+    let target = tf.target("default");
+    let (cx, _) = context("default");
+    let plan = tf
+        .plan_in(&Release::new("v1").config("workers", 2), &target, &cx)
+        .await
+        .unwrap();
+    tf.apply(&plan, &cx).await.unwrap();
+
+    let err = tf.rollback(&target, None, &cx).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert_eq!(tf.current(&target).await.unwrap().unwrap().version, "v1");
+
+    let tf = tf.destroy_when_no_previous(true);
+    assert!(tf.rollback(&target, None, &cx).await.unwrap().is_none());
+    assert!(tf.current(&target).await.unwrap().is_none());
+    assert!(tf.outputs(&target, &cx).await.unwrap().is_empty());
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("terraform.tfstate")).unwrap())
+            .unwrap();
+    assert_eq!(state["resources"], json!([]), "{state}");
+}

@@ -1005,9 +1005,9 @@ impl TerraformDeployer {
                 self.apply_plan(&plan, cx, from).await
             }
             None if self.destroy_when_no_previous && current.is_some() => {
-                let release =
+                // Destroying needs the variables the resources were made with.
+                let mut release =
                     Release::new(format!("{}-destroyed", from.clone().unwrap_or_default()));
-                let mut release = release;
                 release.config = current.map(|c| c.config).unwrap_or_default();
                 self.init(cx).await?;
                 self.ensure_workspace(&workspace, cx).await?;
