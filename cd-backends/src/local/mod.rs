@@ -266,10 +266,10 @@ impl LocalProcessDeployer {
         let lock = self.lock_for(&slot.name);
         let _guard = lock.lock().await;
         let state = self.read_state(&slot)?;
-        if let Some(cur) = &state.current {
+        for rec in state.current.iter().chain(state.starting.iter()) {
             self.inner
                 .children
-                .stop(cur.pid, cur.start_time, self.inner.cfg.stop_timeout)
+                .stop(rec.pid, rec.start_time, self.inner.cfg.stop_timeout)
                 .await;
         }
         state::remove(&self.state_file(&slot.name))
@@ -427,6 +427,10 @@ impl LocalProcessDeployer {
             started_at: Utc::now(),
             release: release.clone(),
         };
+        // Write-ahead: record the process before waiting on it.
+        let mut ahead = self.read_state(slot)?;
+        ahead.starting = Some(rec.clone());
+        self.write_state(slot, &ahead)?;
         cx.events.progress(
             Some(&slot.name),
             "start",
@@ -576,7 +580,21 @@ impl LocalProcessDeployer {
         previous_for_state: impl FnOnce(Option<ProcessRecord>) -> Option<ProcessRecord>,
         cx: &DeployContext,
     ) -> Result<ProcessRecord> {
-        let state = self.read_state(slot)?;
+        let mut state = self.read_state(slot)?;
+        if let Some(orphan) = state.starting.take() {
+            // Started by a host program that died before the health wait ended.
+            if is_alive(orphan.pid, orphan.start_time) {
+                cx.events.warn(format!(
+                    "{}: stopping {} (pid {}), left starting by an interrupted deploy",
+                    slot.name, orphan.version, orphan.pid
+                ));
+                self.inner
+                    .children
+                    .stop(orphan.pid, orphan.start_time, self.inner.cfg.stop_timeout)
+                    .await;
+            }
+            self.write_state(slot, &state)?;
+        }
         let old = state
             .current
             .clone()
@@ -589,6 +607,7 @@ impl LocalProcessDeployer {
                 let next = TargetState {
                     current: Some(new.clone()),
                     previous: previous_for_state(state.current.clone()),
+                    starting: None,
                 };
                 self.write_state(slot, &next)?;
                 Ok(new)
@@ -600,6 +619,7 @@ impl LocalProcessDeployer {
                         &TargetState {
                             current: None,
                             previous: state.previous,
+                            starting: None,
                         },
                     )?;
                     return Err(err);
@@ -621,6 +641,7 @@ impl LocalProcessDeployer {
                             &TargetState {
                                 current: Some(restored),
                                 previous: state.previous,
+                                starting: None,
                             },
                         )?;
                         Err(err.with("restored", &old.version))
@@ -631,6 +652,7 @@ impl LocalProcessDeployer {
                             &TargetState {
                                 current: None,
                                 previous: Some(old.clone()),
+                                starting: None,
                             },
                         )?;
                         Err(err.with(

@@ -28,6 +28,11 @@ pub(crate) struct ProcessRecord {
 pub(crate) struct TargetState {
     pub current: Option<ProcessRecord>,
     pub previous: Option<ProcessRecord>,
+    /// Write-ahead record of a process started but not yet healthy: if the
+    /// host program dies during the health wait, the next apply (or `stop`)
+    /// finds it here and stops it instead of leaving it holding the port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub starting: Option<ProcessRecord>,
 }
 
 /// Reads a state file; a missing file is an empty state.
