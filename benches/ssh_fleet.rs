@@ -204,6 +204,7 @@ fn run_cd_child(fleet: &SshFleet, artifact: &Path, version: &str) -> Result<(f64
     let t = Instant::now();
     let out = Command::new(std::env::current_exe()?)
         .env(CHILD_ENV, config.to_string())
+        .stderr(std::process::Stdio::inherit())
         .output()?;
     let wall = t.elapsed().as_secs_f64();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -244,6 +245,7 @@ fn child(config: &str) -> Result<()> {
             .health_command(HEALTH)
             .keep_releases(3)
             .parallelism(hosts.len().max(1))
+            .concurrent_uploads(env_usize("SSH_FLEET_UPLOADS", 8))
             .step_timeout(Duration::from_secs(60));
         for h in &hosts {
             b = b.host(
@@ -258,14 +260,29 @@ fn child(config: &str) -> Result<()> {
         let deployer = Arc::new(b.build()?);
         let targets = deployer.targets();
         let release = Release::new(s("version")).artifact(PathBuf::from(s("artifact")));
+        // SSH_FLEET_TRACE=1: every step of every host on stderr, with times
+        // since the child started.
+        let cx = if std::env::var_os("SSH_FLEET_TRACE").is_some() {
+            let t0 = Instant::now();
+            let sink = cd::core::FnSink(move |e: &cd::core::Event| {
+                eprintln!("{:>7.1} ms {e}", t0.elapsed().as_secs_f64() * 1000.0)
+            });
+            DeployContext::new(
+                cd::core::Emitter::new("bench", 1, vec![Arc::new(sink)], Default::default()),
+                Default::default(),
+                "bench",
+            )
+        } else {
+            DeployContext::detached("bench")
+        };
+        if std::env::var_os("SSH_FLEET_RSS_PROBE").is_some() {
+            eprintln!("rss before connect: {} KiB", peak_rss_kib());
+            let _ = deployer.check_hosts().await;
+            eprintln!("rss after connect: {} KiB", peak_rss_kib());
+        }
         let report = Rolling::new()
             .batch_size(targets.len())
-            .deploy(
-                &deployer,
-                &release,
-                &targets,
-                &DeployContext::detached("bench"),
-            )
+            .deploy(&deployer, &release, &targets, &cx)
             .await?;
         anyhow::ensure!(
             report.deployed.len() == targets.len(),

@@ -589,7 +589,7 @@ async fn ssh_keeps_last_releases_and_rolls_back_to_previous() {
     };
     let deployer = fx.builder().keep_releases(2).build().unwrap();
     let t = deployer.targets().remove(0);
-    let (cx, _) = collecting_cx();
+    let (cx, events) = collecting_cx();
     for v in ["v1", "v2", "v3", "v4"] {
         let plan = deployer.plan(&fx.release(v), &t).await.unwrap();
         let rev = deployer.apply(&plan, &cx).await.unwrap();
@@ -622,6 +622,21 @@ async fn ssh_keeps_last_releases_and_rolls_back_to_previous() {
     let plan = deployer.plan(&fx.release("v4"), &t).await.unwrap();
     deployer.apply(&plan, &cx).await.unwrap();
     fx.assert_live(0, "v4");
+    assert_eq!(
+        progress(&events.lock().unwrap(), "host1", "upload", "skipped").len(),
+        1
+    );
+
+    // Artifacts above the memory limit are streamed from the file.
+    let streaming = fx
+        .builder()
+        .keep_releases(2)
+        .artifact_memory_limit(0)
+        .build()
+        .unwrap();
+    let plan = streaming.plan(&fx.release("v5"), &t).await.unwrap();
+    streaming.apply(&plan, &cx).await.unwrap();
+    fx.assert_live(0, "v5");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -81,9 +81,8 @@ use session::{Connection, Credentials, Endpoint, HostKeyVerifier, Output, MARK};
 /// How long a `current()` answer may stand in for the one `plan()` needs.
 const RECENT_STATE_TTL: Duration = Duration::from_secs(2);
 
-/// Artifacts up to this size are read once and shared by every host's
-/// upload; larger ones are streamed from the file for each host.
-const IN_MEMORY_ARTIFACT_LIMIT: u64 = 64 * 1024 * 1024;
+/// Default of [`SshDeployerBuilder::artifact_memory_limit`].
+const DEFAULT_ARTIFACT_MEMORY_LIMIT: u64 = 64 * 1024 * 1024;
 
 /// One host of an [`SshDeployer`]'s fleet.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -206,6 +205,8 @@ pub struct SshDeployerBuilder {
     step_timeout: Duration,
     verify_fleet_first: bool,
     revert_on_failure: bool,
+    artifact_memory_limit: u64,
+    concurrent_uploads: usize,
 }
 
 impl Default for SshDeployerBuilder {
@@ -231,6 +232,8 @@ impl Default for SshDeployerBuilder {
             step_timeout: Duration::from_secs(300),
             verify_fleet_first: true,
             revert_on_failure: true,
+            artifact_memory_limit: DEFAULT_ARTIFACT_MEMORY_LIMIT,
+            concurrent_uploads: 8,
         }
     }
 }
@@ -377,6 +380,23 @@ impl SshDeployerBuilder {
         self
     }
 
+    /// Artifacts up to this size (default 64 MiB) are read once and shared
+    /// by every host's upload; larger ones are streamed from the file for
+    /// each host (less memory, one more round trip per host).
+    pub fn artifact_memory_limit(mut self, bytes: u64) -> Self {
+        self.artifact_memory_limit = bytes;
+        self
+    }
+
+    /// How many hosts receive the artifact at once (default 8). The other
+    /// steps run on up to [`SshDeployerBuilder::parallelism`] hosts; limiting
+    /// uploads bounds the memory that encrypted, unsent data can take
+    /// (about one artifact per upload in flight).
+    pub fn concurrent_uploads(mut self, n: usize) -> Self {
+        self.concurrent_uploads = n.max(1);
+        self
+    }
+
     /// Validates the configuration.
     pub fn build(self) -> Result<SshDeployer> {
         self.build_typed().map_err(Into::into)
@@ -420,6 +440,10 @@ impl SshDeployerBuilder {
             .map(|h| (h.name.clone(), Mutex::new(None)))
             .collect();
         let config = russh::client::Config {
+            // Few queued messages per channel: an upload waits for the
+            // connection to write instead of piling encrypted data up in
+            // its buffer (memory stays ~flat with the number of hosts).
+            channel_buffer_size: 8,
             nodelay: true,
             keepalive_interval: Some(Duration::from_secs(15)),
             keepalive_max: 4,
@@ -446,6 +470,8 @@ impl SshDeployerBuilder {
                 step_timeout: self.step_timeout,
                 verify_fleet_first: self.verify_fleet_first,
                 revert_on_failure: self.revert_on_failure,
+                artifact_memory_limit: self.artifact_memory_limit,
+                upload_permits: Semaphore::new(self.concurrent_uploads),
                 config: Arc::new(config),
                 key: OnceCell::new(),
                 conns,
@@ -495,6 +521,8 @@ struct Inner {
     step_timeout: Duration,
     verify_fleet_first: bool,
     revert_on_failure: bool,
+    artifact_memory_limit: u64,
+    upload_permits: Semaphore,
     config: Arc<russh::client::Config>,
     key: OnceCell<Option<Arc<PrivateKey>>>,
     conns: HashMap<String, Mutex<Option<Arc<Connection>>>>,
@@ -511,11 +539,19 @@ struct LoadedArtifact {
     expected: String,
     len: u64,
     modified: Option<std::time::SystemTime>,
-    data: Option<Arc<Vec<u8>>>,
+    data: Option<bytes::Bytes>,
     path: PathBuf,
 }
 
-/// What the `check` step found on a host.
+/// What the `check` step of an apply found.
+struct Checked {
+    /// The version live before.
+    old: Option<String>,
+    /// The release is already live (nothing to do).
+    live: bool,
+}
+
+/// What is live on a host, and what was before the last apply.
 struct HostState {
     current: Option<String>,
     previous: Option<String>,
@@ -820,11 +856,12 @@ impl SshDeployer {
             .unwrap_or_else(|| "artifact".into());
         check_name("artifact name", &name)?;
         let p = path.clone();
+        let limit = self.inner.artifact_memory_limit;
         let (actual, data) = tokio::task::spawn_blocking(move || -> std::io::Result<_> {
-            if meta.len() <= IN_MEMORY_ARTIFACT_LIMIT {
+            if meta.len() <= limit {
                 let data = std::fs::read(&p)?;
                 let sha = hex::encode(Sha256::digest(&data));
-                Ok((sha, Some(Arc::new(data))))
+                Ok((sha, Some(bytes::Bytes::from(data))))
             } else {
                 let mut f = std::fs::File::open(&p)?;
                 let mut h = Sha256::new();
@@ -857,6 +894,19 @@ impl SshDeployer {
         Ok(Some(loaded))
     }
 
+    /// The shell that uploads stdin to `<dir>/.<name>.part`, verifies its
+    /// sha256 and renames it into place. Exit 3: checksum mismatch.
+    fn upload_cmd(dir: &str, art: &LoadedArtifact) -> String {
+        let part = format!("{dir}/.{}.part", art.name);
+        let fin = format!("{dir}/{}", art.name);
+        format!(
+            "umask 022 && mkdir -p {dir} && cat > {part} || exit 2; echo {MARK}uploaded; \
+             {SUM_FN} h=$(cd_sum {part}) || exit 4; echo \"sha256=$h\"; \
+             if [ \"$h\" = {exp} ]; then mv -f {part} {fin}; else rm -f {part}; exit 3; fi",
+            exp = sq(&art.expected)
+        )
+    }
+
     /// Uploads the artifact and verifies its sha256 on the host, in one
     /// remote command; reports `upload` and `checksum` as two steps.
     async fn upload_verified(
@@ -867,27 +917,14 @@ impl SshDeployer {
         dir: &str,
         art: &LoadedArtifact,
     ) -> SshResult<()> {
-        let part = format!("{dir}/.{}.part", art.name);
-        let fin = format!("{dir}/{}", art.name);
-        let cmd = format!(
-            "umask 022 && mkdir -p {dir} && cat > {part} || exit 2; echo {MARK}uploaded; \
-             {SUM_FN} h=$(cd_sum {part}) || exit 4; echo \"sha256=$h\"; \
-             if [ \"$h\" = {exp} ]; then mv -f {part} {fin}; else rm -f {part}; exit 3; fi",
-            exp = sq(&art.expected)
-        );
+        let cmd = Self::upload_cmd(dir, art);
         let started = Instant::now();
-        let name = Some(host.name.as_str());
-        cx.events.progress(
-            name,
-            "upload",
-            "started",
-            None,
-            Some(format!("{} ({} bytes)", art.name, art.len)),
-        );
+        self.upload_started(cx, host, art);
         let result = self
             .bounded(cx, host, "upload", async {
+                let _upload = self.inner.upload_permits.acquire().await;
                 match &art.data {
-                    Some(data) => conn.exec("upload", &cmd, Some(data.as_slice())).await,
+                    Some(data) => conn.exec_bytes("upload", &cmd, data.clone()).await,
                     None => {
                         // Large artifact: stream it from the file.
                         let file = tokio::fs::File::open(&art.path).await.map_err(|source| {
@@ -896,12 +933,35 @@ impl SshDeployer {
                                 source,
                             }
                         })?;
-                        conn.exec_with("upload", &cmd, Some(tokio::io::BufReader::new(file)))
+                        conn.exec_with("upload", &cmd, tokio::io::BufReader::new(file))
                             .await
                     }
                 }
             })
             .await;
+        self.upload_finished(cx, host, art, result, started)
+    }
+
+    fn upload_started(&self, cx: &DeployContext, host: &SshHost, art: &LoadedArtifact) {
+        cx.events.progress(
+            Some(&host.name),
+            "upload",
+            "started",
+            None,
+            Some(format!("{} ({} bytes)", art.name, art.len)),
+        );
+    }
+
+    /// Reports `upload` and `checksum` from the output of [`Self::upload_cmd`].
+    fn upload_finished(
+        &self,
+        cx: &DeployContext,
+        host: &SshHost,
+        art: &LoadedArtifact,
+        result: SshResult<Output>,
+        started: Instant,
+    ) -> SshResult<()> {
+        let name = Some(host.name.as_str());
         let out = match result {
             Ok(out) => out,
             Err(e) => {
@@ -957,6 +1017,127 @@ impl SshDeployer {
         cx.events
             .progress(name, "checksum", status, Some(sent.elapsed()), msg);
         result
+    }
+
+    /// The `check` step (what is live; remember it as `previous`; is the
+    /// artifact already there?) and, for artifacts kept in memory, the
+    /// upload and checksum in the same remote command.
+    async fn check_and_upload(
+        &self,
+        cx: &DeployContext,
+        conn: &Connection,
+        host: &SshHost,
+        version: &str,
+        art: Option<&LoadedArtifact>,
+    ) -> SshResult<Checked> {
+        let root = self.root_of(host);
+        let dir = format!("{}/releases/{version}", sq(root));
+        // With the upload in the same command, stdin carries the artifact:
+        // when it is not needed, the host drains it.
+        let combined = art.filter(|a| a.data.is_some());
+        let drain = if combined.is_some() {
+            "cat >/dev/null; "
+        } else {
+            ""
+        };
+        let have = match art {
+            Some(a) => format!(
+                "{SUM_FN} if [ -f releases/{version}/{n} ] && [ \"$(cd_sum releases/{version}/{n})\" = {exp} ]; \
+                 then echo {MARK}have; {drain}exit 0; fi; ",
+                n = a.name,
+                exp = sq(&a.expected)
+            ),
+            None => String::new(),
+        };
+        let mut cmd = format!(
+            "mkdir -p {r} && cd {r} || exit 5; c=$(readlink current 2>/dev/null || true); \
+             printf 'current=%s\\n' \"$c\"; \
+             if [ \"$c\" = releases/{version} ]; then echo {MARK}live; {drain}exit 0; fi; \
+             if [ -n \"$c\" ]; then ln -sfn \"$c\" .previous.tmp.$$ && mv -Tf .previous.tmp.$$ previous; \
+             else rm -f previous; fi || exit 5; {have}echo {MARK}checked",
+            r = sq(root),
+        );
+        if let Some(a) = combined {
+            cmd.push_str("; ");
+            cmd.push_str(&Self::upload_cmd(&dir, a));
+        }
+        let name = Some(host.name.as_str());
+        let started = Instant::now();
+        cx.events.progress(name, "check", "started", None, None);
+        let stdin = combined.and_then(|a| a.data.clone());
+        let result = self
+            .bounded(cx, host, "check", async {
+                match stdin {
+                    Some(data) => {
+                        let _upload = self.inner.upload_permits.acquire().await;
+                        conn.exec_bytes("check", &cmd, data).await
+                    }
+                    None => conn.exec("check", &cmd, None).await,
+                }
+            })
+            .await;
+        let marks = |out: &Output| {
+            ["live", "have", "checked"]
+                .into_iter()
+                .find_map(|m| out.mark(m).map(|t| (m, t)))
+        };
+        let (out, (mark, checked_at)) = match result {
+            Ok(out) => match marks(&out) {
+                Some(m) => (out, m),
+                None => {
+                    let e = command_failed(host, "check", &out);
+                    cx.events.progress(
+                        name,
+                        "check",
+                        "failed",
+                        Some(started.elapsed()),
+                        Some(e.to_string()),
+                    );
+                    return Err(e);
+                }
+            },
+            Err(e) => {
+                cx.events.progress(
+                    name,
+                    "check",
+                    "failed",
+                    Some(started.elapsed()),
+                    Some(e.to_string()),
+                );
+                return Err(e);
+            }
+        };
+        cx.events.progress(
+            name,
+            "check",
+            "ok",
+            Some(checked_at.duration_since(started)),
+            None,
+        );
+        let state = parse_state(&out.stdout_str());
+        let checked = Checked {
+            old: state.current,
+            live: mark == "live",
+        };
+        match (mark, art) {
+            ("live", _) | (_, None) => {}
+            ("have", Some(a)) => cx.events.progress(
+                name,
+                "upload",
+                "skipped",
+                None,
+                Some(format!("{} already on the host", a.name)),
+            ),
+            (_, Some(a)) => {
+                if combined.is_some() {
+                    self.upload_started(cx, host, a);
+                    self.upload_finished(cx, host, a, Ok(out), checked_at)?;
+                } else {
+                    self.upload_verified(cx, conn, host, &dir, a).await?;
+                }
+            }
+        }
+        Ok(checked)
     }
 
     /// Points `current` at `releases/<version>` (symlink + rename) as the
@@ -1254,36 +1435,12 @@ impl SshDeployer {
             .await
             .map_err(|_| SshError::Config("deployer closed".into()))?;
         let conn = self.connection(&host, Some(cx)).await?;
-        let root = self.root_of(&host).to_string();
-        let dir = format!("{}/releases/{version}", sq(&root));
-
-        // check: reconcile with what is live; remember it as `previous`.
-        let check_cmd = format!(
-            "mkdir -p {r} && cd {r} && c=$(readlink current 2>/dev/null || true); \
-             printf 'current=%s\\n' \"$c\"; \
-             if [ \"$c\" != releases/{version} ]; then \
-               if [ -n \"$c\" ]; then ln -sfn \"$c\" .previous.tmp.$$ && mv -Tf .previous.tmp.$$ previous; \
-               else rm -f previous; fi; \
-             fi; {have}",
-            r = sq(&root),
-            have = match &art {
-                Some(a) => format!(
-                    "{SUM_FN} if [ -f releases/{version}/{n} ]; then printf 'have=%s\\n' \"$(cd_sum releases/{version}/{n})\"; fi",
-                    n = a.name
-                ),
-                None => String::new(),
-            }
-        );
-        let check = self
-            .run_step(cx, &host, "check", None, async {
-                self.exec_ok(&conn, &host, "check", &check_cmd, None).await
-            })
+        let checked = self
+            .check_and_upload(cx, &conn, &host, &version, art.as_deref())
             .await?;
-        let text = check.stdout_str();
-        let state = parse_state(&text);
-        let old = state.current.clone();
+        let old = checked.old;
         let sha = art.as_ref().map(|a| a.expected.clone());
-        if old.as_deref() == Some(version.as_str()) {
+        if checked.live {
             cx.events.progress(
                 Some(&host.name),
                 "deploy",
@@ -1292,24 +1449,6 @@ impl SshDeployer {
                 Some(format!("{version} is already live")),
             );
             return Ok(self.revision(&host, &version, sha.as_deref()));
-        }
-        let have = text
-            .lines()
-            .find_map(|l| l.strip_prefix("have="))
-            .map(str::trim);
-
-        if let Some(a) = &art {
-            if have == Some(a.expected.as_str()) {
-                cx.events.progress(
-                    Some(&host.name),
-                    "upload",
-                    "skipped",
-                    None,
-                    Some(format!("{} already on the host", a.name)),
-                );
-            } else {
-                self.upload_verified(cx, &conn, &host, &dir, a).await?;
-            }
         }
 
         self.switch(cx, &conn, &host, "switch", &version, art.is_some(), true)
@@ -1511,7 +1650,7 @@ impl Deployer for SshDeployer {
 const SUM_FN: &str = "cd_sum() { if command -v sha256sum >/dev/null 2>&1; then sha256sum \"$1\"; \
                       else shasum -a 256 \"$1\"; fi | cut -d' ' -f1; };";
 
-fn meta_len(data: &Option<Arc<Vec<u8>>>, path: &Path) -> u64 {
+fn meta_len(data: &Option<bytes::Bytes>, path: &Path) -> u64 {
     match data {
         Some(d) => d.len() as u64,
         None => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),

@@ -185,6 +185,13 @@ pub(crate) struct Output {
     pub(crate) marks: Vec<(String, std::time::Instant)>,
 }
 
+/// What a remote command reads on stdin.
+enum Input<R> {
+    None,
+    Bytes(bytes::Bytes),
+    Reader(R),
+}
+
 /// Prefix of a stdout line that marks the end of a step inside a command.
 pub(crate) const MARK: &str = "cd:mark:";
 
@@ -425,7 +432,21 @@ impl Connection {
         command: &str,
         stdin: Option<&[u8]>,
     ) -> Result<Output, SshError> {
-        self.exec_with(step, command, stdin).await
+        match stdin {
+            Some(data) => self.run(step, command, Input::Reader(data)).await,
+            None => self.run(step, command, Input::<&[u8]>::None).await,
+        }
+    }
+
+    /// Runs `command` with shared bytes as stdin: every host's upload sends
+    /// the same buffer, without copying it per channel.
+    pub(crate) async fn exec_bytes(
+        &self,
+        step: &str,
+        command: &str,
+        stdin: bytes::Bytes,
+    ) -> Result<Output, SshError> {
+        self.run(step, command, Input::<&[u8]>::Bytes(stdin)).await
     }
 
     /// Runs `command`, streaming `stdin` from a reader (then EOF).
@@ -433,9 +454,21 @@ impl Connection {
         &self,
         step: &str,
         command: &str,
-        stdin: Option<R>,
+        stdin: R,
     ) -> Result<Output, SshError> {
-        let mut channel = self
+        self.run(step, command, Input::Reader(stdin)).await
+    }
+
+    /// Sends stdin and reads the output at the same time, so a command that
+    /// ends without reading all of its input never leaves us waiting on
+    /// flow control.
+    async fn run<R: tokio::io::AsyncRead + Unpin>(
+        &self,
+        step: &str,
+        command: &str,
+        stdin: Input<R>,
+    ) -> Result<Output, SshError> {
+        let channel = self
             .handle
             .channel_open_session()
             .await
@@ -444,53 +477,79 @@ impl Connection {
             .exec(true, command)
             .await
             .map_err(|e| self.session_error(step, e))?;
-        if let Some(data) = stdin {
-            channel
-                .data(data)
-                .await
-                .map_err(|e| self.session_error(step, e))?;
-        }
-        channel
-            .eof()
-            .await
-            .map_err(|e| self.session_error(step, e))?;
-        let mut out = Output::default();
-        let mut exited = false;
-        let mut scanned = 0;
-        while let Some(msg) = channel.wait().await {
-            match msg {
-                ChannelMsg::Data { data } => {
-                    out.stdout.extend_from_slice(&data);
-                    // Record when each `cd:mark:<name>` line arrives (the
-                    // boundary between two steps run by one command).
-                    while let Some(nl) = out.stdout[scanned..].iter().position(|b| *b == b'\n') {
-                        let line = &out.stdout[scanned..scanned + nl];
-                        if let Some(name) = line.strip_prefix(MARK.as_bytes()) {
-                            out.marks.push((
-                                String::from_utf8_lossy(name).into_owned(),
-                                std::time::Instant::now(),
-                            ));
-                        }
-                        scanned += nl + 1;
-                    }
-                }
-                ChannelMsg::ExtendedData { data, ext: 1 } => out.stderr.extend_from_slice(&data),
-                ChannelMsg::ExitStatus { exit_status } => {
-                    out.status = Some(exit_status);
-                    exited = true;
-                }
-                ChannelMsg::ExitSignal { signal_name, .. } => {
-                    out.signal = Some(format!("{signal_name:?}"));
-                    exited = true;
-                }
-                ChannelMsg::Failure => {
-                    return Err(self.session_error(step, "the server refused to run the command"))
-                }
-                _ => {}
+        let (mut read, write) = channel.split();
+        let send = async {
+            match stdin {
+                Input::None => {}
+                // Through the AsyncRead path on purpose: it sends 8 KiB
+                // messages, which keeps the connection's write buffer (and
+                // so memory per host) small; 32 KiB packets cost ~3× more.
+                Input::Bytes(b) => write.data(&b[..]).await?,
+                Input::Reader(r) => write.data(r).await?,
             }
+            write.eof().await
+        };
+        let recv = async {
+            let mut out = Output::default();
+            let mut exited = false;
+            let mut refused = false;
+            let mut scanned = 0;
+            while let Some(msg) = read.wait().await {
+                match msg {
+                    ChannelMsg::Data { data } => {
+                        out.stdout.extend_from_slice(&data);
+                        // Record when each `cd:mark:<name>` line arrives (the
+                        // boundary between two steps run by one command).
+                        while let Some(nl) = out.stdout[scanned..].iter().position(|b| *b == b'\n')
+                        {
+                            let line = &out.stdout[scanned..scanned + nl];
+                            if let Some(name) = line.strip_prefix(MARK.as_bytes()) {
+                                out.marks.push((
+                                    String::from_utf8_lossy(name).into_owned(),
+                                    std::time::Instant::now(),
+                                ));
+                            }
+                            scanned += nl + 1;
+                        }
+                    }
+                    ChannelMsg::ExtendedData { data, ext: 1 } => {
+                        out.stderr.extend_from_slice(&data)
+                    }
+                    ChannelMsg::ExitStatus { exit_status } => {
+                        out.status = Some(exit_status);
+                        exited = true;
+                    }
+                    ChannelMsg::ExitSignal { signal_name, .. } => {
+                        out.signal = Some(format!("{signal_name:?}"));
+                        exited = true;
+                    }
+                    ChannelMsg::Failure => {
+                        refused = true;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            (out, exited, refused)
+        };
+        tokio::pin!(send);
+        tokio::pin!(recv);
+        let mut sent: Option<Result<(), russh::Error>> = None;
+        let (out, exited, refused) = loop {
+            tokio::select! {
+                r = &mut send, if sent.is_none() => sent = Some(r),
+                done = &mut recv => break done,
+            }
+        };
+        if refused {
+            return Err(self.session_error(step, "the server refused to run the command"));
         }
         if !exited {
-            return Err(self.session_error(step, "the connection closed before the command ended"));
+            let why = match sent {
+                Some(Err(e)) => format!("the connection closed while sending input: {e}"),
+                _ => "the connection closed before the command ended".to_string(),
+            };
+            return Err(self.session_error(step, why));
         }
         Ok(out)
     }
