@@ -17,7 +17,14 @@ echo "== cargo fmt"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --all-features -- -D warnings
+# The tests start and kill real processes (sshd fleets, deployed services,
+# terraform, ansible). As root, run them in their own PID namespace so that no
+# test can ever signal a process outside it (the CI runner, your shell).
+SANDBOX=()
+if [ "$(id -u)" = 0 ] && unshare -fp --mount-proc true 2>/dev/null; then
+  SANDBOX=(unshare -fp --mount-proc)
+fi
 echo "== cargo nextest"
-cargo nextest run --workspace --all-features --no-fail-fast "$@"
+"${SANDBOX[@]}" cargo nextest run --workspace --all-features --no-fail-fast "$@"
 echo "== doc tests"
 cargo test --workspace --all-features --doc

@@ -66,6 +66,11 @@ pub use router::{LocalRouter, LocalRouterBuilder};
 use process::{is_alive, log_tail, Children, Launch};
 use state::{ProcessRecord, TargetState};
 
+/// The environment variable every started process carries, naming its
+/// slot's state file, so a process a killed host program never recorded can
+/// still be found and stopped.
+pub const SLOT_MARKER: &str = "CD_LOCAL_SLOT";
+
 /// A resolved command: program, arguments, environment.
 type Command = (String, Vec<String>, Vec<(String, String)>);
 
@@ -272,6 +277,8 @@ impl LocalProcessDeployer {
                 .stop(rec.pid, rec.start_time, self.inner.cfg.stop_timeout)
                 .await;
         }
+        self.stop_strays(&slot, None, &DeployContext::detached("local"))
+            .await;
         state::remove(&self.state_file(&slot.name))
             .map_err(|e| io_error(e, &slot.name, "state"))?;
         Ok(())
@@ -360,6 +367,34 @@ impl LocalProcessDeployer {
         rec.as_ref().is_some_and(|r| is_alive(r.pid, r.start_time))
     }
 
+    /// The value of [`SLOT_MARKER`] for processes of `slot`: the absolute
+    /// path of its state file, unique per deployer state and slot.
+    fn slot_marker(&self, slot: &Slot) -> String {
+        let file = self.state_file(&slot.name);
+        std::path::absolute(&file)
+            .unwrap_or(file)
+            .display()
+            .to_string()
+    }
+
+    /// Stops every live process of `slot` that is not `keep`: those a host
+    /// program started and died before it could record them.
+    async fn stop_strays(&self, slot: &Slot, keep: Option<u32>, cx: &DeployContext) {
+        for pid in process::pids_with_env(SLOT_MARKER, &self.slot_marker(slot)) {
+            if Some(pid) == keep {
+                continue;
+            }
+            cx.events.warn(format!(
+                "{}: stopping pid {pid}, left behind by an interrupted deploy",
+                slot.name
+            ));
+            self.inner
+                .children
+                .stop(pid, process::start_time(pid), self.inner.cfg.stop_timeout)
+                .await;
+        }
+    }
+
     /// Resolves the command for `release` on `slot`.
     fn command_for(&self, release: &Release, slot: &Slot) -> Result<Command> {
         let cfg = &self.inner.cfg;
@@ -385,6 +420,7 @@ impl LocalProcessDeployer {
             ("PORT".into(), slot.port.to_string()),
             ("CD_VERSION".into(), release.version.clone()),
             ("CD_TARGET".into(), slot.name.clone()),
+            (SLOT_MARKER.into(), self.slot_marker(slot)),
         ];
         env.extend(cfg.env.iter().map(|(k, v)| (k.clone(), fill(v))));
         Ok((program, args, env))
@@ -602,6 +638,7 @@ impl LocalProcessDeployer {
         if let Some(old) = &old {
             self.stop_record(old, slot, cx).await;
         }
+        self.stop_strays(slot, None, cx).await;
         match self.start(release, slot, cx).await {
             Ok(new) => {
                 let next = TargetState {

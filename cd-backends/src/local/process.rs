@@ -157,3 +157,24 @@ pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// Live processes whose environment carries `key=value` (Linux `/proc`;
+/// elsewhere none are found). Used to find processes a killed host program
+/// started but never recorded.
+pub(crate) fn pids_with_env(key: &str, value: &str) -> Vec<u32> {
+    let wanted = format!("{key}={value}");
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .map(|env| env.split(|b| *b == 0).any(|kv| kv == wanted.as_bytes()))
+                .unwrap_or(false)
+        })
+        .filter(|&pid| is_alive(pid, None))
+        .collect()
+}
