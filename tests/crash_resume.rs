@@ -529,15 +529,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-// Ignored until LocalProcessDeployer can find a process it spawned but never
-// recorded: a SIGKILL between spawn and the state-file write leaves a process
-// holding the slot's port, and the resumed deploy fails with "port ... is in
-// use by another process". The fix that makes this pass (10 seeds out of 10):
-// give every process the env var CD_LOCAL_SLOT=<absolute state file path>, and
-// at the start of each replace stop live processes carrying this slot's marker
-// that the state file does not name. Remove the `ignore` with that fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "LocalProcessDeployer orphans a process started just before a SIGKILL"]
 async fn killed_runs_resume_to_completion() {
     let seed: u64 = std::env::var("CD_CRASH_SEED")
         .ok()
