@@ -103,7 +103,10 @@ fn kill_recorded(dir: &Path) {
         // Only the live one: a previous process was stopped already and its
         // pid may belong to someone else by now.
         if let Some(pid) = v.pointer("/current/pid").and_then(|p| p.as_u64()) {
-            if alive(pid) {
+            // The same process, not a later one that reused the pid (pids
+            // wrap at 32768 here): compare the kernel start time.
+            let recorded = v.pointer("/current/start_time").and_then(|t| t.as_u64());
+            if alive(pid) && recorded.is_some() && recorded == start_time(pid) {
                 let _ = std::process::Command::new("kill")
                     .args(["-9", &format!("-{pid}")])
                     .stderr(std::process::Stdio::null())
@@ -119,6 +122,15 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+fn start_time(pid: u64) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..]
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
 }
 
 fn alive(pid: u64) -> bool {

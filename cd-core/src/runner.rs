@@ -530,6 +530,11 @@ impl Runner {
     /// nodes are not run again (their outputs are restored), interrupted
     /// nodes run again, waiting gates keep waiting. The pipeline must have
     /// the same definition hash as the one the run started with.
+    ///
+    /// The environment lease the dead process held for this run is taken
+    /// over at once. Resume a run from one process at a time: stages and
+    /// deployers must keep the idempotency contract ([`crate::Stage`]), as an
+    /// interrupted node runs again.
     pub async fn resume(&self, run_id: &str, pipeline: &Pipeline) -> Result<RunReport> {
         let run = self.store.get_run(run_id).await?.ok_or_else(|| {
             Error::new(ErrorKind::NotFound, format!("no run with id {run_id}")).with("run", run_id)
@@ -574,8 +579,24 @@ impl Runner {
             st.error = rec.error;
             st.recheck_at = rec.recheck_at;
         }
-        let last = self.store.events(run_id, 0, usize::MAX).await?;
-        let next_seq = last.last().map(|e| e.seq + 1).unwrap_or(1);
+        let next_seq = self.store.last_event_seq(run_id).await? + 1;
+        // The dead process's lease on this run's environment is this run's
+        // own: take it over instead of waiting for it to expire.
+        if self.lock.is_some() {
+            let ours =
+                self.store.locks().await?.into_iter().any(|l| {
+                    l.environment == run.environment && l.run_id.as_deref() == Some(run_id)
+                });
+            if ours {
+                self.store
+                    .force_unlock_as(
+                        &run.environment,
+                        &self.actor,
+                        &format!("resume of run {run_id}"),
+                    )
+                    .await?;
+            }
+        }
         let start = Start {
             run,
             states,

@@ -326,8 +326,18 @@ pub trait Store: Send + Sync + 'static {
     /// All node records of a run.
     async fn nodes(&self, run_id: &str) -> Result<Vec<NodeRecord>>;
 
-    /// Appends events (already numbered by the emitter).
+    /// Appends events (already numbered by the emitter). `(run_id, seq)` is
+    /// unique: a store may refuse a batch that repeats one.
     async fn append_events(&self, events: &[Event]) -> Result<()>;
+    /// The highest event sequence number of a run (0 when it has none).
+    async fn last_event_seq(&self, run_id: &str) -> Result<u64> {
+        Ok(self
+            .events(run_id, 0, usize::MAX)
+            .await?
+            .last()
+            .map(|e| e.seq)
+            .unwrap_or(0))
+    }
     /// Events of a run with `seq > after_seq`, in order, at most `limit`.
     async fn events(&self, run_id: &str, after_seq: u64, limit: usize) -> Result<Vec<Event>>;
 
@@ -348,6 +358,17 @@ pub trait Store: Send + Sync + 'static {
     async fn release_lock(&self, environment: &str, holder: &str) -> Result<bool>;
     /// Breaks a lock whoever holds it; returns the broken lease.
     async fn force_unlock(&self, environment: &str) -> Result<Option<Lease>>;
+    /// Breaks a lock, recording who did it and why where the store keeps an
+    /// audit trail (the default just breaks it).
+    async fn force_unlock_as(
+        &self,
+        environment: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Option<Lease>> {
+        let _ = (actor, reason);
+        self.force_unlock(environment).await
+    }
     /// Live (unexpired) leases.
     async fn locks(&self) -> Result<Vec<Lease>>;
 

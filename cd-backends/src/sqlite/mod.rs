@@ -858,7 +858,20 @@ impl Store for SqliteStore {
     }
 
     async fn force_unlock(&self, environment: &str) -> Result<Option<Lease>> {
-        self.force_unlock_as(environment, "api", None).await
+        SqliteStore::force_unlock_as(self, environment, "api", None).await
+    }
+
+    async fn force_unlock_as(
+        &self,
+        environment: &str,
+        actor: &str,
+        reason: &str,
+    ) -> Result<Option<Lease>> {
+        SqliteStore::force_unlock_as(self, environment, actor, Some(reason)).await
+    }
+
+    async fn last_event_seq(&self, run_id: &str) -> Result<u64> {
+        SqliteStore::last_event_seq(self, run_id).await
     }
 
     async fn locks(&self) -> Result<Vec<Lease>> {
