@@ -13,6 +13,8 @@
 //! | `ansible` | [`ansible`] | ansible-playbook |
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "ansible")]
+pub mod ansible;
 #[cfg(feature = "local")]
 pub mod local;
 #[cfg(feature = "sqlite")]
@@ -21,5 +23,3 @@ pub mod sqlite;
 pub mod ssh;
 #[cfg(feature = "terraform")]
 pub mod terraform;
-#[cfg(feature = "ansible")]
-pub mod ansible;
