@@ -923,3 +923,54 @@ async fn ssh_http_health_check_runs_on_the_host() {
     assert!(hits.lock().unwrap().contains(&"/broken".to_string()));
     fx.assert_live(1, "v1");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_pipeline_failure_compensates_the_fleet() {
+    use cd::core::{stage_fn, Error, MemoryStore, Pipeline, RunStatus, Runner, StageOutput};
+    use cd::stages::Deploy;
+
+    let Some(fx) = Fixture::start(3).await else {
+        return;
+    };
+    let deployer = fx.deployer();
+    let store = Arc::new(MemoryStore::new());
+    let runner = Runner::new(store).environment("production");
+
+    let deliver = Pipeline::builder("web")
+        .stage(
+            "production",
+            Deploy::new(deployer.clone())
+                .env("production")
+                .rolling(2, 0),
+        )
+        .build()
+        .unwrap();
+    let report = runner.run(&deliver, fx.release("v1")).await.unwrap();
+    assert_eq!(report.status, RunStatus::Succeeded, "{report}");
+    for i in 0..3 {
+        fx.assert_live(i, "v1");
+    }
+
+    // A smoke test after the deploy fails: the runner compensates, the
+    // Deploy stage rolls the whole fleet back to v1.
+    let with_smoke = Pipeline::builder("web")
+        .stage(
+            "production",
+            Deploy::new(deployer.clone())
+                .env("production")
+                .rolling(2, 0),
+        )
+        .stage(
+            "smoke",
+            stage_fn(|_| async { Err::<StageOutput, _>(Error::failed("smoke test failed")) }),
+        )
+        .needs(["production"])
+        .build()
+        .unwrap();
+    let report = runner.run(&with_smoke, fx.release("v2")).await.unwrap();
+    assert_eq!(report.status, RunStatus::Failed, "{report}");
+    for i in 0..3 {
+        fx.assert_live(i, "v1");
+        assert_eq!(fx.restarts(i), ["v1", "v2", "v1"], "host{}", i + 1);
+    }
+}
