@@ -974,3 +974,49 @@ async fn ssh_pipeline_failure_compensates_the_fleet() {
         assert_eq!(fx.restarts(i), ["v1", "v2", "v1"], "host{}", i + 1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_timeout_and_cancellation_are_typed() {
+    let Some(fx) = Fixture::start(1).await else {
+        return;
+    };
+    let (cx, _) = collecting_cx();
+    let deployer = fx.deployer();
+    let t = deployer.targets().remove(0);
+    let plan = deployer.plan(&fx.release("v1"), &t).await.unwrap();
+    deployer.apply(&plan, &cx).await.unwrap();
+
+    // A restart that hangs runs into the step timeout: retryable, names
+    // host and step; the host is switched back to v1.
+    let hanging = fx
+        .builder()
+        .restart(format!(
+            "if [ \"$CD_VERSION\" = v2 ]; then sleep 30; fi; {RESTART}"
+        ))
+        .step_timeout(Duration::from_millis(700))
+        .build()
+        .unwrap();
+    let plan = hanging.plan(&fx.release("v2"), &t).await.unwrap();
+    let started = std::time::Instant::now();
+    let err = hanging.apply(&plan, &cx).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert!(err.is_retryable());
+    assert_eq!(err.context("host"), Some("host1"));
+    assert_eq!(err.context("step"), Some("restart"));
+    fx.assert_live(0, "v1");
+
+    // A cancelled run stops before it changes anything.
+    let cancel = CancellationToken::new();
+    cancel.cancel();
+    let cancelled = DeployContext::new(Emitter::noop(), cancel, "test");
+    let plan = deployer.plan(&fx.release("v3"), &t).await.unwrap();
+    let err = deployer.apply(&plan, &cancelled).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Cancelled, "{err}");
+    fx.assert_live(0, "v1");
+    assert!(!fx.root(0).join("releases/v3").exists());
+}
