@@ -865,6 +865,24 @@ mod tests {
         assert!(find_tool("definitely-not-a-tool-cd-testkit").is_none());
     }
 
+    #[test]
+    fn missing_tool_fails_in_ci_and_skips_elsewhere() {
+        let outcome = std::panic::catch_unwind(|| require_tool("definitely-not-a-tool-cd-testkit"));
+        match outcome {
+            Err(_) => assert!(
+                tools_required(),
+                "panicked although CI/CD_SETUP_DONE are unset"
+            ),
+            Ok(found) => {
+                assert!(
+                    !tools_required(),
+                    "skipped although CI or CD_SETUP_DONE is set"
+                );
+                assert_eq!(found, None);
+            }
+        }
+    }
+
     #[tokio::test]
     async fn fleet_starts_answers_ssh_and_stops() {
         let Some(fleet) = SshFleet::start_or_skip(2).await.unwrap() else {
