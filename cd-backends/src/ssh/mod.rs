@@ -27,6 +27,21 @@
 //! Restart and health commands run in `<root>/current` with the environment
 //! variables `CD_VERSION`, `CD_ROOT`, `CD_RELEASE_DIR` and `CD_HOST`.
 //!
+//! Each step is a remote shell command on the host's one connection; to save
+//! round trips (and process start-ups on the host) an apply sends three or
+//! four commands: check + upload + checksum (the artifact travels on stdin),
+//! switch + cleanup, restart + health check, with mark lines between steps
+//! so that each step still gets its own event, timing and error. A host
+//! needs a POSIX shell, `readlink`, GNU `mv -T`, `sha256sum` (or `shasum`),
+//! and `curl` or `wget` for [`HealthCheck::Http`].
+//!
+//! Memory: an artifact up to
+//! [`artifact_memory_limit`](SshDeployerBuilder::artifact_memory_limit)
+//! (64 MiB) is read once and shared by every upload; larger ones are
+//! streamed from the file. At most
+//! [`concurrent_uploads`](SshDeployerBuilder::concurrent_uploads) hosts
+//! receive it at once.
+//!
 //! ```no_run
 //! use cd_backends::ssh::SshDeployer;
 //! use cd_core::{Deployer, DeployContext, Release};
