@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cd::core::{
-    stage_fn, MemoryStore, Pipeline, Release, RetryPolicy, RunStatus, Runner, StageOutput,
+    stage_fn, ApprovalRecord, Lease, LockAttempt, LockRequest, MemoryStore, NodeRecord, Pipeline,
+    Release, ReleaseRecord, RetryPolicy, RunRecord, RunStatus, Runner, StageOutput, Store,
 };
 
 const N: usize = 10_000;
@@ -47,8 +48,78 @@ fn chain() -> Pipeline {
     b.build().unwrap()
 }
 
+/// A store that keeps nothing: isolates the scheduler from persistence.
+struct NullStore(MemoryStore);
+
+#[async_trait::async_trait]
+impl Store for NullStore {
+    async fn create_run(&self, run: &RunRecord) -> cd::core::Result<()> {
+        self.0.create_run(run).await
+    }
+    async fn set_run_status(
+        &self,
+        id: &str,
+        s: RunStatus,
+        at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> cd::core::Result<()> {
+        self.0.set_run_status(id, s, at).await
+    }
+    async fn get_run(&self, id: &str) -> cd::core::Result<Option<RunRecord>> {
+        self.0.get_run(id).await
+    }
+    async fn list_runs(&self, n: usize) -> cd::core::Result<Vec<RunRecord>> {
+        self.0.list_runs(n).await
+    }
+    async fn put_node(&self, _: &NodeRecord) -> cd::core::Result<()> {
+        Ok(())
+    }
+    async fn put_nodes(&self, _: &[NodeRecord]) -> cd::core::Result<()> {
+        Ok(())
+    }
+    async fn nodes(&self, _: &str) -> cd::core::Result<Vec<NodeRecord>> {
+        Ok(Vec::new())
+    }
+    async fn append_events(&self, _: &[cd::core::Event]) -> cd::core::Result<()> {
+        Ok(())
+    }
+    async fn events(&self, _: &str, _: u64, _: usize) -> cd::core::Result<Vec<cd::core::Event>> {
+        Ok(Vec::new())
+    }
+    async fn put_approval(&self, a: &ApprovalRecord) -> cd::core::Result<()> {
+        self.0.put_approval(a).await
+    }
+    async fn approvals(&self, r: &str, n: &str) -> cd::core::Result<Vec<ApprovalRecord>> {
+        self.0.approvals(r, n).await
+    }
+    async fn try_acquire_lock(&self, r: &LockRequest) -> cd::core::Result<LockAttempt> {
+        self.0.try_acquire_lock(r).await
+    }
+    async fn renew_lock(&self, e: &str, h: &str, t: Duration) -> cd::core::Result<Lease> {
+        self.0.renew_lock(e, h, t).await
+    }
+    async fn release_lock(&self, e: &str, h: &str) -> cd::core::Result<bool> {
+        self.0.release_lock(e, h).await
+    }
+    async fn force_unlock(&self, e: &str) -> cd::core::Result<Option<Lease>> {
+        self.0.force_unlock(e).await
+    }
+    async fn locks(&self) -> cd::core::Result<Vec<Lease>> {
+        self.0.locks().await
+    }
+    async fn put_release(&self, r: &ReleaseRecord) -> cd::core::Result<()> {
+        self.0.put_release(r).await
+    }
+    async fn release_history(&self, e: &str, n: usize) -> cd::core::Result<Vec<ReleaseRecord>> {
+        self.0.release_history(e, n).await
+    }
+}
+
 async fn run_pipeline(p: &Pipeline) -> Duration {
-    let runner = Runner::new(Arc::new(MemoryStore::new()))
+    run_with(p, Arc::new(MemoryStore::new())).await
+}
+
+async fn run_with(p: &Pipeline, store: Arc<dyn Store>) -> Duration {
+    let runner = Runner::new(store)
         .concurrency(128)
         .retry(RetryPolicy::none())
         .without_lock();
@@ -91,13 +162,16 @@ fn main() {
         let mut l = Vec::new();
         let mut c = Vec::new();
         let mut t = Vec::new();
+        let mut n = Vec::new();
         for _ in 0..ROUNDS {
             l.push(run_pipeline(&layered_p).await);
             c.push(run_pipeline(&chain_p).await);
             t.push(bare_tokio().await);
+            n.push(run_with(&layered_p, Arc::new(NullStore(MemoryStore::new()))).await);
         }
-        let (l, c, t) = (us_per(median(l)), us_per(median(c)), us_per(median(t)));
+        let (l, c, t, n) = (us_per(median(l)), us_per(median(c)), us_per(median(t)), us_per(median(n)));
         println!("layered 100x100: {l:.2} µs/node (median of {ROUNDS})");
+        println!("layered, store that keeps nothing: {n:.2} µs/node (the scheduler alone)");
         println!("chain 10000:     {c:.2} µs/node");
         println!("bare tokio:      {t:.2} µs/task (spawn + join)");
         println!(

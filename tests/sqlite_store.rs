@@ -47,7 +47,7 @@ fn event(run_id: &str, seq: u64, kind: EventKind) -> Event {
         run_id: run_id.into(),
         seq,
         at: at(seq as i64),
-        node: if seq % 2 == 0 {
+        node: if seq.is_multiple_of(2) {
             Some("deploy".into())
         } else {
             None

@@ -448,6 +448,14 @@ impl Emitter {
         }
     }
 
+    /// The same emitter, attributing events to a shared node name.
+    pub fn for_node_arc(&self, node: Arc<str>) -> Self {
+        Emitter {
+            inner: self.inner.clone(),
+            node: Some(node),
+        }
+    }
+
     /// The run id.
     pub fn run_id(&self) -> &str {
         &self.inner.run_id

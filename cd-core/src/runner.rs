@@ -12,7 +12,6 @@ use chrono::{DateTime, Utc};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, ErrorInfo, ErrorKind, Result};
@@ -319,59 +318,60 @@ impl NodeState {
     }
 }
 
-/// Persists events through the store from a background task, in batches.
+/// Persists events through the store in batches: events are buffered as they
+/// are emitted (no wake-up per event) and written by a background task every
+/// 100 ms or every 256 events, and at every [`StoreSink::flush`].
 struct StoreSink {
-    tx: mpsc::UnboundedSender<SinkMsg>,
-}
-
-enum SinkMsg {
-    Event(Event),
-    Flush(oneshot::Sender<()>),
+    buf: std::sync::Mutex<Vec<Event>>,
+    notify: tokio::sync::Notify,
+    store: Arc<dyn Store>,
+    // Serialises writes, so batches reach the store in sequence order.
+    append: tokio::sync::Mutex<()>,
 }
 
 impl EventSink for StoreSink {
     fn emit(&self, event: &Event) {
-        let _ = self.tx.send(SinkMsg::Event(event.clone()));
+        let n = {
+            let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+            buf.push(event.clone());
+            buf.len()
+        };
+        if n == 256 {
+            self.notify.notify_one();
+        }
     }
 }
 
 fn spawn_store_writer(store: Arc<dyn Store>) -> (Arc<StoreSink>, tokio::task::JoinHandle<()>) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<SinkMsg>();
+    let sink = Arc::new(StoreSink {
+        buf: std::sync::Mutex::new(Vec::new()),
+        notify: tokio::sync::Notify::new(),
+        store,
+        append: tokio::sync::Mutex::new(()),
+    });
+    let writer = sink.clone();
     let handle = tokio::spawn(async move {
-        let mut batch = Vec::new();
-        let mut acks = Vec::new();
-        while let Some(msg) = rx.recv().await {
-            let mut next = Some(msg);
-            while let Some(m) = next {
-                match m {
-                    SinkMsg::Event(e) => batch.push(e),
-                    SinkMsg::Flush(ack) => acks.push(ack),
-                }
-                next = if batch.len() < 1024 {
-                    rx.try_recv().ok()
-                } else {
-                    None
-                };
+        loop {
+            tokio::select! {
+                _ = writer.notify.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             }
-            if !batch.is_empty() {
-                if let Err(e) = store.append_events(&batch).await {
-                    tracing::warn!(target: "cd::runner", "could not persist {} events: {e}", batch.len());
-                }
-                batch.clear();
-            }
-            for ack in acks.drain(..) {
-                let _ = ack.send(());
-            }
+            writer.flush().await;
         }
     });
-    (Arc::new(StoreSink { tx }), handle)
+    (sink, handle)
 }
 
 impl StoreSink {
+    /// Writes every buffered event.
     async fn flush(&self) {
-        let (tx, rx) = oneshot::channel();
-        if self.tx.send(SinkMsg::Flush(tx)).is_ok() {
-            let _ = rx.await;
+        let _order = self.append.lock().await;
+        let batch = std::mem::take(&mut *self.buf.lock().unwrap_or_else(|p| p.into_inner()));
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.append_events(&batch).await {
+            tracing::warn!(target: "cd::runner", "could not persist {} events: {e}", batch.len());
         }
     }
 }
@@ -758,6 +758,16 @@ impl Runner {
                 release: Arc::new(run.release.clone()),
                 run_cancel: run_cancel.clone(),
                 dirty: Vec::new(),
+                names: pipeline
+                    .nodes()
+                    .iter()
+                    .map(|n| Arc::from(n.name.as_str()))
+                    .collect(),
+                ids: (
+                    Arc::from(run.id.as_str()),
+                    Arc::from(run.pipeline.as_str()),
+                    Arc::from(run.environment.as_str()),
+                ),
             };
             exec.restore_outputs();
             let status = exec.main_loop().await?;
@@ -844,6 +854,10 @@ struct Execution<'a> {
     release: Arc<Release>,
     run_cancel: CancellationToken,
     dirty: Vec<usize>,
+    /// Node names, shared with every context and event.
+    names: Vec<Arc<str>>,
+    /// Run id, pipeline name, environment.
+    ids: (Arc<str>, Arc<str>, Arc<str>),
 }
 
 impl Execution<'_> {
@@ -864,17 +878,17 @@ impl Execution<'_> {
         cancel: CancellationToken,
         outcome: Option<RunStatus>,
     ) -> StageContext {
-        let name = &self.pipeline.nodes()[i].name;
+        let name = &self.names[i];
         StageContext {
-            run_id: self.run.id.clone(),
-            pipeline: self.run.pipeline.clone(),
+            run_id: self.ids.0.clone(),
+            pipeline: self.ids.1.clone(),
             node: name.clone(),
             attempt: self.states[i].attempts,
             release: self.release.clone(),
-            environment: self.run.environment.clone(),
+            environment: self.ids.2.clone(),
             outputs: self.outputs.clone(),
             outcome,
-            emitter: self.emitter.for_node(name),
+            emitter: self.emitter.for_node_arc(name.clone()),
             cancel,
             store: self.runner.store.clone(),
         }

@@ -99,12 +99,12 @@ pub struct Capabilities {
 /// Everything a node sees while it runs.
 #[derive(Clone)]
 pub struct StageContext {
-    pub(crate) run_id: String,
-    pub(crate) pipeline: String,
-    pub(crate) node: String,
+    pub(crate) run_id: Arc<str>,
+    pub(crate) pipeline: Arc<str>,
+    pub(crate) node: Arc<str>,
     pub(crate) attempt: u32,
     pub(crate) release: Arc<Release>,
-    pub(crate) environment: String,
+    pub(crate) environment: Arc<str>,
     pub(crate) outputs: Outputs,
     pub(crate) outcome: Option<crate::event::RunStatus>,
     pub(crate) emitter: Emitter,
@@ -130,12 +130,12 @@ impl StageContext {
     /// stage outside a [`crate::Runner`].
     pub fn detached(node: &str, release: Release, store: Arc<dyn Store>) -> Self {
         StageContext {
-            run_id: "detached".into(),
-            pipeline: "detached".into(),
-            node: node.into(),
+            run_id: Arc::from("detached"),
+            pipeline: Arc::from("detached"),
+            node: Arc::from(node),
             attempt: 1,
             release: Arc::new(release),
-            environment: "default".into(),
+            environment: Arc::from("default"),
             outputs: Outputs::default(),
             outcome: None,
             emitter: Emitter::noop().for_node(node),
@@ -158,7 +158,7 @@ impl StageContext {
 
     /// Sets the environment.
     pub fn with_environment(mut self, environment: impl Into<String>) -> Self {
-        self.environment = environment.into();
+        self.environment = Arc::from(environment.into());
         self
     }
 

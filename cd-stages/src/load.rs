@@ -541,7 +541,7 @@ mod tests {
         let server = TestServer::start(move |_| {
             let i = n.fetch_add(1, Ordering::SeqCst);
             let r = TestResponse::ok("x");
-            if i % 10 == 0 {
+            if i.is_multiple_of(10) {
                 r.delay(Duration::from_millis(60))
             } else {
                 r
@@ -566,7 +566,7 @@ mod tests {
     async fn errors_count_against_the_error_rate() {
         let n = Arc::new(AtomicUsize::new(0));
         let server = TestServer::start(move |_| {
-            if n.fetch_add(1, Ordering::SeqCst) % 4 == 0 {
+            if n.fetch_add(1, Ordering::SeqCst).is_multiple_of(4) {
                 TestResponse::new(503, "busy")
             } else {
                 TestResponse::ok("ok")
