@@ -1020,3 +1020,23 @@ async fn ssh_timeout_and_cancellation_are_typed() {
     fx.assert_live(0, "v1");
     assert!(!fx.root(0).join("releases/v3").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_deployer_passes_the_conformance_suite() {
+    let Some(fx) = Fixture::start(1).await else {
+        return;
+    };
+    let deployer = fx.deployer();
+    let t = deployer.targets().remove(0);
+    let report = cd::core::conformance::check_deployer(
+        &deployer,
+        &t,
+        &fx.release("v1"),
+        &fx.release("v2"),
+        &DeployContext::detached("test"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.passed.len(), 5, "{report:?}");
+    fx.assert_live(0, "v1");
+}
