@@ -256,7 +256,10 @@ impl SshFleet {
         }
 
         let dir = tempfile::Builder::new().prefix("cd-sshfleet-").tempdir()?;
-        std::fs::write(dir.path().join("owner.pid"), std::process::id().to_string())?;
+        std::fs::write(
+            dir.path().join("owner.pid"),
+            owner_stamp(std::process::id()),
+        )?;
 
         let user_key = dir.path().join("id_ed25519");
         keygen_ed25519(&keygen, &user_key, "cd-testkit-user")?;
@@ -830,8 +833,7 @@ fn reap_stale_fleets() {
         let Ok(owner) = std::fs::read_to_string(dir.join("owner.pid")) else {
             continue;
         };
-        let owner = owner.trim();
-        if owner.is_empty() || Path::new("/proc").join(owner).exists() {
+        if !owner_is_gone(owner.trim()) {
             continue;
         }
         if let Ok(hosts) = std::fs::read_dir(&dir) {
@@ -847,6 +849,48 @@ fn reap_stale_fleets() {
         }
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+/// `<pid> <kernel start time> <pid namespace>`: enough to tell, later and
+/// from another process, whether the owner is really gone.
+fn owner_stamp(pid: u32) -> String {
+    format!(
+        "{pid} {} {}",
+        proc_start_time(pid).unwrap_or(0),
+        pid_namespace().unwrap_or_default()
+    )
+}
+
+fn pid_namespace() -> Option<String> {
+    std::fs::read_link("/proc/self/ns/pid")
+        .ok()
+        .map(|p| p.display().to_string())
+}
+
+fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..]
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// Whether the fleet's owner process has exited. A fleet made in another
+/// PID namespace (a concurrent, sandboxed test run) is never judged gone:
+/// its pids mean nothing here, and its sshd must not be touched.
+fn owner_is_gone(stamp: &str) -> bool {
+    let mut parts = stamp.split_whitespace();
+    let (Some(pid), Some(start), Some(ns)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) else {
+        return false;
+    };
+    if pid_namespace().as_deref() != Some(ns) {
+        return false;
+    }
+    proc_start_time(pid) != Some(start)
 }
 
 fn is_sshd(pid: u32) -> bool {
