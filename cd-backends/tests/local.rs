@@ -108,7 +108,9 @@ fn kill_recorded(dir: &Path) {
             let recorded = v.pointer("/current/start_time").and_then(|t| t.as_u64());
             if alive(pid) && recorded.is_some() && recorded == start_time(pid) {
                 let _ = std::process::Command::new("kill")
-                    .args(["-9", &format!("-{pid}")])
+                    // `--` is required: procps 4.0.2's kill reads `-9 -133`
+                    // as kill(-1, SIGKILL), i.e. every process.
+                    .args(["-9", "--", &format!("-{pid}")])
                     .stderr(std::process::Stdio::null())
                     .status();
             }
