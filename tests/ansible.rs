@@ -189,7 +189,14 @@ async fn check_mode_changes_nothing_on_disk() {
     let state = tempfile::tempdir().unwrap();
     let ansible = deployer(&bin, &fleet, state.path());
     let web = ansible.group_target("web");
-    let plan = ansible.plan(&Release::new("v1"), &web).await.unwrap();
+    let plan = ansible
+        .plan(
+            &Release::new("v1"),
+            &web,
+            &cd::core::DeployContext::detached("test"),
+        )
+        .await
+        .unwrap();
     for h in fleet.hosts() {
         for task in [
             "create the app directory",
@@ -216,9 +223,23 @@ async fn check_mode_changes_nothing_on_disk() {
     let (cx, _) = context();
     ansible.apply(&plan, &cx).await.unwrap();
     let before = std::fs::read(fleet.host(0).root.join("app/config.json")).unwrap();
-    let again = ansible.plan(&Release::new("v1"), &web).await.unwrap();
+    let again = ansible
+        .plan(
+            &Release::new("v1"),
+            &web,
+            &cd::core::DeployContext::detached("test"),
+        )
+        .await
+        .unwrap();
     assert!(again.is_noop(), "{:?}", again.changes);
-    let other = ansible.plan(&Release::new("v2"), &web).await.unwrap();
+    let other = ansible
+        .plan(
+            &Release::new("v2"),
+            &web,
+            &cd::core::DeployContext::detached("test"),
+        )
+        .await
+        .unwrap();
     assert!(!other.is_noop());
     assert_eq!(
         std::fs::read(fleet.host(0).root.join("app/config.json")).unwrap(),
@@ -345,7 +366,11 @@ async fn missing_binary_names_the_binary_and_the_setting() {
         .state_dir(tempfile::tempdir().unwrap().path())
         .host(AnsibleHost::new("h").address("127.0.0.1"));
     let err = ansible
-        .plan(&Release::new("v1"), &ansible.group_target("all"))
+        .plan(
+            &Release::new("v1"),
+            &ansible.group_target("all"),
+            &cd::core::DeployContext::detached("test"),
+        )
         .await
         .unwrap_err();
     let text = err.to_string();

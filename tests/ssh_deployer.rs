@@ -247,7 +247,14 @@ async fn ssh_v1_v2_rollback_on_ten_hosts() {
         assert_eq!(fx.restarts(i), ["v1", "v2"]);
     }
     // Applying a plan for the live version directly is a no-op too.
-    let plan = deployer.plan(&fx.release("v2"), &targets[0]).await.unwrap();
+    let plan = deployer
+        .plan(
+            &fx.release("v2"),
+            &targets[0],
+            &cd::core::DeployContext::detached("test"),
+        )
+        .await
+        .unwrap();
     assert!(plan.is_noop());
     deployer.apply(&plan, &cx).await.unwrap();
     assert_eq!(fx.restarts(0), ["v1", "v2"]);
@@ -389,7 +396,14 @@ async fn ssh_hashed_known_hosts_unknown_hosts_and_tofu() {
     let text = std::fs::read_to_string(fx.fleet.hashed_known_hosts_path()).unwrap();
     assert!(text.starts_with("|1|"), "{text}");
     let t = hashed.targets();
-    let plan = hashed.plan(&fx.release("v1"), &t[0]).await.unwrap();
+    let plan = hashed
+        .plan(
+            &fx.release("v1"),
+            &t[0],
+            &cd::core::DeployContext::detached("test"),
+        )
+        .await
+        .unwrap();
     hashed
         .apply(&plan, &cx)
         .await
@@ -490,7 +504,14 @@ async fn ssh_checksum_mismatch_fails_before_switch() {
     let release = fx.release("v2");
     let path = release.artifact.as_ref().unwrap().path.clone();
     let bad = Release::new("v2").artifact_with_sha256(path, "0".repeat(64));
-    let plan = deployer.plan(&bad, &targets[0]).await.unwrap();
+    let plan = deployer
+        .plan(
+            &bad,
+            &targets[0],
+            &cd::core::DeployContext::detached("test"),
+        )
+        .await
+        .unwrap();
     let err = deployer.apply(&plan, &cx).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Failed);
     assert_eq!(err.context("host"), Some("host1"));
@@ -533,7 +554,11 @@ async fn ssh_failing_restart_or_health_keeps_fleet_on_one_version() {
     );
     let bad_restart = fx.builder().restart(restart).build().unwrap();
     let plan = bad_restart
-        .plan(&fx.release("v2"), &targets[2])
+        .plan(
+            &fx.release("v2"),
+            &targets[2],
+            &cd::core::DeployContext::detached("test"),
+        )
         .await
         .unwrap();
     let err = bad_restart.apply(&plan, &cx).await.unwrap_err();
@@ -564,7 +589,11 @@ async fn ssh_failing_restart_or_health_keeps_fleet_on_one_version() {
         .build()
         .unwrap();
     let plan = bad_health
-        .plan(&fx.release("v2"), &targets[1])
+        .plan(
+            &fx.release("v2"),
+            &targets[1],
+            &cd::core::DeployContext::detached("test"),
+        )
         .await
         .unwrap();
     let err = bad_health.apply(&plan, &cx).await.unwrap_err();
@@ -591,7 +620,14 @@ async fn ssh_keeps_last_releases_and_rolls_back_to_previous() {
     let t = deployer.targets().remove(0);
     let (cx, events) = collecting_cx();
     for v in ["v1", "v2", "v3", "v4"] {
-        let plan = deployer.plan(&fx.release(v), &t).await.unwrap();
+        let plan = deployer
+            .plan(
+                &fx.release(v),
+                &t,
+                &cd::core::DeployContext::detached("test"),
+            )
+            .await
+            .unwrap();
         let rev = deployer.apply(&plan, &cx).await.unwrap();
         assert_eq!(rev.version, v);
         // mtime resolution: keep the release directories apart in time.
@@ -619,7 +655,14 @@ async fn ssh_keeps_last_releases_and_rolls_back_to_previous() {
     assert_eq!(err.kind(), ErrorKind::NotFound);
     fx.assert_live(0, "v3");
     // Redeploying a release still on the host skips the upload.
-    let plan = deployer.plan(&fx.release("v4"), &t).await.unwrap();
+    let plan = deployer
+        .plan(
+            &fx.release("v4"),
+            &t,
+            &cd::core::DeployContext::detached("test"),
+        )
+        .await
+        .unwrap();
     deployer.apply(&plan, &cx).await.unwrap();
     fx.assert_live(0, "v4");
     assert_eq!(
@@ -634,7 +677,14 @@ async fn ssh_keeps_last_releases_and_rolls_back_to_previous() {
         .artifact_memory_limit(0)
         .build()
         .unwrap();
-    let plan = streaming.plan(&fx.release("v5"), &t).await.unwrap();
+    let plan = streaming
+        .plan(
+            &fx.release("v5"),
+            &t,
+            &cd::core::DeployContext::detached("test"),
+        )
+        .await
+        .unwrap();
     streaming.apply(&plan, &cx).await.unwrap();
     fx.assert_live(0, "v5");
 }
@@ -916,7 +966,14 @@ async fn ssh_http_health_check_runs_on_the_host() {
         .health_http(format!("http://127.0.0.1:{port}/broken"))
         .build()
         .unwrap();
-    let plan = bad.plan(&fx.release("v2"), &targets[1]).await.unwrap();
+    let plan = bad
+        .plan(
+            &fx.release("v2"),
+            &targets[1],
+            &cd::core::DeployContext::detached("test"),
+        )
+        .await
+        .unwrap();
     let err = bad.apply(&plan, &cx).await.unwrap_err();
     assert_eq!(err.context("step"), Some("health"), "{err}");
     assert_eq!(err.context("host"), Some("host2"));
@@ -983,7 +1040,14 @@ async fn ssh_timeout_and_cancellation_are_typed() {
     let (cx, _) = collecting_cx();
     let deployer = fx.deployer();
     let t = deployer.targets().remove(0);
-    let plan = deployer.plan(&fx.release("v1"), &t).await.unwrap();
+    let plan = deployer
+        .plan(
+            &fx.release("v1"),
+            &t,
+            &cd::core::DeployContext::detached("test"),
+        )
+        .await
+        .unwrap();
     deployer.apply(&plan, &cx).await.unwrap();
 
     // A restart that hangs runs into the step timeout: retryable, names
@@ -996,7 +1060,14 @@ async fn ssh_timeout_and_cancellation_are_typed() {
         .step_timeout(Duration::from_millis(700))
         .build()
         .unwrap();
-    let plan = hanging.plan(&fx.release("v2"), &t).await.unwrap();
+    let plan = hanging
+        .plan(
+            &fx.release("v2"),
+            &t,
+            &cd::core::DeployContext::detached("test"),
+        )
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     let err = hanging.apply(&plan, &cx).await.unwrap_err();
     assert!(
@@ -1014,7 +1085,14 @@ async fn ssh_timeout_and_cancellation_are_typed() {
     let cancel = CancellationToken::new();
     cancel.cancel();
     let cancelled = DeployContext::new(Emitter::noop(), cancel, "test");
-    let plan = deployer.plan(&fx.release("v3"), &t).await.unwrap();
+    let plan = deployer
+        .plan(
+            &fx.release("v3"),
+            &t,
+            &cd::core::DeployContext::detached("test"),
+        )
+        .await
+        .unwrap();
     let err = deployer.apply(&plan, &cancelled).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Cancelled, "{err}");
     fx.assert_live(0, "v1");

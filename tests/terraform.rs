@@ -237,7 +237,10 @@ async fn planning_leaves_the_state_file_unchanged() {
     let v2 = Release::new("v2").config("color", "red").config("size", 5);
     let plan = tf.plan_in(&v2, &target, &cx).await.unwrap();
     assert!(!plan.is_noop());
-    let _ = tf.plan(&v2, &target).await.unwrap();
+    let _ = tf
+        .plan(&v2, &target, &cd::core::DeployContext::detached("test"))
+        .await
+        .unwrap();
 
     assert_eq!(
         std::fs::read(&state).unwrap(),
@@ -258,7 +261,11 @@ async fn syntax_error_names_file_and_line() {
     let dir = fixture("syntax_error");
     let tf = deployer(&tools, dir.path());
     let err = tf
-        .plan(&Release::new("v1"), &tf.target("default"))
+        .plan(
+            &Release::new("v1"),
+            &tf.target("default"),
+            &cd::core::DeployContext::detached("test"),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
@@ -319,7 +326,11 @@ async fn missing_binary_names_the_binary_and_the_setting() {
     let dir = fixture("app");
     let tf = TerraformDeployer::new(dir.path()).binary("/nonexistent/terraform-xyz");
     let err = tf
-        .plan(&Release::new("v1"), &tf.target("default"))
+        .plan(
+            &Release::new("v1"),
+            &tf.target("default"),
+            &cd::core::DeployContext::detached("test"),
+        )
         .await
         .unwrap_err();
     let text = err.to_string();

@@ -158,7 +158,13 @@ async fn deploy(
     target: &str,
 ) -> cd_core::Result<cd_core::Revision> {
     let cx = DeployContext::detached("test");
-    let plan = d.plan(&Release::new(version), &Target::new(target)).await?;
+    let plan = d
+        .plan(
+            &Release::new(version),
+            &Target::new(target),
+            &cd_core::DeployContext::detached("test"),
+        )
+        .await?;
     d.apply(&plan, &cx).await
 }
 
@@ -175,7 +181,14 @@ async fn deploy_redeploy_upgrade_rollback_and_restart() {
     let url = format!("http://127.0.0.1:{port}/");
 
     assert_eq!(d.current(&blue).await.unwrap(), None);
-    let plan = d.plan(&Release::new("v1"), &blue).await.unwrap();
+    let plan = d
+        .plan(
+            &Release::new("v1"),
+            &blue,
+            &cd_core::DeployContext::detached("test"),
+        )
+        .await
+        .unwrap();
     assert_eq!(plan.changes[0].action, ChangeAction::Create);
 
     let v1 = deploy(&d, "v1", "blue").await.unwrap();
@@ -184,12 +197,26 @@ async fn deploy_redeploy_upgrade_rollback_and_restart() {
     assert_eq!(d.current(&blue).await.unwrap().unwrap().version, "v1");
 
     // The same version again is a no-op: same process.
-    let plan = d.plan(&Release::new("v1"), &blue).await.unwrap();
+    let plan = d
+        .plan(
+            &Release::new("v1"),
+            &blue,
+            &cd_core::DeployContext::detached("test"),
+        )
+        .await
+        .unwrap();
     assert!(plan.is_noop());
     let again = deploy(&d, "v1", "blue").await.unwrap();
     assert_eq!(pid_of(&again), pid_of(&v1));
 
-    let plan = d.plan(&Release::new("v2"), &blue).await.unwrap();
+    let plan = d
+        .plan(
+            &Release::new("v2"),
+            &blue,
+            &cd_core::DeployContext::detached("test"),
+        )
+        .await
+        .unwrap();
     assert_eq!(plan.changes[0].action, ChangeAction::Replace);
     let v2 = deploy(&d, "v2", "blue").await.unwrap();
     assert_eq!(body(&url).await, "v2 hello-from-blue");
@@ -252,7 +279,11 @@ async fn unhealthy_release_is_a_typed_error_and_the_previous_stays_live() {
         "test",
     );
     let plan = d
-        .plan(&Release::new("v2-broken"), &Target::new("blue"))
+        .plan(
+            &Release::new("v2-broken"),
+            &Target::new("blue"),
+            &cd_core::DeployContext::detached("test"),
+        )
         .await
         .unwrap();
     let err = d.apply(&plan, &cx).await.unwrap_err();
@@ -324,12 +355,20 @@ async fn busy_port_and_bad_config_are_reported() {
         .build()
         .unwrap();
     let err = d
-        .plan(&Release::new("v1"), &Target::new("blue"))
+        .plan(
+            &Release::new("v1"),
+            &Target::new("blue"),
+            &cd_core::DeployContext::detached("test"),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Invalid);
     let err = d
-        .plan(&Release::new("v1"), &Target::new("purple"))
+        .plan(
+            &Release::new("v1"),
+            &Target::new("purple"),
+            &cd_core::DeployContext::detached("test"),
+        )
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
@@ -365,7 +404,14 @@ async fn artifact_is_the_default_program() {
         .build()
         .unwrap();
     let release = Release::new("v7").artifact(&launcher);
-    let plan = d.plan(&release, &Target::new("blue")).await.unwrap();
+    let plan = d
+        .plan(
+            &release,
+            &Target::new("blue"),
+            &cd_core::DeployContext::detached("test"),
+        )
+        .await
+        .unwrap();
     let rev = d.apply(&plan, &DeployContext::detached("t")).await.unwrap();
     assert_eq!(rev.version, "v7");
     assert_eq!(body(&format!("http://127.0.0.1:{port}/")).await, "v7");

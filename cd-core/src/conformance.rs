@@ -41,7 +41,7 @@ pub async fn check_deployer(
     }
     let mut report = ConformanceReport::default();
     let before = deployer.current(target).await?;
-    let plan = deployer.plan(first, target).await?;
+    let plan = deployer.plan(first, target, cx).await?;
     let after = deployer.current(target).await?;
     if before.as_ref().map(|r| &r.version) != after.as_ref().map(|r| &r.version) {
         return Err(fail(
@@ -72,7 +72,7 @@ pub async fn check_deployer(
         .passed
         .push(format!("apply {} and current() agree", first.version));
 
-    let again = deployer.plan(first, target).await?;
+    let again = deployer.plan(first, target, cx).await?;
     if !again.is_noop() {
         return Err(fail(
             "redeploy",
@@ -95,7 +95,7 @@ pub async fn check_deployer(
         .passed
         .push("redeploying the live version is a no-op".into());
 
-    let plan2 = deployer.plan(second, target).await?;
+    let plan2 = deployer.plan(second, target, cx).await?;
     if plan2.is_noop() {
         return Err(fail(
             "plan",

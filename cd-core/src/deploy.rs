@@ -87,7 +87,7 @@ pub trait Deployer: Send + Sync + 'static {
     async fn current(&self, target: &Target) -> Result<Option<Revision>>;
 
     /// What applying `release` to `target` would change. Changes nothing.
-    async fn plan(&self, release: &Release, target: &Target) -> Result<Plan>;
+    async fn plan(&self, release: &Release, target: &Target, cx: &DeployContext) -> Result<Plan>;
 
     /// Carries out a plan and returns what is then live.
     async fn apply(&self, plan: &Plan, cx: &DeployContext) -> Result<Revision>;
@@ -117,8 +117,8 @@ impl<D: Deployer + ?Sized> Deployer for Arc<D> {
     async fn current(&self, target: &Target) -> Result<Option<Revision>> {
         (**self).current(target).await
     }
-    async fn plan(&self, release: &Release, target: &Target) -> Result<Plan> {
-        (**self).plan(release, target).await
+    async fn plan(&self, release: &Release, target: &Target, cx: &DeployContext) -> Result<Plan> {
+        (**self).plan(release, target, cx).await
     }
     async fn apply(&self, plan: &Plan, cx: &DeployContext) -> Result<Revision> {
         (**self).apply(plan, cx).await

@@ -164,7 +164,7 @@ async fn deploy_one(
         }
     }
     let plan = deployer
-        .plan(release, target)
+        .plan(release, target, cx)
         .await
         .map_err(|e| e.with("target", &target.name).with("step", "plan"))?;
     let t = std::time::Instant::now();

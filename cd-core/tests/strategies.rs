@@ -45,7 +45,7 @@ impl Deployer for MemDeployer {
     async fn current(&self, target: &Target) -> Result<Option<Revision>> {
         Ok(self.live.lock().unwrap().get(&target.name).cloned())
     }
-    async fn plan(&self, release: &Release, target: &Target) -> Result<Plan> {
+    async fn plan(&self, release: &Release, target: &Target, _cx: &DeployContext) -> Result<Plan> {
         let cur = self.current(target).await?;
         Ok(Plan::new(release.clone(), target.clone(), cur)
             .change(Change::new(ChangeAction::Update, "current")))

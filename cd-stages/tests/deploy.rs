@@ -24,7 +24,7 @@ impl Deployer for MemDeployer {
     async fn current(&self, target: &Target) -> Result<Option<Revision>> {
         Ok(self.live.lock().unwrap().get(&target.name).cloned())
     }
-    async fn plan(&self, release: &Release, target: &Target) -> Result<Plan> {
+    async fn plan(&self, release: &Release, target: &Target, _cx: &DeployContext) -> Result<Plan> {
         Ok(Plan::new(
             release.clone(),
             target.clone(),

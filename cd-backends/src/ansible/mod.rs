@@ -34,11 +34,12 @@
 //!     .host(AnsibleHost::new("web2").address("10.0.0.2").user("deploy").groups(["web"]))
 //!     .known_hosts("~/.ssh/known_hosts");
 //! let all = web.group_target("web");
-//! let plan = web.plan(&Release::new("v7").config("app_port", 8080), &all).await?;
+//! let cx = DeployContext::detached("production");
+//! let plan = web.plan(&Release::new("v7").config("app_port", 8080), &all, &cx).await?;
 //! for change in &plan.changes {
 //!     println!("would change {}", change.address);
 //! }
-//! web.apply(&plan, &DeployContext::detached("production")).await?;
+//! web.apply(&plan, &cx).await?;
 //! # Ok(()) }
 //! ```
 
@@ -753,42 +754,9 @@ impl Deployer for AnsibleDeployer {
             .map(|e| self.revision(target, e)))
     }
 
-    /// Plans without a run context (the trait gives none): the per-host
-    /// events of the check run are recorded in the plan
-    /// (`detail.plan_events`) and emitted when the plan is applied. Use
-    /// [`AnsibleDeployer::plan_in`] to stream them as they happen.
-    async fn plan(&self, release: &Release, target: &Target) -> Result<Plan> {
-        let sink = Arc::new(cd_core::CollectingSink::new());
-        let emitter = Emitter::new(
-            "plan",
-            1,
-            vec![sink.clone() as Arc<dyn cd_core::EventSink>],
-            cd_core::Redactor::default(),
-        );
-        let cx = DeployContext::new(
-            emitter,
-            tokio_util::sync::CancellationToken::new(),
-            "default",
-        );
-        let mut plan = self.plan_in(release, target, &cx).await?;
-        let recorded: Vec<cd_core::EventKind> = sink
-            .events()
-            .into_iter()
-            .map(|e| e.kind)
-            .filter(|k| {
-                !matches!(
-                    k,
-                    cd_core::EventKind::Log {
-                        level: LogLevel::Debug,
-                        ..
-                    }
-                )
-            })
-            .collect();
-        if let Value::Object(map) = &mut plan.detail {
-            map.insert("plan_events".into(), serde_json::to_value(recorded)?);
-        }
-        Ok(plan)
+    /// Plans, streaming the tool's output as events through `cx`.
+    async fn plan(&self, release: &Release, target: &Target, cx: &DeployContext) -> Result<Plan> {
+        self.plan_in(release, target, cx).await
     }
 
     async fn apply(&self, plan: &Plan, cx: &DeployContext) -> Result<Revision> {
@@ -797,18 +765,6 @@ impl Deployer for AnsibleDeployer {
                 "the plan was not made by an AnsibleDeployer".into(),
             )
             .into());
-        }
-        if let Some(events) = plan.detail.get("plan_events") {
-            if let Ok(kinds) = serde_json::from_value::<Vec<cd_core::EventKind>>(events.clone()) {
-                cx.events.info(format!(
-                    "ansible: {} events recorded while planning {} (--check --diff):",
-                    kinds.len(),
-                    plan.release.version
-                ));
-                for k in kinds {
-                    cx.events.emit(k);
-                }
-            }
         }
         let (_, entry) = self
             .apply_release(&plan.release, &plan.target, None, None, cx)

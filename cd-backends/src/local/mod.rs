@@ -37,7 +37,7 @@
 //!
 //! let cx = DeployContext::detached("production");
 //! let green = Target::new("green");
-//! let plan = deployer.plan(&Release::new("v2"), &green).await?;
+//! let plan = deployer.plan(&Release::new("v2"), &green, &cx).await?;
 //! let revision = deployer.apply(&plan, &cx).await?;
 //! router.switch("green", &cx).await?;
 //! println!("{} live on {}", revision.version, router.url());
@@ -745,7 +745,7 @@ impl Deployer for LocalProcessDeployer {
             .map(|r| self.revision(&slot, &r)))
     }
 
-    async fn plan(&self, release: &Release, target: &Target) -> Result<Plan> {
+    async fn plan(&self, release: &Release, target: &Target, _cx: &DeployContext) -> Result<Plan> {
         let slot = self.slot(&target.name)?;
         let (program, args, _) = self.command_for(release, &slot)?;
         let current = self.current(target).await?;

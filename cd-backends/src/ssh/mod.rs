@@ -61,7 +61,7 @@
 //! let release = Release::new("v42").artifact("target/app.tar.gz");
 //! let cx = DeployContext::detached("production");
 //! for target in web.targets() {
-//!     let plan = web.plan(&release, &target).await?;
+//!     let plan = web.plan(&release, &target, &cx).await?;
 //!     web.apply(&plan, &cx).await?;
 //! }
 //! # Ok(()) }
@@ -1603,7 +1603,7 @@ impl Deployer for SshDeployer {
         Ok(rev)
     }
 
-    async fn plan(&self, release: &Release, target: &Target) -> Result<Plan> {
+    async fn plan(&self, release: &Release, target: &Target, _cx: &DeployContext) -> Result<Plan> {
         let host = self.host_for(target)?.clone();
         check_name("version", &release.version)?;
         // A `current()` read an instant ago (rollout strategies call it just

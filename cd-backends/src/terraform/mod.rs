@@ -35,11 +35,12 @@
 //! # async fn demo() -> cd_core::Result<()> {
 //! let infra = TerraformDeployer::new("infra/").workspaces(["staging", "production"]);
 //! let staging = infra.target("staging");
-//! let plan = infra.plan(&Release::new("v2").config("replicas", 3), &staging).await?;
+//! let cx = DeployContext::detached("staging");
+//! let plan = infra.plan(&Release::new("v2").config("replicas", 3), &staging, &cx).await?;
 //! for change in &plan.changes {
 //!     println!("{} {}", change.action, change.address);
 //! }
-//! let revision = infra.apply(&plan, &DeployContext::detached("staging")).await?;
+//! let revision = infra.apply(&plan, &cx).await?;
 //! println!("outputs: {}", revision.detail["outputs"]);
 //! # Ok(()) }
 //! ```
@@ -1059,60 +1060,12 @@ impl Deployer for TerraformDeployer {
             .map(|e| self.revision(target, &workspace, e)))
     }
 
-    /// Plans without a run context (the trait gives none): the events
-    /// terraform's plan produced are recorded in the plan
-    /// (`detail.plan_events`) and emitted when the plan is applied. Use
-    /// [`TerraformDeployer::plan_in`] to stream them as they happen.
-    async fn plan(&self, release: &Release, target: &Target) -> Result<Plan> {
-        let sink = Arc::new(cd_core::CollectingSink::new());
-        let emitter = Emitter::new(
-            "plan",
-            1,
-            vec![sink.clone() as Arc<dyn cd_core::EventSink>],
-            cd_core::Redactor::default(),
-        );
-        let cx = DeployContext::new(
-            emitter,
-            tokio_util::sync::CancellationToken::new(),
-            &Self::workspace_of(target),
-        );
-        let mut plan = self.plan_in(release, target, &cx).await?;
-        let recorded: Vec<cd_core::EventKind> = sink
-            .events()
-            .into_iter()
-            .map(|e| e.kind)
-            .filter(|k| {
-                !matches!(
-                    k,
-                    cd_core::EventKind::Log {
-                        level: LogLevel::Debug,
-                        ..
-                    }
-                )
-            })
-            .collect();
-        if let Value::Object(map) = &mut plan.detail {
-            map.insert("plan_events".into(), serde_json::to_value(recorded)?);
-        }
-        Ok(plan)
+    /// Plans, streaming the tool's output as events through `cx`.
+    async fn plan(&self, release: &Release, target: &Target, cx: &DeployContext) -> Result<Plan> {
+        self.plan_in(release, target, cx).await
     }
 
     async fn apply(&self, plan: &Plan, cx: &DeployContext) -> Result<Revision> {
-        if let Some(events) = plan.detail.get("plan_events") {
-            if let Ok(kinds) = serde_json::from_value::<Vec<cd_core::EventKind>>(events.clone()) {
-                cx.events.log(
-                    LogLevel::Info,
-                    format!(
-                        "terraform: {} events recorded while planning {}:",
-                        kinds.len(),
-                        plan.release.version
-                    ),
-                );
-                for k in kinds {
-                    cx.events.emit(k);
-                }
-            }
-        }
         self.apply_plan(plan, cx, None).await?.ok_or_else(|| {
             TerraformError::InvalidPlan("a destroy plan leaves no revision".into()).into()
         })
