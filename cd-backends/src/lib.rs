@@ -17,6 +17,8 @@
 pub mod ansible;
 #[cfg(feature = "local")]
 pub mod local;
+#[cfg(any(feature = "terraform", feature = "ansible"))]
+mod process_group;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 #[cfg(feature = "ssh")]

@@ -44,6 +44,8 @@
 //! ```
 
 mod error;
+
+use crate::process_group::{interrupt, signal_group};
 mod inventory;
 mod report;
 
@@ -962,33 +964,6 @@ fn callback_path(plugin_dir: &Path) -> OsString {
     }
     dirs.push(PathBuf::from("/usr/share/ansible/plugins/callback"));
     std::env::join_paths(dirs).unwrap_or_else(|_| plugin_dir.as_os_str().to_owned())
-}
-
-/// Sends SIGINT so ansible-playbook stops its workers cleanly.
-async fn interrupt(child: &mut tokio::process::Child) {
-    if signal_group(child, "INT").await {
-        return;
-    }
-    let _ = child.start_kill();
-}
-
-/// Sends `signal` to the child's process group (the child leads it).
-async fn signal_group(child: &tokio::process::Child, signal: &str) -> bool {
-    let Some(pid) = child.id() else {
-        return false;
-    };
-    Command::new("kill")
-        .arg("-s")
-        .arg(signal)
-        .arg("--")
-        .arg(format!("-{pid}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await
-        .map(|s| s.success())
-        .unwrap_or(false)
 }
 
 /// Writes a file readable by the owner only (extra vars may hold secrets).

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::TerraformError;
 use super::ui::{parse_human_diagnostics, Diagnostic, UiMessage};
+use crate::process_group::{interrupt, signal_group};
 
 /// How much of stderr an error keeps.
 const STDERR_TAIL: usize = 4000;
@@ -249,33 +250,6 @@ impl Cli {
             .await?;
         Ok((finished, out))
     }
-}
-
-/// Sends SIGINT so terraform stops cleanly and releases its state lock.
-async fn interrupt(child: &mut tokio::process::Child) {
-    if signal_group(child, "INT").await {
-        return;
-    }
-    let _ = child.start_kill();
-}
-
-/// Sends `signal` to the child's process group (the child leads it).
-async fn signal_group(child: &tokio::process::Child, signal: &str) -> bool {
-    let Some(pid) = child.id() else {
-        return false;
-    };
-    Command::new("kill")
-        .arg("-s")
-        .arg(signal)
-        .arg("--")
-        .arg(format!("-{pid}"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await
-        .map(|s| s.success())
-        .unwrap_or(false)
 }
 
 pub(crate) fn spawn_error(binary: &Path, e: std::io::Error) -> TerraformError {
