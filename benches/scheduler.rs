@@ -115,11 +115,12 @@ impl Store for NullStore {
 }
 
 async fn run_pipeline(p: &Pipeline) -> Duration {
-    run_with(p, Arc::new(MemoryStore::new())).await
+    run_with(p, Arc::new(MemoryStore::new()), true).await
 }
 
-async fn run_with(p: &Pipeline, store: Arc<dyn Store>) -> Duration {
+async fn run_with(p: &Pipeline, store: Arc<dyn Store>, spawn: bool) -> Duration {
     let runner = Runner::new(store)
+        .spawn_stages(spawn)
         .concurrency(128)
         .retry(RetryPolicy::none())
         .without_lock();
@@ -163,15 +164,23 @@ fn main() {
         let mut c = Vec::new();
         let mut t = Vec::new();
         let mut n = Vec::new();
+        let (mut il, mut ic) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
             l.push(run_pipeline(&layered_p).await);
             c.push(run_pipeline(&chain_p).await);
             t.push(bare_tokio().await);
-            n.push(run_with(&layered_p, Arc::new(NullStore(MemoryStore::new()))).await);
+            n.push(run_with(&layered_p, Arc::new(NullStore(MemoryStore::new())), true).await);
+            il.push(run_with(&layered_p, Arc::new(MemoryStore::new()), false).await);
+            ic.push(run_with(&chain_p, Arc::new(MemoryStore::new()), false).await);
         }
         let (l, c, t, n) = (us_per(median(l)), us_per(median(c)), us_per(median(t)), us_per(median(n)));
         println!("layered 100x100: {l:.2} µs/node (median of {ROUNDS})");
         println!("layered, store that keeps nothing: {n:.2} µs/node (the scheduler alone)");
+        let (il, ic) = (us_per(median(il)), us_per(median(ic)));
+        println!(
+            "inline attempts (Runner::spawn_stages(false)): layered {il:.2} µs/node, chain {ic:.2} µs/node, ratio vs tokio {:.2}",
+            il.max(ic) / t
+        );
         println!("chain 10000:     {c:.2} µs/node");
         println!("bare tokio:      {t:.2} µs/task (spawn + join)");
         println!(

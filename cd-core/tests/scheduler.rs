@@ -631,3 +631,45 @@ async fn resume_skips_completed_nodes_and_refuses_a_changed_pipeline() {
     assert_eq!(report.node("a").unwrap().status, NodeStatus::Succeeded);
     assert_eq!(report.node("b").unwrap().attempts, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_attempts_keep_the_same_semantics() {
+    let log = Log::default();
+    let p = Pipeline::builder("inline")
+        .stage("a", Probe::new("a", &log).rollback())
+        .stage("b", Probe::new("b", &log).sleep(5_000))
+        .needs(["a"])
+        .timeout(Duration::from_millis(100))
+        .stage(
+            "panics",
+            stage_fn(|_| async {
+                if true {
+                    panic!("boom");
+                }
+                Ok(StageOutput::empty())
+            }),
+        )
+        .needs(["a"])
+        .build()
+        .unwrap();
+    let report = runner()
+        .spawn_stages(false)
+        .fail_fast(false)
+        .run(&p, Release::new("v1"))
+        .await
+        .unwrap();
+    assert_eq!(report.status, RunStatus::Failed);
+    assert_eq!(
+        report.node("b").unwrap().error.as_ref().unwrap().kind,
+        ErrorKind::Timeout
+    );
+    assert!(report
+        .node("panics")
+        .unwrap()
+        .error
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("panicked"));
+    assert_eq!(report.node("a").unwrap().status, NodeStatus::RolledBack);
+}
