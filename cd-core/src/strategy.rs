@@ -41,6 +41,16 @@ pub struct RolloutReport {
     pub noop: bool,
 }
 
+impl RolloutReport {
+    /// Whether every target the rollout touched already ran the release
+    /// before it (nothing changed).
+    pub fn already_live_everywhere(&self) -> bool {
+        self.deployed.iter().all(
+            |r| matches!(self.previous.get(&r.target), Some(Some(p)) if p.version == r.version),
+        )
+    }
+}
+
 /// A way to roll a release out over a deployer's targets.
 #[async_trait]
 pub trait Strategy: Send + Sync + 'static {
@@ -346,9 +356,7 @@ impl Strategy for Rolling {
                 )));
             }
         }
-        report.noop = report.deployed.iter().all(
-            |r| matches!(report.previous.get(&r.target), Some(Some(p)) if p.version == r.version),
-        );
+        report.noop = report.already_live_everywhere();
         report.failed = failures
             .iter()
             .map(|(n, e)| (n.clone(), e.to_info()))
@@ -470,9 +478,7 @@ impl Strategy for Canary {
             strategy: "canary".into(),
             message: format!("promoted {} to all {total} target(s)", release.version),
         });
-        report.noop = report.deployed.iter().all(
-            |r| matches!(report.previous.get(&r.target), Some(Some(p)) if p.version == r.version),
-        );
+        report.noop = report.already_live_everywhere();
         Ok(report)
     }
 }

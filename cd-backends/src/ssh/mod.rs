@@ -980,27 +980,13 @@ impl SshDeployer {
         let out = match result {
             Ok(out) => out,
             Err(e) => {
-                cx.events.progress(
-                    name,
-                    "upload",
-                    "failed",
-                    Some(started.elapsed()),
-                    Some(e.to_string()),
-                );
-                return Err(e);
+                return Err(step_failed(cx, name, "upload", started, e));
             }
         };
         let text = out.stdout_str();
         let Some(sent) = out.mark("uploaded") else {
             let e = command_failed(host, "upload", &out);
-            cx.events.progress(
-                name,
-                "upload",
-                "failed",
-                Some(started.elapsed()),
-                Some(e.to_string()),
-            );
-            return Err(e);
+            return Err(step_failed(cx, name, "upload", started, e));
         };
         cx.events.progress(
             name,
@@ -1101,25 +1087,11 @@ impl SshDeployer {
                 Some(m) => (out, m),
                 None => {
                     let e = command_failed(host, "check", &out);
-                    cx.events.progress(
-                        name,
-                        "check",
-                        "failed",
-                        Some(started.elapsed()),
-                        Some(e.to_string()),
-                    );
-                    return Err(e);
+                    return Err(step_failed(cx, name, "check", started, e));
                 }
             },
             Err(e) => {
-                cx.events.progress(
-                    name,
-                    "check",
-                    "failed",
-                    Some(started.elapsed()),
-                    Some(e.to_string()),
-                );
-                return Err(e);
+                return Err(step_failed(cx, name, "check", started, e));
             }
         };
         cx.events.progress(
@@ -1219,14 +1191,7 @@ impl SshDeployer {
         let out = match result {
             Ok(out) => out,
             Err(e) => {
-                cx.events.progress(
-                    name,
-                    step,
-                    "failed",
-                    Some(started.elapsed()),
-                    Some(e.to_string()),
-                );
-                return Err(e);
+                return Err(step_failed(cx, name, step, started, e));
             }
         };
         let switched = out.mark("switched").unwrap_or_else(Instant::now);
@@ -1319,14 +1284,7 @@ impl SshDeployer {
         {
             Ok(out) => out,
             Err(e) => {
-                cx.events.progress(
-                    name,
-                    first,
-                    "failed",
-                    Some(started.elapsed()),
-                    Some(e.to_string()),
-                );
-                return Err(e);
+                return Err(step_failed(cx, name, first, started, e));
             }
         };
         let restarted = out.mark("restarted");
@@ -1343,14 +1301,7 @@ impl SshDeployer {
                 }
                 None => {
                     let e = command_failed(host, "restart", &out.stderr_before("restarted"));
-                    cx.events.progress(
-                        name,
-                        "restart",
-                        "failed",
-                        Some(started.elapsed()),
-                        Some(e.to_string()),
-                    );
-                    return Err(e);
+                    return Err(step_failed(cx, name, "restart", started, e));
                 }
             }
             if health.is_none() {
@@ -1670,6 +1621,25 @@ fn meta_len(data: &Option<bytes::Bytes>, path: &Path) -> u64 {
         Some(d) => d.len() as u64,
         None => std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
     }
+}
+
+/// Reports `step` on `target` as failed (with its wall time) and hands the
+/// error back, for `return Err(step_failed(..))`.
+fn step_failed<E: std::fmt::Display>(
+    cx: &DeployContext,
+    target: Option<&str>,
+    step: &str,
+    started: Instant,
+    e: E,
+) -> E {
+    cx.events.progress(
+        target,
+        step,
+        "failed",
+        Some(started.elapsed()),
+        Some(e.to_string()),
+    );
+    e
 }
 
 fn command_failed(host: &SshHost, step: &str, out: &Output) -> SshError {
