@@ -28,10 +28,10 @@ const ROUNDS: usize = 5;
 
 fn event(run_id: &str, seq: u64) -> Event {
     Event {
-        run_id: run_id.to_string(),
+        run_id: run_id.into(),
         seq,
         at: chrono::Utc::now(),
-        node: Some(format!("node{}", seq % 50)),
+        node: Some(format!("node{}", seq % 50).into()),
         kind: EventKind::Log {
             level: LogLevel::Info,
             message: format!("step {seq}: uploading release to web{} ok", seq % 3),

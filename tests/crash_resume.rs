@@ -357,7 +357,7 @@ async fn completed(db: &Path, run_id: &str) -> BTreeSet<String> {
     nodes
         .into_iter()
         .filter(|n| n.status.completed())
-        .map(|n| n.node)
+        .map(|n| n.node.to_string())
         .collect()
 }
 

@@ -218,7 +218,7 @@ async fn node_records_are_replaced_and_ordered_like_memory_store() {
     }
     let got = store.nodes("r1").await.unwrap();
     assert_eq!(got, memory.nodes("r1").await.unwrap());
-    let names: Vec<_> = got.iter().map(|n| n.node.as_str()).collect();
+    let names: Vec<_> = got.iter().map(|n| &*n.node).collect();
     assert_eq!(names, ["tests", "deploy", "build"]);
     assert_eq!(got[2], build);
     assert_eq!(got[1], deploy);
@@ -966,12 +966,12 @@ async fn registered_secrets_never_reach_the_database_file() {
     assert!(evs.iter().any(|e| matches!(&e.kind,
         EventKind::Log { message, .. } if message.starts_with("logging in with token"))));
     let nodes = store.nodes(&report.run_id).await.unwrap();
-    let login = nodes.iter().find(|n| n.node == "login").unwrap();
+    let login = nodes.iter().find(|n| &*n.node == "login").unwrap();
     assert!(login.output.as_ref().unwrap()["header"]
         .as_str()
         .unwrap()
         .starts_with("Bearer "));
-    let push = nodes.iter().find(|n| n.node == "push").unwrap();
+    let push = nodes.iter().find(|n| &*n.node == "push").unwrap();
     assert!(push
         .error
         .as_ref()

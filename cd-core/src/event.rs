@@ -209,14 +209,14 @@ pub enum EventKind {
 /// One event of one run, numbered and timestamped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
-    /// The run.
-    pub run_id: String,
+    /// The run (shared: cloning an event copies no strings).
+    pub run_id: Arc<str>,
     /// Sequence number within the run, from 1, without gaps.
     pub seq: u64,
     /// When it happened.
     pub at: DateTime<Utc>,
     /// The node it concerns, if any.
-    pub node: Option<String>,
+    pub node: Option<Arc<str>>,
     /// What happened.
     pub kind: EventKind,
 }
@@ -398,7 +398,7 @@ pub struct Emitter {
 }
 
 struct EmitterInner {
-    run_id: String,
+    run_id: Arc<str>,
     seq: AtomicU64,
     sinks: Vec<Arc<dyn EventSink>>,
     redactor: Redactor,
@@ -425,7 +425,7 @@ impl Emitter {
     ) -> Self {
         Emitter {
             inner: Arc::new(EmitterInner {
-                run_id: run_id.into(),
+                run_id: Arc::from(run_id.into()),
                 seq: AtomicU64::new(next_seq.max(1)),
                 sinks,
                 redactor,
@@ -478,11 +478,15 @@ impl Emitter {
 
     /// Emits an event attributed to this emitter's node.
     pub fn emit(&self, kind: EventKind) {
-        self.emit_for(self.node.as_deref(), kind)
+        self.emit_shared(self.node.clone(), kind)
     }
 
     /// Emits an event attributed to `node`.
     pub fn emit_for(&self, node: Option<&str>, kind: EventKind) {
+        self.emit_shared(node.map(Arc::from), kind)
+    }
+
+    fn emit_shared(&self, node: Option<Arc<str>>, kind: EventKind) {
         let kind = self.redact(kind);
         let _order = self.inner.order.lock().expect("emitter lock");
         let seq = self.inner.seq.fetch_add(1, Ordering::SeqCst);
@@ -490,7 +494,7 @@ impl Emitter {
             run_id: self.inner.run_id.clone(),
             seq,
             at: Utc::now(),
-            node: node.map(str::to_string),
+            node,
             kind,
         };
         for sink in &self.inner.sinks {

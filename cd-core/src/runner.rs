@@ -766,13 +766,13 @@ impl Runner {
             let mut exec = Execution {
                 runner: self,
                 pipeline,
-                run: &run,
                 states: &mut states,
                 emitter: emitter.clone(),
                 outputs: Outputs::default(),
                 release: Arc::new(run.release.clone()),
                 run_cancel: run_cancel.clone(),
                 dirty: Vec::new(),
+                records: Vec::new(),
                 names: pipeline
                     .nodes()
                     .iter()
@@ -862,13 +862,14 @@ impl Runner {
 struct Execution<'a> {
     runner: &'a Runner,
     pipeline: &'a Pipeline,
-    run: &'a RunRecord,
     states: &'a mut Vec<NodeState>,
     emitter: Emitter,
     outputs: Outputs,
     release: Arc<Release>,
     run_cancel: CancellationToken,
     dirty: Vec<usize>,
+    /// Reused buffer for [`Execution::flush`].
+    records: Vec<NodeRecord>,
     /// Node names, shared with every context and event.
     names: Vec<Arc<str>>,
     /// Run id, pipeline name, environment.
@@ -880,8 +881,7 @@ impl Execution<'_> {
         for (i, st) in self.states.iter().enumerate() {
             if st.status.completed() {
                 if let Some(o) = &st.output {
-                    self.outputs
-                        .insert(&self.pipeline.nodes()[i].name, o.clone());
+                    self.outputs.insert(self.names[i].clone(), o.clone());
                 }
             }
         }
@@ -928,10 +928,14 @@ impl Execution<'_> {
         let mut dirty = std::mem::take(&mut self.dirty);
         dirty.sort_unstable();
         dirty.dedup();
-        let records: Vec<NodeRecord> = dirty.iter().map(|&i| self.record(i)).collect();
+        let mut records = std::mem::take(&mut self.records);
+        records.extend(dirty.iter().map(|&i| self.record(i)));
         dirty.clear();
         self.dirty = dirty;
-        self.runner.store.put_nodes(&records).await
+        let result = self.runner.store.put_nodes(&records).await;
+        records.clear();
+        self.records = records;
+        result
     }
 
     fn record(&self, i: usize) -> NodeRecord {
@@ -949,8 +953,8 @@ impl Execution<'_> {
             e
         });
         NodeRecord {
-            run_id: self.run.id.clone(),
-            node: self.pipeline.nodes()[i].name.clone(),
+            run_id: self.ids.0.clone(),
+            node: self.names[i].clone(),
             status: st.status,
             attempts: st.attempts,
             output,
@@ -961,12 +965,9 @@ impl Execution<'_> {
         }
     }
 
-    fn spawn(
-        &mut self,
-        i: usize,
-        cancel: CancellationToken,
-        outcome: Option<RunStatus>,
-    ) -> AttemptFuture {
+    /// Marks node `i` running (a new attempt), to be written by the next
+    /// flush; [`Execution::launch`] then starts the attempt.
+    fn begin(&mut self, i: usize) {
         let st = &mut self.states[i];
         st.attempts += 1;
         st.status = NodeStatus::Running;
@@ -974,7 +975,17 @@ impl Execution<'_> {
         if st.started_at.is_none() {
             st.started_at = Some(Utc::now());
         }
-        let attempt = st.attempts;
+        self.mark_dirty(i);
+    }
+
+    /// Starts the attempt [`Execution::begin`] recorded.
+    fn launch(
+        &mut self,
+        i: usize,
+        cancel: CancellationToken,
+        outcome: Option<RunStatus>,
+    ) -> AttemptFuture {
+        let attempt = self.states[i].attempts;
         let spec = &self.pipeline.nodes()[i];
         let kind = spec.kind.clone();
         let timeout = spec.timeout.or(self.runner.default_timeout);
@@ -1064,6 +1075,8 @@ impl Execution<'_> {
         let mut ready: VecDeque<usize> = VecDeque::new();
         let mut timers: BinaryHeap<Reverse<(Instant, usize)>> = BinaryHeap::new();
         let mut running: FuturesUnordered<AttemptFuture> = FuturesUnordered::new();
+        let mut starting: Vec<usize> = Vec::new();
+        let mut done = Vec::new();
         let mut failed = false;
         let mut stopping = false;
         let mut cancelled = false;
@@ -1103,15 +1116,17 @@ impl Execution<'_> {
         let cancelled_fut = cancel_token.cancelled();
         tokio::pin!(cancelled_fut);
         loop {
-            // Completions are durable before any dependent starts.
-            self.flush().await?;
-            while !stopping && running.len() < self.runner.concurrency {
+            // Completions and starts are written in one batch, before any
+            // of the starting attempts (which may depend on them) runs.
+            while !stopping && running.len() + starting.len() < self.runner.concurrency {
                 let Some(i) = ready.pop_front() else { break };
-                let fut = self.spawn(i, self.run_cancel.clone(), None);
-                self.mark_dirty(i);
-                running.push(fut);
+                self.begin(i);
+                starting.push(i);
             }
             self.flush().await?;
+            for i in starting.drain(..) {
+                running.push(self.launch(i, self.run_cancel.clone(), None));
+            }
             if running.is_empty() && (timers.is_empty() || stopping) {
                 break;
             }
@@ -1119,11 +1134,11 @@ impl Execution<'_> {
             tokio::select! {
                 Some(first) = running.next() => {
                     // Take every attempt that is already done, then persist them together.
-                    let mut done = vec![first];
+                    done.push(first);
                     while let Some(Some(more)) = running.next().now_or_never() {
                         done.push(more);
                     }
-                    for (i, result, elapsed) in done {
+                    for (i, result, elapsed) in done.drain(..) {
                         self.finish_attempt(i, result, elapsed, &mut ready, &mut timers, &mut remaining, &mut failed).await?;
                         if failed && !stopping && self.runner.fail_fast {
                             stopping = true;
@@ -1181,9 +1196,9 @@ impl Execution<'_> {
         failed: &mut bool,
     ) -> Result<()> {
         let spec = &self.pipeline.nodes()[i];
-        let name = spec.name.clone();
         let retries = spec.retries.unwrap_or(self.runner.retry.retries);
-        let ev = self.emitter.for_node(&name);
+        let name = self.names[i].clone();
+        let ev = self.emitter.for_node_arc(name.clone());
         match result {
             Ok(Attempt::Output(out)) => self.succeed(i, out, elapsed, remaining, ready).await,
             Ok(Attempt::Verdict(Verdict::Pass)) => {
@@ -1253,20 +1268,19 @@ impl Execution<'_> {
         remaining: &mut [usize],
         ready: &mut VecDeque<usize>,
     ) -> Result<()> {
-        let name = &self.pipeline.nodes()[i].name;
-        self.outputs.insert(name, out.clone());
+        let name = self.names[i].clone();
+        self.outputs.insert(name.clone(), out.clone());
         let st = &mut self.states[i];
         st.status = NodeStatus::Succeeded;
         st.finished_at = Some(Utc::now());
         st.error = None;
         st.output = Some(out);
         self.mark_dirty(i);
-        self.emitter.emit_for(
-            Some(name),
-            EventKind::NodeSucceeded {
+        self.emitter
+            .for_node_arc(name)
+            .emit(EventKind::NodeSucceeded {
                 duration_ms: elapsed.as_millis() as u64,
-            },
-        );
+            });
         for &j in self.pipeline.dependents_of(i) {
             remaining[j] = remaining[j].saturating_sub(1);
             if remaining[j] == 0 && self.states[j].status == NodeStatus::Pending {
@@ -1380,8 +1394,9 @@ impl Execution<'_> {
             }
             loop {
                 // Finally nodes run even after cancellation: a fresh token.
-                let fut = self.spawn(i, CancellationToken::new(), Some(status));
-                self.persist(i).await?;
+                self.begin(i);
+                self.flush().await?;
+                let fut = self.launch(i, CancellationToken::new(), Some(status));
                 let (_, result, elapsed) = fut.await;
                 let mut ready = VecDeque::new();
                 let mut timers = BinaryHeap::new();

@@ -1,6 +1,6 @@
 //! Stages and gates: the nodes of a pipeline.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, RwLock};
@@ -67,22 +67,26 @@ impl StageOutput {
 
 /// Outputs of completed nodes, shared by every node of a run.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct Outputs(Arc<RwLock<BTreeMap<String, StageOutput>>>);
+pub(crate) struct Outputs(Arc<RwLock<HashMap<Arc<str>, StageOutput>>>);
 
 impl Outputs {
     pub(crate) fn from_map(map: BTreeMap<String, StageOutput>) -> Self {
+        let map = map.into_iter().map(|(k, v)| (Arc::from(k), v)).collect();
         Outputs(Arc::new(RwLock::new(map)))
     }
     pub(crate) fn get(&self, node: &str) -> Option<StageOutput> {
         self.0.read().ok().and_then(|m| m.get(node).cloned())
     }
-    pub(crate) fn insert(&self, node: &str, output: StageOutput) {
+    pub(crate) fn insert(&self, node: Arc<str>, output: StageOutput) {
         if let Ok(mut m) = self.0.write() {
-            m.insert(node.to_string(), output);
+            m.insert(node, output);
         }
     }
     pub(crate) fn snapshot(&self) -> BTreeMap<String, StageOutput> {
-        self.0.read().map(|m| m.clone()).unwrap_or_default()
+        self.0
+            .read()
+            .map(|m| m.iter().map(|(k, v)| (k.to_string(), v.clone())).collect())
+            .unwrap_or_default()
     }
 }
 

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -115,10 +115,10 @@ impl fmt::Display for NodeStatus {
 /// One node of one run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeRecord {
-    /// The run.
-    pub run_id: String,
+    /// The run (shared, like the node's name: records are written often).
+    pub run_id: Arc<str>,
     /// The node's name.
-    pub node: String,
+    pub node: Arc<str>,
     /// Where it stands.
     pub status: NodeStatus,
     /// Attempts so far.
@@ -401,8 +401,8 @@ type Waiter = (String, DateTime<Utc>, DateTime<Utc>);
 #[derive(Default)]
 struct MemoryInner {
     runs: BTreeMap<String, RunRecord>,
-    nodes: HashMap<String, HashMap<String, NodeRecord>>,
-    events: HashMap<String, Vec<Event>>,
+    nodes: HashMap<Arc<str>, HashMap<Arc<str>, NodeRecord>>,
+    events: HashMap<Arc<str>, Vec<Event>>,
     approvals: Vec<ApprovalRecord>,
     locks: HashMap<String, Lease>,
     // environment -> waiting holders with the time they last asked
@@ -472,11 +472,11 @@ impl Store for MemoryStore {
     async fn put_nodes(&self, nodes: &[NodeRecord]) -> Result<()> {
         let mut g = self.lock();
         for node in nodes {
-            let run = match g.nodes.get_mut(&node.run_id) {
+            let run = match g.nodes.get_mut(&*node.run_id) {
                 Some(run) => run,
                 None => g.nodes.entry(node.run_id.clone()).or_default(),
             };
-            match run.get_mut(&node.node) {
+            match run.get_mut(&*node.node) {
                 Some(slot) => slot.clone_from(node),
                 None => {
                     run.insert(node.node.clone(), node.clone());
@@ -500,10 +500,14 @@ impl Store for MemoryStore {
     async fn append_events(&self, events: &[Event]) -> Result<()> {
         let mut g = self.lock();
         for e in events {
-            g.events
-                .entry(e.run_id.clone())
-                .or_default()
-                .push(e.clone());
+            match g.events.get_mut(&*e.run_id) {
+                Some(run) => run.push(e.clone()),
+                None => g
+                    .events
+                    .entry(e.run_id.clone())
+                    .or_default()
+                    .push(e.clone()),
+            }
         }
         Ok(())
     }

@@ -306,7 +306,7 @@ mod cli {
                     _ => String::new(),
                 };
                 t.row(vec![
-                    n.node.clone(),
+                    n.node.to_string(),
                     n.status.to_string(),
                     n.attempts.to_string(),
                     n.started_at.map(time).unwrap_or_else(|| "-".into()),
@@ -483,7 +483,7 @@ mod cli {
             )));
         }
         let nodes = store.nodes(&run.id).await?;
-        if let Some(n) = nodes.iter().find(|n| n.node == d.node) {
+        if let Some(n) = nodes.iter().find(|n| *n.node == *d.node) {
             if !matches!(
                 n.status,
                 NodeStatus::Waiting | NodeStatus::Pending | NodeStatus::Running
@@ -494,7 +494,7 @@ mod cli {
                 )));
             }
         } else if !nodes.is_empty() {
-            let names: Vec<_> = nodes.iter().map(|n| n.node.as_str()).collect();
+            let names: Vec<_> = nodes.iter().map(|n| &*n.node).collect();
             return Err(Error::new(
                 ErrorKind::NotFound,
                 format!(
