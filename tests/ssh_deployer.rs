@@ -1051,11 +1051,14 @@ async fn ssh_timeout_and_cancellation_are_typed() {
     deployer.apply(&plan, &cx).await.unwrap();
 
     // A restart that hangs runs into the step timeout: retryable, names
-    // host and step; the host is switched back to v1.
+    // host and step; the host is switched back to v1, and the hanging
+    // process is signalled rather than left running on the host.
+    let pid_file = fx.root(0).join("hang.pid");
     let hanging = fx
         .builder()
         .restart(format!(
-            "if [ \"$CD_VERSION\" = v2 ]; then sleep 30; fi; {RESTART}"
+            "if [ \"$CD_VERSION\" = v2 ]; then sleep 30 & echo $! > '{}'; wait; fi; {RESTART}",
+            pid_file.display()
         ))
         .step_timeout(Duration::from_millis(700))
         .build()
@@ -1080,6 +1083,22 @@ async fn ssh_timeout_and_cancellation_are_typed() {
     assert_eq!(err.context("host"), Some("host1"));
     assert_eq!(err.context("step"), Some("restart"));
     fx.assert_live(0, "v1");
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let stat = format!("/proc/{}/stat", pid.trim());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    // Gone, or a zombie nobody reaped yet: either way it stopped.
+    while std::fs::read_to_string(&stat)
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the timed-out remote command (pid {}) still runs on the host; sshd log:\n{}",
+            pid.trim(),
+            fx.fleet.sshd_log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // A cancelled run stops before it changes anything.
     let cancel = CancellationToken::new();

@@ -799,10 +799,29 @@ impl SshDeployer {
                 }),
             },
         };
-        if let Err(SshError::Session { .. }) = &result {
-            self.forget_connection(host).await;
+        match &result {
+            Err(SshError::Session { .. }) => self.forget_connection(host).await,
+            Err(SshError::Timeout { .. } | SshError::Cancelled { .. }) => {
+                self.stop_abandoned(host).await
+            }
+            _ => {}
         }
         result
+    }
+
+    /// After a step was abandoned (timeout, cancellation): stops what it
+    /// left running on the host, within a few seconds at most.
+    async fn stop_abandoned(&self, host: &SshHost) {
+        let Some(slot) = self.inner.conns.get(&host.name) else {
+            return;
+        };
+        let stop = async {
+            let conn = slot.lock().await.clone();
+            if let Some(conn) = conn {
+                conn.stop_abandoned().await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), stop).await;
     }
 
     /// Runs `command`; a non-zero exit becomes [`SshError::CommandFailed`].

@@ -171,6 +171,9 @@ impl Endpoint {
 pub(crate) struct Connection {
     handle: client::Handle<Handler>,
     pub(crate) endpoint: Endpoint,
+    /// Process groups of remote commands abandoned before they ended (step
+    /// timeout, cancellation); [`Connection::stop_abandoned`] signals them.
+    abandoned: std::sync::Mutex<Vec<u32>>,
 }
 
 /// What a remote command returned.
@@ -194,6 +197,10 @@ enum Input<R> {
 
 /// Prefix of a stdout line that marks the end of a step inside a command.
 pub(crate) const MARK: &str = "cd:mark:";
+
+/// The first line of every command's output: the remote shell's pid, which
+/// is also its process group (sshd starts each session with `setsid`).
+const PGID: &str = "cd:pgid:";
 
 impl Output {
     pub(crate) fn success(&self) -> bool {
@@ -317,7 +324,11 @@ impl Connection {
             },
         })?;
         let auth_timeout = timeout("auth");
-        let mut conn = Connection { handle, endpoint };
+        let mut conn = Connection {
+            handle,
+            endpoint,
+            abandoned: std::sync::Mutex::new(Vec::new()),
+        };
         tokio::time::timeout(connect_timeout, conn.authenticate(creds))
             .await
             .map_err(|_| auth_timeout)??;
@@ -474,10 +485,19 @@ impl Connection {
             .await
             .map_err(|e| self.session_error(step, e))?;
         channel
-            .exec(true, command)
+            .exec(true, format!("printf '{PGID}%s\\n' \"$$\"; {command}"))
             .await
             .map_err(|e| self.session_error(step, e))?;
         let (mut read, write) = channel.split();
+        // Should this future be dropped before the command ends (step
+        // timeout, cancellation), its process group is remembered, to be
+        // stopped rather than left running on the host.
+        let pgid = std::sync::atomic::AtomicU32::new(0);
+        let mut abandon = Abandon {
+            pgid: &pgid,
+            list: &self.abandoned,
+            armed: true,
+        };
         let send = async {
             match stdin {
                 Input::None => {}
@@ -498,6 +518,17 @@ impl Connection {
                 match msg {
                     ChannelMsg::Data { data } => {
                         out.stdout.extend_from_slice(&data);
+                        if pgid.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                            // The pid line comes first; it is not output.
+                            if let Some(nl) = out.stdout.iter().position(|b| *b == b'\n') {
+                                let line = String::from_utf8_lossy(&out.stdout[..nl]);
+                                if let Some(id) = line.strip_prefix(PGID) {
+                                    let id = id.trim().parse().unwrap_or(u32::MAX);
+                                    pgid.store(id, std::sync::atomic::Ordering::Relaxed);
+                                    out.stdout.drain(..=nl);
+                                }
+                            }
+                        }
                         // Record when each `cd:mark:<name>` line arrives (the
                         // boundary between two steps run by one command).
                         while let Some(nl) = out.stdout[scanned..].iter().position(|b| *b == b'\n')
@@ -541,6 +572,7 @@ impl Connection {
                 done = &mut recv => break done,
             }
         };
+        abandon.armed = false;
         if refused {
             return Err(self.session_error(step, "the server refused to run the command"));
         }
@@ -552,6 +584,24 @@ impl Connection {
             return Err(self.session_error(step, why));
         }
         Ok(out)
+    }
+
+    /// Stops the process groups of commands abandoned before they ended:
+    /// SIGTERM now, SIGKILL 5 s later for whatever ignored it. Best effort
+    /// (the connection may be what failed).
+    pub(crate) async fn stop_abandoned(&self) {
+        let groups = std::mem::take(&mut *self.abandoned.lock().unwrap_or_else(|p| p.into_inner()));
+        if groups.is_empty() {
+            return;
+        }
+        // `--` before negative ids: some `kill`s read `-123` as a signal.
+        let ids: Vec<String> = groups.iter().map(|g| format!("-{g}")).collect();
+        let ids = ids.join(" ");
+        let command = format!(
+            "kill -TERM -- {ids} 2>/dev/null; \
+             (sleep 5; kill -KILL -- {ids}) </dev/null >/dev/null 2>&1 & true"
+        );
+        let _ = self.exec("stop-abandoned", &command, None).await;
     }
 
     /// Closes the connection politely.
@@ -575,4 +625,25 @@ pub(crate) fn load_key(path: &Path, passphrase: Option<&str>) -> Result<PrivateK
             other => other.to_string(),
         },
     })
+}
+
+/// Remembers a remote command's process group when the future running it is
+/// dropped before the command ended.
+struct Abandon<'a> {
+    pgid: &'a std::sync::atomic::AtomicU32,
+    list: &'a std::sync::Mutex<Vec<u32>>,
+    armed: bool,
+}
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        let pgid = self.pgid.load(std::sync::atomic::Ordering::Relaxed);
+        // 0: not known yet; 1 and u32::MAX: never a session's group.
+        if self.armed && pgid > 1 && pgid != u32::MAX {
+            self.list
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(pgid);
+        }
+    }
 }
