@@ -374,7 +374,10 @@ impl SshDeployerBuilder {
         self
     }
 
-    /// Limit for each remote step (default 300 s).
+    /// Limit for each remote step (default 300 s). A step that runs past it
+    /// (or is cancelled) fails with a timeout (or cancellation) error, and
+    /// its remote process group is sent SIGTERM, then SIGKILL 5 s later:
+    /// nothing keeps running on the host behind the deployer's back.
     pub fn step_timeout(mut self, timeout: Duration) -> Self {
         self.step_timeout = timeout;
         self
