@@ -382,6 +382,45 @@ async fn ssh_changed_host_key_stops_before_any_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_revoked_host_key_is_refused_even_when_listed() {
+    let Some(fx) = Fixture::start(2).await else {
+        return;
+    };
+    // known_hosts lists every host's key, and also revokes host2's.
+    let text = std::fs::read_to_string(fx.fleet.known_hosts_path()).unwrap();
+    let name = fx.fleet.host(1).known_hosts_name();
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name.as_str()))
+        .expect("host2 is in known_hosts");
+    let key: Vec<&str> = line.split_whitespace().skip(1).take(2).collect();
+    let revoking = fx.fleet.dir().join("revoking_known_hosts");
+    std::fs::write(
+        &revoking,
+        format!("{text}\n@revoked * {} {}\n", key[0], key[1]),
+    )
+    .unwrap();
+    let deployer = fx.builder().known_hosts(&revoking).build().unwrap();
+    let targets = deployer.targets();
+    let (cx, _) = collecting_cx();
+    let err = Rolling::new()
+        .deploy(&deployer, &fx.release("v1"), &targets, &cx)
+        .await
+        .expect_err("a revoked host key stops the rollout");
+    assert!(err.to_string().contains("REVOKED HOST KEY"), "{err}");
+    assert!(err.to_string().contains("host2"), "{err}");
+    for i in 0..2 {
+        assert!(!fx.root(i).exists(), "host{} was written to", i + 1);
+    }
+    let typed = deployer.current(&targets[1]).await.unwrap_err();
+    assert_eq!(typed.kind(), ErrorKind::Auth);
+    assert!(!typed.is_retryable());
+    assert_eq!(typed.context("host"), Some("host2"));
+    // host1's key is not revoked.
+    assert!(deployer.current(&targets[0]).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_hashed_known_hosts_unknown_hosts_and_tofu() {
     let Some(fx) = Fixture::start(2).await else {
         return;

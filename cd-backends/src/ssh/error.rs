@@ -87,6 +87,25 @@ pub enum SshError {
         line: usize,
     },
 
+    /// The host presented a key that an `@revoked` line of known_hosts
+    /// names. Nothing was sent to it.
+    #[error(
+        "REVOKED HOST KEY for {host} ({address}): {fingerprint} is revoked by line {line} of \
+         {known_hosts}; refusing to connect"
+    )]
+    HostKeyRevoked {
+        /// The target name.
+        host: String,
+        /// `host:port`.
+        address: String,
+        /// The presented key's SHA256 fingerprint.
+        fingerprint: String,
+        /// The known_hosts file.
+        known_hosts: PathBuf,
+        /// The `@revoked` line.
+        line: usize,
+    },
+
     /// The host is not in known_hosts and trust-on-first-use is off.
     #[error(
         "unknown host key for {host} ({address}): {fingerprint} is not in {known_hosts} \
@@ -210,6 +229,7 @@ impl SshError {
             SshError::UnknownTarget(_) | SshError::NoSuchRelease { .. } => ErrorKind::NotFound,
             SshError::Connect { .. } | SshError::Session { .. } => ErrorKind::Unavailable,
             SshError::HostKeyChanged { .. }
+            | SshError::HostKeyRevoked { .. }
             | SshError::HostKeyUnknown { .. }
             | SshError::AuthRejected { .. } => ErrorKind::Auth,
             SshError::CommandFailed { .. } | SshError::ChecksumMismatch { .. } => ErrorKind::Failed,
@@ -231,6 +251,7 @@ impl SshError {
         match self {
             SshError::Connect { host, .. }
             | SshError::HostKeyChanged { host, .. }
+            | SshError::HostKeyRevoked { host, .. }
             | SshError::HostKeyUnknown { host, .. }
             | SshError::AuthRejected { host, .. }
             | SshError::Session { host, .. }
@@ -249,6 +270,7 @@ impl SshError {
         match self {
             SshError::Connect { address, .. }
             | SshError::HostKeyChanged { address, .. }
+            | SshError::HostKeyRevoked { address, .. }
             | SshError::HostKeyUnknown { address, .. }
             | SshError::AuthRejected { address, .. }
             | SshError::Session { address, .. }
@@ -264,7 +286,9 @@ impl SshError {
     pub fn step(&self) -> Option<&str> {
         match self {
             SshError::Connect { .. } => Some("connect"),
-            SshError::HostKeyChanged { .. } | SshError::HostKeyUnknown { .. } => Some("host-key"),
+            SshError::HostKeyChanged { .. }
+            | SshError::HostKeyRevoked { .. }
+            | SshError::HostKeyUnknown { .. } => Some("host-key"),
             SshError::AuthRejected { .. } => Some("auth"),
             SshError::ChecksumMismatch { .. } => Some("checksum"),
             SshError::Session { step, .. }

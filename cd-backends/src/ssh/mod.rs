@@ -18,11 +18,11 @@
 //! on its old version. [`Deployer::rollback`] switches back and restarts.
 //!
 //! Host keys are verified against a known_hosts file (plain and hashed
-//! names). A changed key is a hard error before anything is sent; an unknown
-//! host is an error unless [`HostKeyPolicy::TrustOnFirstUse`] was set. Before
-//! the first write, the deployer checks the host keys of its whole fleet, so
-//! a host presenting a wrong key stops the rollout before any host is
-//! touched.
+//! names, patterns, `@revoked` keys). A changed or revoked key is a hard
+//! error before anything is sent; an unknown host is an error unless
+//! [`HostKeyPolicy::TrustOnFirstUse`] was set. Before the first write, the
+//! deployer checks the host keys of its whole fleet, so a host presenting a
+//! wrong key stops the rollout before any host is touched.
 //!
 //! Restart and health commands run in `<root>/current` with the environment
 //! variables `CD_VERSION`, `CD_ROOT`, `CD_RELEASE_DIR` and `CD_HOST`.
@@ -71,6 +71,7 @@
 //! strategies in `cd_core::strategy`, which work over any [`Deployer`].
 
 mod error;
+mod known_hosts;
 mod session;
 
 use std::collections::HashMap;
@@ -310,7 +311,11 @@ impl SshDeployerBuilder {
     }
 
     /// The known_hosts file host keys are checked against (default
-    /// `~/.ssh/known_hosts`; `~/` is expanded). Hashed names are understood.
+    /// `~/.ssh/known_hosts`; `~/` is expanded). Read as OpenSSH reads it:
+    /// hashed names, `*`/`?` patterns and `!` negation, `[host]:port`,
+    /// several keys per host, and `@revoked` keys refused outright
+    /// (`@cert-authority` lines are skipped: host certificates are not
+    /// accepted).
     pub fn known_hosts(mut self, path: impl AsRef<Path>) -> Self {
         self.known_hosts = Some(expand_home(path.as_ref()));
         self
@@ -728,6 +733,7 @@ impl SshDeployer {
                 for (_, outcome) in self.check_hosts().await {
                     if let Err(
                         e @ (SshError::HostKeyChanged { .. }
+                        | SshError::HostKeyRevoked { .. }
                         | SshError::HostKeyUnknown { .. }
                         | SshError::KnownHosts { .. }
                         | SshError::Key { .. }),

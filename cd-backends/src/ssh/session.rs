@@ -10,6 +10,7 @@ use russh::keys::{HashAlg, PrivateKey, PrivateKeyWithHashAlg, PublicKey, PublicK
 use russh::ChannelMsg;
 
 use super::error::SshError;
+use super::known_hosts::Verdict;
 
 /// How an unknown host (no line in known_hosts) is treated. A host whose key
 /// differs from the recorded one is always refused.
@@ -57,9 +58,19 @@ impl HostKeyVerifier {
                 message: "file does not exist (host keys cannot be verified)".into(),
             });
         }
-        match russh::keys::check_known_hosts_path(hostname, port, key, &self.path) {
-            Ok(true) => Ok(()),
-            Ok(false) => match self.policy {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                return Err(SshError::KnownHosts {
+                    path: self.path.clone(),
+                    message: e.to_string(),
+                })
+            }
+        };
+        match super::known_hosts::check(&text, hostname, port, key) {
+            Verdict::Known => Ok(()),
+            Verdict::Unknown => match self.policy {
                 HostKeyPolicy::Strict => Err(SshError::HostKeyUnknown {
                     host: name.to_string(),
                     address: address.to_string(),
@@ -78,16 +89,19 @@ impl HostKeyVerifier {
                     Ok(())
                 }
             },
-            Err(russh::keys::Error::KeyChanged { line }) => Err(SshError::HostKeyChanged {
+            Verdict::Changed { line } => Err(SshError::HostKeyChanged {
                 host: name.to_string(),
                 address: address.to_string(),
                 fingerprint,
                 known_hosts: self.path.clone(),
                 line,
             }),
-            Err(e) => Err(SshError::KnownHosts {
-                path: self.path.clone(),
-                message: e.to_string(),
+            Verdict::Revoked { line } => Err(SshError::HostKeyRevoked {
+                host: name.to_string(),
+                address: address.to_string(),
+                fingerprint,
+                known_hosts: self.path.clone(),
+                line,
             }),
         }
     }
