@@ -632,6 +632,91 @@ async fn cancelling_an_apply_interrupts_terraform_and_releases_the_lock() {
 }
 
 #[tokio::test]
+async fn rollback_reapplies_the_configuration_files_of_the_previous_release() {
+    let Some(tools) = tools() else { return };
+    let dir = fixture("app");
+    let (cx, _) = context("default");
+    let v1 = deployer(&tools, dir.path());
+    let target = v1.target("default");
+    let plan = v1.plan_in(&Release::new("v1"), &target, &cx).await.unwrap();
+    v1.apply(&plan, &cx).await.unwrap();
+
+    // The next release also changes the configuration: a new resource and
+    // a local module (a later process, so a new deployer that runs init).
+    std::fs::create_dir_all(dir.path().join("modules/tag")).unwrap();
+    std::fs::write(
+        dir.path().join("modules/tag/main.tf"),
+        "output \"name\" {\n  value = \"tag-v2\"\n}\n",
+    )
+    .unwrap();
+    let extra = "resource \"null_resource\" \"cache\" {}\n\
+                 module \"tag\" {\n  source = \"./modules/tag\"\n}\n\
+                 output \"tag\" {\n  value = module.tag.name\n}\n";
+    std::fs::write(dir.path().join("extra.tf"), extra).unwrap();
+    let tf = deployer(&tools, dir.path());
+    let plan = tf.plan_in(&Release::new("v2"), &target, &cx).await.unwrap();
+    assert_eq!(
+        action_of(&plan, "null_resource.cache"),
+        Some(ChangeAction::Create)
+    );
+    let rev = tf.apply(&plan, &cx).await.unwrap();
+    assert_eq!(rev.detail["outputs"]["tag"], json!("tag-v2"));
+
+    // Rollback re-applies v1's files, not v1's variables on v2's files.
+    let (cx, sink) = context("default");
+    let back = tf.rollback(&target, None, &cx).await.unwrap().unwrap();
+    assert_eq!(back.version, "v1");
+    assert!(
+        back.detail["outputs"].get("tag").is_none(),
+        "{}",
+        back.detail
+    );
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("terraform.tfstate")).unwrap())
+            .unwrap();
+    let types: Vec<String> = state["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{}.{}",
+                r["type"].as_str().unwrap(),
+                r["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert!(
+        !types.contains(&"null_resource.cache".to_string()),
+        "{types:?}"
+    );
+    assert!(
+        types.contains(&"null_resource.app".to_string()),
+        "{types:?}"
+    );
+    let said: Vec<String> = sink.events().iter().map(|e| e.to_string()).collect();
+    assert!(
+        said.iter()
+            .any(|l| l.contains("rolling back with the copy kept")),
+        "{said:#?}"
+    );
+    // The user's files are untouched, and the next plan works from them
+    // again (the deployer initialises its directory afresh).
+    assert!(dir.path().join("extra.tf").is_file());
+    let again = tf.plan_in(&Release::new("v2"), &target, &cx).await.unwrap();
+    assert_eq!(
+        action_of(&again, "null_resource.cache"),
+        Some(ChangeAction::Create)
+    );
+    let history = tf.history(&target).await.unwrap();
+    let last = history.last().unwrap();
+    assert_eq!(
+        (last.version.as_str(), last.rollback_of.as_deref()),
+        ("v1", Some("v2"))
+    );
+}
+
+#[tokio::test]
 async fn rolling_back_the_first_release_destroys_only_when_asked() {
     let Some(tools) = tools() else { return };
     let dir = fixture("app");

@@ -20,9 +20,14 @@
 //!   output).
 //! - **drift**: [`TerraformDriftGate`] (`plan -detailed-exitcode`, or
 //!   refresh-only) as a pipeline gate.
-//! - **rollback**: re-applies the variables of the previous release, kept in
-//!   the deployer's release history (`.terraform/cd/history/<workspace>.json`)
-//!   and in each revision.
+//! - **rollback**: re-applies the configuration and variables of the previous
+//!   release. The variables are kept in the deployer's release history
+//!   (`.terraform/cd/history/<workspace>.json`) and in each revision; every
+//!   plan keeps a copy of the configuration files (`*.tf`, `*.tfvars`, the
+//!   lock file, local modules) under `.terraform/cd/configs/<sha256>/`. When
+//!   the files changed since, rollback plans and applies from that copy (in a
+//!   working directory sharing `.terraform` and the local states); your files
+//!   are left as they are.
 //! - **locking**: terraform's own state lock with `-lock-timeout`; a lock held
 //!   elsewhere is [`cd_core::ErrorKind::Locked`].
 //! - **errors**: [`TerraformError`] carries the diagnostic's summary, detail,
@@ -603,7 +608,7 @@ impl TerraformDeployer {
             "plan_file": plan_file,
             "var_file": var_file,
             "destroy": destroy,
-            "config_hash": self.config_hash(),
+            "config_hash": self.snapshot_config()?,
             "counts": counts,
             "terraform_plan": typed,
         });
@@ -899,36 +904,91 @@ impl TerraformDeployer {
     }
 
     /// sha256 over the configuration files (`*.tf`, `*.tf.json`, `*.tfvars`,
-    /// `*.tfvars.json`, `.terraform.lock.hcl`) of the directory.
+    /// `*.tfvars.json`, `.terraform.lock.hcl`) of the directory and of its
+    /// subdirectories (local modules), `.terraform` and states excepted.
     pub fn config_hash(&self) -> String {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                let n = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-                p.is_file()
-                    && (n.ends_with(".tf")
-                        || n.ends_with(".tf.json")
-                        || n.ends_with(".tfvars")
-                        || n.ends_with(".tfvars.json")
-                        || n == ".terraform.lock.hcl")
-            })
-            .collect();
-        files.sort();
-        let mut h = Sha256::new();
-        for f in files {
-            h.update(
-                f.file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-            );
-            h.update([0]);
-            h.update(std::fs::read(&f).unwrap_or_default());
-            h.update([0]);
+        config_hash_of(&config_files(&self.dir))
+    }
+
+    /// Keeps a copy of the configuration files under
+    /// `<state dir>/configs/<hash>/` (once per distinct configuration), so a
+    /// rollback can re-apply the configuration a release was applied with.
+    /// Returns the hash.
+    fn snapshot_config(&self) -> Result<String> {
+        let files = config_files(&self.dir);
+        let hash = config_hash_of(&files);
+        let dest = self.state_root().join("configs").join(&hash);
+        if dest.is_dir() {
+            return Ok(hash);
         }
-        hex::encode(h.finalize())
+        let staging = self
+            .state_root()
+            .join("configs")
+            .join(format!(".{hash}.{}", std::process::id()));
+        let io = |what: &str, e: std::io::Error| {
+            TerraformError::io(format!("writing the configuration snapshot {what}"), e)
+        };
+        // Owner-only: `*.tfvars` may hold secrets.
+        let configs = self.state_root().join("configs");
+        std::fs::create_dir_all(&configs).map_err(|e| io(&configs.display().to_string(), e))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&configs, std::fs::Permissions::from_mode(0o700));
+        }
+        let _ = std::fs::remove_dir_all(&staging);
+        for (rel, bytes) in &files {
+            let path = staging.join(rel);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| io(&parent.display().to_string(), e))?;
+            }
+            std::fs::write(&path, bytes).map_err(|e| io(&path.display().to_string(), e))?;
+        }
+        std::fs::create_dir_all(&staging).map_err(|e| io(&staging.display().to_string(), e))?;
+        if let Err(e) = std::fs::rename(&staging, &dest) {
+            let _ = std::fs::remove_dir_all(&staging);
+            if !dest.is_dir() {
+                return Err(io(&dest.display().to_string(), e).into());
+            }
+        }
+        Ok(hash)
+    }
+
+    /// A working directory with the configuration snapshot `hash`, sharing
+    /// this directory's `.terraform` and local states (symlinks), or `None`
+    /// when no such snapshot was kept.
+    fn rollback_workdir(&self, hash: &str) -> Result<Option<PathBuf>> {
+        let snapshot = self.state_root().join("configs").join(hash);
+        if hash.is_empty() || !snapshot.is_dir() {
+            return Ok(None);
+        }
+        let io = |what: &Path, e: std::io::Error| {
+            TerraformError::io(
+                format!(
+                    "preparing the rollback working directory {}",
+                    what.display()
+                ),
+                e,
+            )
+        };
+        let work = self.state_root().join("rollback").join(hash);
+        let _ = std::fs::remove_dir_all(&work);
+        for (rel, bytes) in config_files(&snapshot) {
+            let path = work.join(&rel);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+            }
+            std::fs::write(&path, bytes).map_err(|e| io(&path, e))?;
+        }
+        std::fs::create_dir_all(&work).map_err(|e| io(&work, e))?;
+        for shared in [".terraform", "terraform.tfstate", "terraform.tfstate.d"] {
+            let original = self.dir.join(shared);
+            if original.exists() {
+                std::os::unix::fs::symlink(&original, work.join(shared))
+                    .map_err(|e| io(&original, e))?;
+            }
+        }
+        Ok(Some(work))
     }
 
     async fn rollback_to(
@@ -992,18 +1052,47 @@ impl TerraformDeployer {
         });
         match previous {
             Some(prev) => {
-                if !prev.config_hash.is_empty() && prev.config_hash != self.config_hash() {
+                let mut release = Release::new(prev.version.clone());
+                release.config = prev.config.clone();
+                let changed =
+                    !prev.config_hash.is_empty() && prev.config_hash != self.config_hash();
+                if !changed {
+                    let plan = self.plan_in(&release, target, cx).await?;
+                    return self.apply_plan(&plan, cx, from).await;
+                }
+                let Some(work) = self.rollback_workdir(&prev.config_hash)? else {
                     cx.events.warn(format!(
-                        "terraform: configuration files in {} changed since {} was applied; \
-                         rollback re-applies its variables to the current files",
+                        "terraform: configuration files in {} changed since {} was applied \
+                         and no copy of them was kept; rollback re-applies its variables to \
+                         the current files",
                         self.dir.display(),
                         prev.version
                     ));
+                    let plan = self.plan_in(&release, target, cx).await?;
+                    return self.apply_plan(&plan, cx, from).await;
+                };
+                cx.events.info(format!(
+                    "terraform: configuration files changed since {} was applied; rolling back \
+                     with the copy kept then ({})",
+                    prev.version,
+                    work.display()
+                ));
+                // The same deployer, run in the working directory of the
+                // snapshot; its plan files and history stay where they are.
+                let mut old = self.clone();
+                old.dir = work.clone();
+                old.state_dir = Some(self.state_root());
+                old.shared = Arc::new(Shared::default());
+                let result = async {
+                    let plan = old.plan_in(&release, target, cx).await?;
+                    old.apply_plan(&plan, cx, from).await
                 }
-                let mut release = Release::new(prev.version.clone());
-                release.config = prev.config.clone();
-                let plan = self.plan_in(&release, target, cx).await?;
-                self.apply_plan(&plan, cx, from).await
+                .await;
+                // `init` there may have changed the shared `.terraform`
+                // (modules, providers): initialise here again next time.
+                *self.shared.initialized.lock().await = false;
+                let _ = std::fs::remove_dir_all(&work);
+                result
             }
             None if self.destroy_when_no_previous && current.is_some() => {
                 // Destroying needs the variables the resources were made with.
@@ -1231,4 +1320,51 @@ fn absolute(p: PathBuf) -> PathBuf {
     } else {
         std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p)
     }
+}
+
+/// The configuration files below `dir` (relative path, contents), sorted;
+/// `.terraform`, local states and hidden directories are left out.
+fn config_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if kind.is_dir() {
+                if !name.starts_with('.') && name != "terraform.tfstate.d" {
+                    walk(root, &path, out);
+                }
+            } else if kind.is_file()
+                && (name.ends_with(".tf")
+                    || name.ends_with(".tf.json")
+                    || name.ends_with(".tfvars")
+                    || name.ends_with(".tfvars.json")
+                    || name == ".terraform.lock.hcl")
+            {
+                if let (Ok(rel), Ok(bytes)) = (path.strip_prefix(root), std::fs::read(&path)) {
+                    out.push((rel.to_path_buf(), bytes));
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+fn config_hash_of(files: &[(PathBuf, Vec<u8>)]) -> String {
+    let mut h = Sha256::new();
+    for (rel, bytes) in files {
+        h.update(rel.to_string_lossy().as_bytes());
+        h.update([0]);
+        h.update(bytes);
+        h.update([0]);
+    }
+    hex::encode(h.finalize())
 }
