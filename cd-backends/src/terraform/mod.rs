@@ -145,7 +145,8 @@ pub struct TerraformDeployer {
 
 #[derive(Debug, Default)]
 struct Shared {
-    initialized: Mutex<bool>,
+    /// The configuration hash `init` last ran for.
+    initialized: Mutex<Option<String>>,
     workspaces: Mutex<HashSet<String>>,
     history: Mutex<()>,
 }
@@ -335,10 +336,13 @@ impl TerraformDeployer {
             .to_string()
     }
 
-    /// Runs `terraform init -input=false` once for this deployer (and its clones).
+    /// Runs `terraform init -input=false` once for this deployer (and its
+    /// clones), and again whenever the configuration files changed since.
     pub async fn init(&self, cx: &DeployContext) -> Result<()> {
         let mut done = self.shared.initialized.lock().await;
-        if *done {
+        // Again when the configuration changed (a new module or provider).
+        let hash = self.config_hash();
+        if done.as_deref() == Some(hash.as_str()) {
             return Ok(());
         }
         if !self.dir.is_dir() {
@@ -379,7 +383,7 @@ impl TerraformDeployer {
         }
         cx.events
             .progress(None, "terraform init", "ok", Some(started.elapsed()), None);
-        *done = true;
+        *done = Some(hash);
         Ok(())
     }
 
@@ -1089,8 +1093,9 @@ impl TerraformDeployer {
                 }
                 .await;
                 // `init` there may have changed the shared `.terraform`
-                // (modules, providers): initialise here again next time.
-                *self.shared.initialized.lock().await = false;
+                // (modules, providers): initialise here again next time,
+                // even if these files did not change.
+                *self.shared.initialized.lock().await = None;
                 let _ = std::fs::remove_dir_all(&work);
                 result
             }
