@@ -975,7 +975,14 @@ impl TerraformDeployer {
                 e,
             )
         };
-        let work = self.state_root().join("rollback").join(hash);
+        let rollbacks = self.state_root().join("rollback");
+        std::fs::create_dir_all(&rollbacks).map_err(|e| io(&rollbacks, e))?;
+        {
+            // Owner-only, like the snapshots: `*.tfvars` may hold secrets.
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&rollbacks, std::fs::Permissions::from_mode(0o700));
+        }
+        let work = rollbacks.join(hash);
         let _ = std::fs::remove_dir_all(&work);
         for (rel, bytes) in config_files(&snapshot) {
             let path = work.join(&rel);
