@@ -662,6 +662,20 @@ async fn rollback_reapplies_the_configuration_files_of_the_previous_release() {
     let rev = tf.apply(&plan, &cx).await.unwrap();
     assert_eq!(rev.detail["outputs"]["tag"], json!("tag-v2"));
 
+    // The copies of the configuration are owner-only (`*.tfvars` may hold
+    // secrets).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let configs = dir.path().join(".terraform/cd/configs");
+        let mode = std::fs::metadata(&configs).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{} is {mode:o}", configs.display());
+        assert_eq!(
+            std::fs::read_dir(&configs).unwrap().count(),
+            2,
+            "one copy per configuration"
+        );
+    }
+
     // Rollback re-applies v1's files, not v1's variables on v2's files.
     let (cx, sink) = context("default");
     let back = tf.rollback(&target, None, &cx).await.unwrap().unwrap();
