@@ -925,34 +925,22 @@ impl TerraformDeployer {
         if dest.is_dir() {
             return Ok(hash);
         }
-        let staging = self
-            .state_root()
-            .join("configs")
-            .join(format!(".{hash}.{}", std::process::id()));
-        let io = |what: &str, e: std::io::Error| {
-            TerraformError::io(format!("writing the configuration snapshot {what}"), e)
-        };
-        // Owner-only: `*.tfvars` may hold secrets.
         let configs = self.state_root().join("configs");
-        std::fs::create_dir_all(&configs).map_err(|e| io(&configs.display().to_string(), e))?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&configs, std::fs::Permissions::from_mode(0o700));
-        }
-        let _ = std::fs::remove_dir_all(&staging);
-        for (rel, bytes) in &files {
-            let path = staging.join(rel);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| io(&parent.display().to_string(), e))?;
-            }
-            std::fs::write(&path, bytes).map_err(|e| io(&path.display().to_string(), e))?;
-        }
-        std::fs::create_dir_all(&staging).map_err(|e| io(&staging.display().to_string(), e))?;
+        let staging = configs.join(format!(".{hash}.{}", std::process::id()));
+        write_config_tree(
+            &configs,
+            &staging,
+            &files,
+            "writing the configuration snapshot",
+        )?;
         if let Err(e) = std::fs::rename(&staging, &dest) {
             let _ = std::fs::remove_dir_all(&staging);
             if !dest.is_dir() {
-                return Err(io(&dest.display().to_string(), e).into());
+                return Err(TerraformError::io(
+                    format!("writing the configuration snapshot {}", dest.display()),
+                    e,
+                )
+                .into());
             }
         }
         Ok(hash)
@@ -966,37 +954,15 @@ impl TerraformDeployer {
         if hash.is_empty() || !snapshot.is_dir() {
             return Ok(None);
         }
-        let io = |what: &Path, e: std::io::Error| {
-            TerraformError::io(
-                format!(
-                    "preparing the rollback working directory {}",
-                    what.display()
-                ),
-                e,
-            )
-        };
+        const WHAT: &str = "preparing the rollback working directory";
         let rollbacks = self.state_root().join("rollback");
-        std::fs::create_dir_all(&rollbacks).map_err(|e| io(&rollbacks, e))?;
-        {
-            // Owner-only, like the snapshots: `*.tfvars` may hold secrets.
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&rollbacks, std::fs::Permissions::from_mode(0o700));
-        }
         let work = rollbacks.join(hash);
-        let _ = std::fs::remove_dir_all(&work);
-        for (rel, bytes) in config_files(&snapshot) {
-            let path = work.join(&rel);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
-            }
-            std::fs::write(&path, bytes).map_err(|e| io(&path, e))?;
-        }
-        std::fs::create_dir_all(&work).map_err(|e| io(&work, e))?;
+        write_config_tree(&rollbacks, &work, &config_files(&snapshot), WHAT)?;
         for shared in [".terraform", "terraform.tfstate", "terraform.tfstate.d"] {
             let original = self.dir.join(shared);
             if original.exists() {
                 std::os::unix::fs::symlink(&original, work.join(shared))
-                    .map_err(|e| io(&original, e))?;
+                    .map_err(|e| TerraformError::io(format!("{WHAT} {}", work.display()), e))?;
             }
         }
         Ok(Some(work))
@@ -1067,18 +1033,21 @@ impl TerraformDeployer {
                 release.config = prev.config.clone();
                 let changed =
                     !prev.config_hash.is_empty() && prev.config_hash != self.config_hash();
-                if !changed {
-                    let plan = self.plan_in(&release, target, cx).await?;
-                    return self.apply_plan(&plan, cx, from).await;
-                }
-                let Some(work) = self.rollback_workdir(&prev.config_hash)? else {
-                    cx.events.warn(format!(
-                        "terraform: configuration files in {} changed since {} was applied \
-                         and no copy of them was kept; rollback re-applies its variables to \
-                         the current files",
-                        self.dir.display(),
-                        prev.version
-                    ));
+                let work = if changed {
+                    self.rollback_workdir(&prev.config_hash)?
+                } else {
+                    None
+                };
+                let Some(work) = work else {
+                    if changed {
+                        cx.events.warn(format!(
+                            "terraform: configuration files in {} changed since {} was applied \
+                             and no copy of them was kept; rollback re-applies its variables \
+                             to the current files",
+                            self.dir.display(),
+                            prev.version
+                        ));
+                    }
                     let plan = self.plan_in(&release, target, cx).await?;
                     return self.apply_plan(&plan, cx, from).await;
                 };
@@ -1379,4 +1348,32 @@ fn config_hash_of(files: &[(PathBuf, Vec<u8>)]) -> String {
         h.update([0]);
     }
     hex::encode(h.finalize())
+}
+
+/// Writes `files` (from [`config_files`]) afresh into `dest`, a directory
+/// under `parent`, which is made owner-only: `*.tfvars` may hold secrets.
+fn write_config_tree(
+    parent: &Path,
+    dest: &Path,
+    files: &[(PathBuf, Vec<u8>)],
+    what: &str,
+) -> Result<()> {
+    let io = |path: &Path, e: std::io::Error| {
+        TerraformError::io(format!("{what} {}", path.display()), e)
+    };
+    std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700));
+    }
+    let _ = std::fs::remove_dir_all(dest);
+    std::fs::create_dir_all(dest).map_err(|e| io(dest, e))?;
+    for (rel, bytes) in files {
+        let path = dest.join(rel);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        }
+        std::fs::write(&path, bytes).map_err(|e| io(&path, e))?;
+    }
+    Ok(())
 }
