@@ -49,6 +49,7 @@ fn record(id: &str, version: &str, status: ReleaseStatus, ago_s: i64) -> Release
         actor: "alice".into(),
         at,
         updated_at: at,
+        restored_from: None,
     }
 }
 

@@ -85,6 +85,7 @@ fn release(id: &str, env: &str, version: &str, at_s: i64, status: ReleaseStatus)
         actor: "alice".into(),
         at: at(at_s),
         updated_at: at(at_s),
+        restored_from: None,
     }
 }
 

@@ -15,6 +15,11 @@ use crate::types::{Plan, Release, Revision, Target};
 pub struct DeployerCapabilities {
     /// [`Deployer::rollback`] works.
     pub rollback: bool,
+    /// `rollback(target, None)` on a target whose first release was just
+    /// applied removes it (nothing was live before). This is what the
+    /// runner's compensation of a first rollout calls. Default true.
+    #[serde(default = "yes")]
+    pub undeploy: bool,
     /// Applying the release already live is a no-op.
     pub idempotent: bool,
     /// [`Deployer::plan`] shows real changes (a dry run), not only a summary.
@@ -25,10 +30,15 @@ impl Default for DeployerCapabilities {
     fn default() -> Self {
         DeployerCapabilities {
             rollback: true,
+            undeploy: true,
             idempotent: true,
             dry_run: false,
         }
     }
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What a deployer is given while it changes things: where to report, when to
@@ -57,6 +67,19 @@ impl DeployContext {
     pub fn detached(environment: &str) -> Self {
         Self::new(Emitter::noop(), CancellationToken::new(), environment)
     }
+
+    /// The same context with a fresh cancellation token, for clean-up that
+    /// must run *because* the work was cancelled (a strategy reverting the
+    /// targets it switched, a deployer restoring a half-switched target).
+    /// Clean-up is still bounded: the runner drops the stage's future when
+    /// the node's grace period is over.
+    pub fn for_cleanup(&self) -> Self {
+        DeployContext {
+            events: self.events.clone(),
+            cancel: CancellationToken::new(),
+            environment: self.environment.clone(),
+        }
+    }
 }
 
 /// Puts releases on targets.
@@ -70,6 +93,19 @@ impl DeployContext {
 ///   kept before the last apply when `to` is `None`).
 ///
 /// Rollout strategies ([`crate::strategy`]) are written once over this trait.
+///
+/// **Cancellation** ([`DeployContext::cancel`]): the token fires when the
+/// node's timeout fires or the run is cancelled. A deployer then stops at the
+/// next safe point: it interrupts its tool's whole process group gracefully
+/// (SIGINT, so terraform releases its state lock and ansible stops its
+/// workers), waits for it, kills it after its own grace period, and returns
+/// [`crate::ErrorKind::Cancelled`] with the target named. It leaves the
+/// target either as it was or on the new release, and `current()` says
+/// which (the conformance suite checks this). A deployer whose future is
+/// dropped (the runner's grace period ran out) must not leave processes
+/// behind: tools run in their own process group, killed on drop. Clean-up
+/// after a cancellation (restoring a half-switched target) uses
+/// [`DeployContext::for_cleanup`].
 #[async_trait]
 pub trait Deployer: Send + Sync + 'static {
     /// A short name for the backend (`local`, `ssh`, `terraform`).

@@ -37,12 +37,15 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod clock;
 pub mod conformance;
 pub mod deploy;
 pub mod error;
 pub mod event;
+pub mod lease;
 pub mod monitor;
 pub mod pipeline;
+pub mod report;
 pub mod runner;
 pub mod secret;
 pub mod stage;
@@ -55,9 +58,11 @@ pub use error::{Error, ErrorInfo, ErrorKind, Result};
 pub use event::{
     CollectingSink, Emitter, Event, EventKind, EventSink, FnSink, LogLevel, RunStatus, TracingSink,
 };
+pub use lease::{EnvironmentLease, LockSettings};
 pub use monitor::{Analysis, AnalysisOutcome, Monitor, MonitorContext, Sample, SampleStatus};
 pub use pipeline::{NodeKind, NodeSpec, Pipeline, PipelineBuilder, PipelineError};
-pub use runner::{LockSettings, NodeReport, RetryPolicy, RunReport, Runner};
+pub use report::{NodeReport, RunReport};
+pub use runner::{RetryPolicy, Runner};
 pub use secret::{Redactor, Secret};
 pub use stage::{
     gate_fn, stage_fn, Capabilities, FnGate, FnStage, Gate, Stage, StageContext, StageOutput,

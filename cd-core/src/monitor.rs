@@ -214,7 +214,7 @@ impl Analysis {
 
     /// Time from first to last sample.
     pub fn total_duration(&self) -> Duration {
-        self.interval * self.count.saturating_sub(1)
+        self.interval.saturating_mul(self.count.saturating_sub(1))
     }
 
     /// Samples `monitor` and concludes. Emits one event per sample. Returns

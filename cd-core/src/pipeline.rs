@@ -50,6 +50,18 @@ pub enum PipelineError {
         /// The cycle, first node repeated at the end: `deploy -> verify -> deploy`.
         cycle: Vec<String>,
     },
+    /// A node's own configuration is invalid ([`crate::Stage::validate`],
+    /// [`crate::Gate::validate`]): a canary without a judge, steps out of
+    /// range, a bad environment name.
+    #[error("pipeline `{pipeline}`: node `{node}`: {message}")]
+    InvalidNode {
+        /// The pipeline.
+        pipeline: String,
+        /// The node at fault.
+        node: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A builder call was misplaced (`needs` before any node, a bad name).
     #[error("pipeline `{pipeline}`: {message}")]
     Misuse {
@@ -97,6 +109,13 @@ pub struct NodeSpec {
     pub timeout: Option<Duration>,
     /// Extra attempts for retryable errors (overrides the runner's default).
     pub retries: Option<u32>,
+    /// How long the node gets, after its timeout fires or the run is
+    /// cancelled, to stop cooperatively (revert, stop its tools) before its
+    /// future is dropped (overrides the runner's default).
+    pub grace: Option<Duration>,
+    /// Whether a timed-out attempt is retried (overrides the runner's
+    /// default, which is no: a timed-out deploy may have half happened).
+    pub retry_on_timeout: Option<bool>,
     /// Runs after everything else, whatever happened.
     pub finally: bool,
 }
@@ -109,6 +128,8 @@ impl fmt::Debug for NodeSpec {
             .field("needs", &self.needs)
             .field("timeout", &self.timeout)
             .field("retries", &self.retries)
+            .field("grace", &self.grace)
+            .field("retry_on_timeout", &self.retry_on_timeout)
             .field("finally", &self.finally)
             .finish()
     }
@@ -286,6 +307,8 @@ impl PipelineBuilder {
             needs: Vec::new(),
             timeout: None,
             retries: None,
+            grace: None,
+            retry_on_timeout: None,
             finally,
         });
         self
@@ -369,7 +392,28 @@ impl PipelineBuilder {
         self
     }
 
-    /// Validates and builds.
+    /// Grace period of the last node: after its timeout fires or the run is
+    /// cancelled, the node's cancellation token fires and it has this long
+    /// to stop cooperatively before its future is dropped.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        if let Some(n) = self.last("grace") {
+            n.grace = Some(grace);
+        }
+        self
+    }
+
+    /// Whether a timed-out attempt of the last node is retried (within its
+    /// `retries`). Default: the runner's ([`crate::Runner::retry_on_timeout`]),
+    /// which is `false`.
+    pub fn retry_on_timeout(mut self, yes: bool) -> Self {
+        if let Some(n) = self.last("retry_on_timeout") {
+            n.retry_on_timeout = Some(yes);
+        }
+        self
+    }
+
+    /// Validates and builds: duplicate names, unknown needs, cycles, and
+    /// each node's own [`crate::Stage::validate`] / [`crate::Gate::validate`].
     pub fn build(self) -> Result<Pipeline, PipelineError> {
         let pipeline = self.name.clone();
         if let Some(message) = self.misuse {
@@ -384,6 +428,19 @@ impl PipelineBuilder {
                 return Err(PipelineError::DuplicateNode {
                     pipeline,
                     node: n.name.clone(),
+                });
+            }
+        }
+        for n in &self.nodes {
+            let checked = match &n.kind {
+                NodeKind::Stage(s) => s.validate(),
+                NodeKind::Gate(g) => g.validate(),
+            };
+            if let Err(e) = checked {
+                return Err(PipelineError::InvalidNode {
+                    pipeline,
+                    node: n.name.clone(),
+                    message: e.to_string(),
                 });
             }
         }
@@ -510,6 +567,11 @@ fn definition_hash(name: &str, nodes: &[NodeSpec]) -> String {
             )
             .as_bytes(),
         );
+        // Settings added later hash only when set, so runs started before
+        // they existed still resume.
+        if n.grace.is_some() || n.retry_on_timeout.is_some() {
+            h.update(format!("|{:?}|{:?}", n.grace, n.retry_on_timeout).as_bytes());
+        }
     }
     hex::encode(h.finalize())
 }

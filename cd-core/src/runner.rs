@@ -6,7 +6,9 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use chrono::{DateTime, Utc};
 use futures::stream::FuturesUnordered;
@@ -14,12 +16,17 @@ use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock;
 use crate::error::{Error, ErrorInfo, ErrorKind, Result};
-use crate::event::{Emitter, Event, EventKind, EventSink, RunStatus};
+use crate::event::{Emitter, Event, EventKind, EventSink, LogLevel, RunStatus};
+use crate::lease::LockSettings;
+use crate::lease::{holder_name, EnvironmentLease};
 use crate::pipeline::{NodeKind, Pipeline};
+use crate::report::fmt_duration;
+use crate::report::{NodeReport, RunReport};
 use crate::secret::{Redactor, Secret};
 use crate::stage::{Outputs, StageContext, StageOutput, Verdict};
-use crate::store::{LockAttempt, LockRequest, NodeRecord, NodeStatus, RunRecord, Store};
+use crate::store::{LockRequest, NodeRecord, NodeStatus, RunRecord, Store};
 use crate::types::Release;
 
 /// How failed attempts are retried. Only errors marked retryable
@@ -66,188 +73,27 @@ impl RetryPolicy {
         }
     }
 
-    /// The delay after failed attempt number `attempt` (1-based).
+    /// The delay after failed attempt number `attempt` (1-based):
+    /// `initial_backoff × multiplier^(attempt-1)`, at most `max_backoff`.
+    /// Never panics: a multiplier below 1 (or NaN) counts as 1, and any
+    /// overflow saturates (the runner then clamps the wait to
+    /// [`clock::MAX_HORIZON`]).
     pub fn delay(&self, attempt: u32) -> Duration {
-        let factor = self
-            .multiplier
-            .max(1.0)
-            .powi(attempt.saturating_sub(1) as i32);
-        let d = self.initial_backoff.as_secs_f64() * factor;
-        Duration::from_secs_f64(d.min(self.max_backoff.as_secs_f64()))
-    }
-}
-
-/// Environment lock settings: one run per environment at a time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LockSettings {
-    /// Lease duration; a heartbeat renews it every `ttl / 3`. A killed
-    /// process's lease lapses after at most this long.
-    pub ttl: Duration,
-    /// How long to wait for a held lock before giving up.
-    pub wait_timeout: Duration,
-    /// How often a waiter asks again.
-    pub poll_interval: Duration,
-}
-
-impl Default for LockSettings {
-    fn default() -> Self {
-        LockSettings {
-            ttl: Duration::from_secs(60),
-            wait_timeout: Duration::from_secs(600),
-            poll_interval: Duration::from_millis(250),
-        }
-    }
-}
-
-/// How one node went.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeReport {
-    /// Node name.
-    pub name: String,
-    /// What it is (the stage's or gate's `kind()`).
-    pub kind: String,
-    /// How it ended.
-    pub status: NodeStatus,
-    /// Attempts made.
-    pub attempts: u32,
-    /// Wall time from first start to end.
-    pub duration: Option<Duration>,
-    /// Why it failed, if it did.
-    pub error: Option<ErrorInfo>,
-    /// What it produced.
-    pub output: Option<serde_json::Value>,
-    /// Whether it is a `finally` node.
-    pub finally: bool,
-}
-
-/// How a run went. `Display` prints a table of nodes.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunReport {
-    /// The run's id (for `cdctl run show` and `Runner::resume`).
-    pub run_id: String,
-    /// The pipeline's name.
-    pub pipeline: String,
-    /// The release version.
-    pub release: String,
-    /// The environment.
-    pub environment: String,
-    /// How the run ended.
-    pub status: RunStatus,
-    /// Every node, in topological order.
-    pub nodes: Vec<NodeReport>,
-    /// Wall time.
-    pub duration: Duration,
-}
-
-impl RunReport {
-    /// A node's report by name.
-    pub fn node(&self, name: &str) -> Option<&NodeReport> {
-        self.nodes.iter().find(|n| n.name == name)
-    }
-
-    /// A node's output by name.
-    pub fn output(&self, name: &str) -> Option<&serde_json::Value> {
-        self.node(name).and_then(|n| n.output.as_ref())
-    }
-
-    /// `Ok(self)` when the run succeeded, else an error naming the failed node.
-    pub fn into_result(self) -> Result<RunReport> {
-        if self.status == RunStatus::Succeeded {
-            return Ok(self);
-        }
-        let failed = self
-            .nodes
-            .iter()
-            .find(|n| n.status == NodeStatus::Failed)
-            .map(|n| {
-                format!(
-                    "node `{}` failed: {}",
-                    n.name,
-                    n.error
-                        .as_ref()
-                        .map(|e| e.message.as_str())
-                        .unwrap_or("unknown")
-                )
-            })
-            .unwrap_or_else(|| format!("run {}", self.status));
-        let kind = if self.status == RunStatus::Cancelled {
-            ErrorKind::Cancelled
-        } else {
-            ErrorKind::Failed
-        };
-        Err(Error::new(kind, failed).with("run", &self.run_id))
-    }
-}
-
-fn fmt_duration(d: Duration) -> String {
-    if d.as_secs() >= 60 {
-        format!("{}m{:02}s", d.as_secs() / 60, d.as_secs() % 60)
-    } else if d.as_millis() >= 1000 {
-        format!("{:.1}s", d.as_secs_f64())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
-}
-
-impl fmt::Display for RunReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "run {} · pipeline {} · release {} · env {} · {} in {}",
-            self.run_id,
-            self.pipeline,
-            self.release,
-            self.environment,
-            self.status,
-            fmt_duration(self.duration)
-        )?;
-        let w_name = self
-            .nodes
-            .iter()
-            .map(|n| n.name.len())
-            .max()
-            .unwrap_or(4)
-            .max(4);
-        let w_kind = self
-            .nodes
-            .iter()
-            .map(|n| n.kind.len())
-            .max()
-            .unwrap_or(4)
-            .max(4);
-        writeln!(
-            f,
-            "  {:<w_name$}  {:<w_kind$}  {:<15}  {:>3}  {:>8}  DETAIL",
-            "NODE", "KIND", "STATUS", "TRY", "TIME"
-        )?;
-        for n in &self.nodes {
-            let detail = match (&n.error, n.status) {
-                (Some(e), _) => e.message.clone(),
-                _ => String::new(),
-            };
-            let mut detail: String = detail.chars().take(100).collect();
-            if detail.len() == 100 {
-                detail.push('…');
-            }
-            writeln!(
-                f,
-                "  {:<w_name$}  {:<w_kind$}  {:<15}  {:>3}  {:>8}  {}",
-                n.name,
-                n.kind,
-                n.status.as_str(),
-                n.attempts,
-                n.duration.map(fmt_duration).unwrap_or_else(|| "-".into()),
-                detail
-            )?;
-        }
-        Ok(())
+        let exp = i32::try_from(attempt.saturating_sub(1)).unwrap_or(i32::MAX);
+        let factor = self.multiplier.max(1.0).powi(exp);
+        clock::secs_f64(self.initial_backoff.as_secs_f64() * factor).min(self.max_backoff)
     }
 }
 
 /// The scheduler. Configure with builder methods, then [`Runner::run`].
 ///
 /// - at most `concurrency` nodes run at once (waiting gates don't count);
-/// - each attempt has a timeout (per node, or the runner's default);
+/// - each attempt has a timeout (per node, or the runner's default); when it
+///   fires, or the run is cancelled, the node's token fires and it gets a
+///   grace period to stop cooperatively before its future is dropped (the
+///   cancellation model is described on [`crate::Stage`]);
+/// - a timed-out attempt is not retried unless the node opts in
+///   ([`Runner::retry_on_timeout`]);
 /// - retryable errors are retried with exponential backoff ([`RetryPolicy`]);
 /// - the cancellation token stops running nodes; `finally` nodes still run;
 /// - fail-fast (default on): the first failure cancels running nodes;
@@ -255,12 +101,17 @@ impl fmt::Display for RunReport {
 ///   back do so, in reverse topological order;
 /// - an environment lock (a lease in the store) keeps one run per
 ///   environment at a time;
-/// - every state change is persisted to the [`Store`]; events too.
+/// - every state change is persisted to the [`Store`]; events too;
+/// - dropping the future of [`Runner::run`] cancels the run as the token
+///   would: it stops, compensates if so configured, records the run as
+///   cancelled and releases the environment lock in the background.
 #[derive(Clone)]
 pub struct Runner {
     store: Arc<dyn Store>,
     concurrency: usize,
     default_timeout: Option<Duration>,
+    grace: Duration,
+    retry_on_timeout: bool,
     retry: RetryPolicy,
     fail_fast: bool,
     compensate_on_cancel: bool,
@@ -292,12 +143,60 @@ type AttemptFuture = Pin<Box<dyn Future<Output = (usize, Result<Attempt>, Durati
 enum Attempt {
     Output(StageOutput),
     Verdict(Verdict),
+    /// The stage returned its output only after its timeout had fired
+    /// (during the grace period): the node fails with the error, the output
+    /// is kept so compensation can undo the work.
+    Late(Error, StageOutput),
+}
+
+/// Why an attempt was asked to stop.
+#[derive(Clone, Copy)]
+enum Stop {
+    Timeout(Duration),
+    Cancelled,
+}
+
+/// Runs `work` until it finishes, its `timeout` fires, or `parent` is
+/// cancelled. On a timeout or cancellation, `own` (the token the work sees)
+/// is cancelled and the work gets `grace` to finish cooperatively; only then
+/// is it dropped. Returns the stop reason (if any) and the work's result (if
+/// it finished).
+async fn bounded<T>(
+    work: impl Future<Output = T>,
+    timeout: Option<Duration>,
+    parent: &CancellationToken,
+    own: &CancellationToken,
+    grace: Duration,
+) -> (Option<Stop>, Option<T>) {
+    tokio::pin!(work);
+    let stop = tokio::select! {
+        biased;
+        r = &mut work => return (None, Some(r)),
+        _ = parent.cancelled() => Stop::Cancelled,
+        _ = sleep_opt(timeout) => Stop::Timeout(timeout.unwrap_or_default()),
+    };
+    own.cancel();
+    let settled = tokio::time::timeout(grace, &mut work).await.ok();
+    (Some(stop), settled)
+}
+
+async fn sleep_opt(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => futures::future::pending().await,
+    }
 }
 
 #[derive(Clone)]
 struct NodeState {
     status: NodeStatus,
     attempts: u32,
+    /// Evaluations of a gate in all (first and rechecks).
+    checks: u32,
+    /// Time spent in `Wait`, summed.
+    waited: Duration,
+    /// When the current `Wait` began.
+    waiting_since: Option<Instant>,
     output: Option<StageOutput>,
     error: Option<ErrorInfo>,
     started_at: Option<DateTime<Utc>>,
@@ -310,6 +209,9 @@ impl NodeState {
         NodeState {
             status: NodeStatus::Pending,
             attempts: 0,
+            checks: 0,
+            waited: Duration::ZERO,
+            waiting_since: None,
             output: None,
             error: None,
             started_at: None,
@@ -377,11 +279,6 @@ impl StoreSink {
     }
 }
 
-fn holder_name(actor: &str, run_id: &str) -> String {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
-    format!("{actor}@{host} pid {} run {run_id}", std::process::id())
-}
-
 /// What a run starts from: fresh, or restored from the store.
 struct Start {
     run: RunRecord,
@@ -399,6 +296,8 @@ impl Runner {
             store,
             concurrency: 4,
             default_timeout: None,
+            grace: Duration::from_secs(30),
+            retry_on_timeout: false,
             retry: RetryPolicy::default(),
             fail_fast: true,
             compensate_on_cancel: false,
@@ -434,6 +333,26 @@ impl Runner {
     /// Default per-attempt timeout for nodes without their own.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.default_timeout = Some(timeout);
+        self
+    }
+
+    /// Default grace period (30 s): after a node's timeout fires or the run
+    /// is cancelled, how long the node has to stop cooperatively (revert,
+    /// stop its tools) before its future is dropped. Per node:
+    /// [`crate::PipelineBuilder::grace`]. Compensation rollbacks get the
+    /// same grace after their own timeout.
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// Whether timed-out attempts are retried (default `false`: a deploy
+    /// that timed out may have half happened, and its revert already ran).
+    /// Per node: [`crate::PipelineBuilder::retry_on_timeout`]. Timeouts
+    /// reported by the stage itself (a network call's deadline) are
+    /// retryable as any [`ErrorKind::Timeout`].
+    pub fn retry_on_timeout(mut self, yes: bool) -> Self {
+        self.retry_on_timeout = yes;
         self
     }
 
@@ -487,7 +406,10 @@ impl Runner {
         &self.redactor
     }
 
-    /// The environment runs deploy to (and lock).
+    /// The environment runs deploy to (and lock). The name is checked when
+    /// a run starts ([`crate::types::validate_environment`]): `run` and
+    /// `resume` return [`ErrorKind::Invalid`] for an empty name, leading or
+    /// trailing blanks, or control characters.
     pub fn environment(mut self, env: impl Into<String>) -> Self {
         self.environment = env.into();
         self
@@ -520,6 +442,7 @@ impl Runner {
     /// succeeded or not; returns `Err` only when the run could not be carried
     /// out (the store failed, the environment lock was not obtained).
     pub async fn run(&self, pipeline: &Pipeline, release: Release) -> Result<RunReport> {
+        crate::types::validate_environment(&self.environment)?;
         let run_id = uuid::Uuid::new_v4().to_string();
         let run = RunRecord {
             id: run_id,
@@ -624,13 +547,16 @@ impl Runner {
     /// Runs the execution as its own task, so the scheduler loop and the
     /// stages it spawns share a worker thread (no cross-thread wake-up per
     /// node), wherever the caller's future is polled. Dropping the returned
-    /// future aborts the run (its stages are cancelled).
+    /// future cancels the run: the task goes on in the background to stop
+    /// the nodes (with their grace), compensate if so configured, run the
+    /// `finally` nodes, record the run as cancelled and release the lease.
     async fn spawn_execution(&self, pipeline: &Pipeline, start: Start) -> Result<RunReport> {
         let runner = self.clone();
         let pipeline = pipeline.clone();
-        let handle = AbortOnDrop(tokio::spawn(async move {
-            runner.execute(&pipeline, start).await
-        }));
+        let run_cancel = self.cancel.child_token();
+        let _cancel_on_drop = run_cancel.clone().drop_guard();
+        let handle =
+            tokio::spawn(async move { runner.execute(&pipeline, start, run_cancel).await });
         match handle.await {
             Ok(r) => r,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -638,79 +564,12 @@ impl Runner {
         }
     }
 
-    async fn acquire_lock(
+    async fn execute(
         &self,
-        env: &str,
-        holder: &str,
-        run_id: &str,
-        emitter: &Emitter,
-    ) -> Result<()> {
-        let Some(settings) = &self.lock else {
-            return Ok(());
-        };
-        let req = LockRequest {
-            environment: env.to_string(),
-            holder: holder.to_string(),
-            run_id: Some(run_id.to_string()),
-            message: format!("run {run_id}"),
-            ttl: settings.ttl,
-        };
-        let deadline = Instant::now() + settings.wait_timeout;
-        let mut announced = false;
-        loop {
-            match self.store.try_acquire_lock(&req).await? {
-                LockAttempt::Acquired(_) => {
-                    emitter.emit(EventKind::Lock {
-                        environment: env.into(),
-                        status: "acquired".into(),
-                        message: holder.into(),
-                    });
-                    return Ok(());
-                }
-                LockAttempt::Busy(lease) => {
-                    let who = lease
-                        .as_ref()
-                        .map(|l| {
-                            format!(
-                                "{} since {} ({})",
-                                l.holder,
-                                l.acquired_at.format("%Y-%m-%d %H:%M:%S UTC"),
-                                l.message
-                            )
-                        })
-                        .unwrap_or_else(|| "an earlier waiter".into());
-                    if !announced {
-                        emitter.emit(EventKind::Lock {
-                            environment: env.into(),
-                            status: "waiting".into(),
-                            message: who.clone(),
-                        });
-                        announced = true;
-                    }
-                    if Instant::now() >= deadline {
-                        let _ = self.store.release_lock(env, holder).await;
-                        return Err(Error::new(
-                            ErrorKind::Locked,
-                            format!(
-                                "environment `{env}` is locked by {who}; gave up after {}",
-                                fmt_duration(settings.wait_timeout)
-                            ),
-                        )
-                        .with("environment", env));
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(settings.poll_interval) => {}
-                        _ = self.cancel.cancelled() => {
-                            let _ = self.store.release_lock(env, holder).await;
-                            return Err(Error::cancelled().with("environment", env));
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    async fn execute(&self, pipeline: &Pipeline, start: Start) -> Result<RunReport> {
+        pipeline: &Pipeline,
+        start: Start,
+        run_cancel: CancellationToken,
+    ) -> Result<RunReport> {
         let Start {
             mut run,
             mut states,
@@ -726,31 +585,40 @@ impl Runner {
         let holder = holder_name(&self.actor, &run.id);
 
         // The run's own token: cancelled by the user's token, by fail-fast,
-        // by a lost lock, or when this future is dropped.
-        let run_cancel = self.cancel.child_token();
+        // by a lost lock, or when the run's (or this) future is dropped.
         let _guard = run_cancel.clone().drop_guard();
+        let _writer = AbortOnDrop(writer);
 
-        self.acquire_lock(&env, &holder, &run.id, &emitter).await?;
-        let heartbeat = self.lock.as_ref().map(|settings| {
-            let store = self.store.clone();
-            let (env, holder, ttl) = (env.clone(), holder.clone(), settings.ttl);
-            let emitter = emitter.clone();
-            let run_cancel = run_cancel.clone();
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(ttl / 3).await;
-                    if let Err(e) = store.renew_lock(&env, &holder, ttl).await {
-                        emitter.emit(EventKind::Lock {
-                            environment: env.clone(),
-                            status: "lost".into(),
-                            message: e.to_string(),
-                        });
-                        run_cancel.cancel();
-                        break;
+        let lease = match &self.lock {
+            None => None,
+            Some(settings) => {
+                let req = LockRequest {
+                    environment: env.clone(),
+                    holder: holder.clone(),
+                    run_id: Some(run.id.clone()),
+                    message: format!("run {}", run.id),
+                    ttl: settings.ttl,
+                };
+                let lease = EnvironmentLease::acquire(
+                    self.store.clone(),
+                    req,
+                    settings,
+                    &run_cancel,
+                    &emitter,
+                )
+                .await?;
+                // A lost lease stops the run.
+                let lost = lease.lost().clone();
+                let stop = run_cancel.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = lost.cancelled() => stop.cancel(),
+                        _ = stop.cancelled() => {}
                     }
-                }
-            })
-        });
+                });
+                Some(lease)
+            }
+        };
 
         let result = async {
             if resumed {
@@ -792,18 +660,14 @@ impl Runner {
         }
         .await;
 
-        if let Some(h) = heartbeat {
-            h.abort();
-        }
         let status = match result {
             Ok(status) => status,
             Err(e) => {
                 run_cancel.cancel();
-                if self.lock.is_some() {
-                    let _ = self.store.release_lock(&env, &holder).await;
+                if let Some(lease) = lease {
+                    let _ = lease.release().await;
                 }
                 store_sink.flush().await;
-                writer.abort();
                 return Err(e);
             }
         };
@@ -813,8 +677,8 @@ impl Runner {
             .set_run_status(&run.id, status, run.finished_at)
             .await?;
         emitter.emit(EventKind::RunFinished { status });
-        if self.lock.is_some() {
-            self.store.release_lock(&env, &holder).await?;
+        if let Some(lease) = lease {
+            lease.release().await?;
             emitter.emit(EventKind::Lock {
                 environment: env.clone(),
                 status: "released".into(),
@@ -822,7 +686,6 @@ impl Runner {
             });
         }
         store_sink.flush().await;
-        writer.abort();
 
         let nodes = pipeline
             .topological_order()
@@ -839,6 +702,8 @@ impl Runner {
                     kind: spec.kind.describe(),
                     status: st.status,
                     attempts: st.attempts,
+                    checks: st.checks,
+                    waited: st.waited,
                     duration,
                     error: st.error.clone(),
                     output: st.output.as_ref().map(|o| o.0.clone()),
@@ -969,7 +834,17 @@ impl Execution<'_> {
     /// flush; [`Execution::launch`] then starts the attempt.
     fn begin(&mut self, i: usize) {
         let st = &mut self.states[i];
-        st.attempts += 1;
+        if st.status == NodeStatus::Waiting {
+            // A recheck of a waiting gate, not a new attempt.
+            if let Some(since) = st.waiting_since.take() {
+                st.waited = st.waited.saturating_add(since.elapsed());
+            }
+        } else {
+            st.attempts += 1;
+        }
+        if self.pipeline.nodes()[i].kind.is_gate() {
+            st.checks += 1;
+        }
         st.status = NodeStatus::Running;
         st.recheck_at = None;
         if st.started_at.is_none() {
@@ -978,7 +853,9 @@ impl Execution<'_> {
         self.mark_dirty(i);
     }
 
-    /// Starts the attempt [`Execution::begin`] recorded.
+    /// Starts the attempt [`Execution::begin`] recorded. The attempt sees a
+    /// token of its own (a child of `cancel`), fired by its timeout or by
+    /// `cancel`; it then has its grace period to stop (see [`bounded`]).
     fn launch(
         &mut self,
         i: usize,
@@ -989,7 +866,12 @@ impl Execution<'_> {
         let spec = &self.pipeline.nodes()[i];
         let kind = spec.kind.clone();
         let timeout = spec.timeout.or(self.runner.default_timeout);
-        let cx = self.context(i, cancel, outcome);
+        let grace = spec.grace.unwrap_or(self.runner.grace);
+        let retry_on_timeout = spec
+            .retry_on_timeout
+            .unwrap_or(self.runner.retry_on_timeout);
+        let own = cancel.child_token();
+        let cx = self.context(i, own.clone(), outcome);
         cx.emitter.emit(EventKind::NodeStarted { attempt });
         let attempt_fut = async move {
             let t = Instant::now();
@@ -999,27 +881,10 @@ impl Execution<'_> {
                     NodeKind::Gate(g) => g.evaluate(&cx).await.map(Attempt::Verdict),
                 }
             };
-            let timed = async {
-                match timeout {
-                    Some(d) => match tokio::time::timeout(d, work).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            cx.emitter.emit(EventKind::NodeTimedOut {
-                                timeout_ms: d.as_millis() as u64,
-                            });
-                            Err(Error::new(
-                                ErrorKind::Timeout,
-                                format!("timed out after {}", fmt_duration(d)),
-                            ))
-                        }
-                    },
-                    None => work.await,
-                }
-            };
-            let result = tokio::select! {
-                biased;
-                _ = cx.cancel.cancelled() => Err(Error::cancelled()),
-                r = timed => r,
+            let (stop, settled) = bounded(work, timeout, &cancel, &own, grace).await;
+            let result = match stop {
+                None => settled.unwrap_or_else(|| Err(Error::cancelled())),
+                Some(stop) => stopped(stop, settled, grace, retry_on_timeout, &cx.emitter),
             };
             (result, t.elapsed())
         };
@@ -1099,7 +964,7 @@ impl Execution<'_> {
                         .recheck_at
                         .and_then(|t| (t - Utc::now()).to_std().ok())
                         .unwrap_or_default();
-                    timers.push(Reverse((Instant::now() + wait, i)));
+                    timers.push(Reverse((clock::tokio_after(wait), i)));
                 }
                 NodeStatus::Failed | NodeStatus::Cancelled => failed = true,
                 _ => {}
@@ -1164,6 +1029,14 @@ impl Execution<'_> {
         }
 
         self.flush().await?;
+        // The cancellation may have been seen only through a node's result
+        // (the select above took the node's completion first).
+        if !failed && self.run_cancel.is_cancelled() {
+            let all_done = (0..n).all(|i| {
+                self.pipeline.nodes()[i].finally || self.states[i].status == NodeStatus::Succeeded
+            });
+            cancelled |= !all_done;
+        }
         // Whatever did not run.
         let reason = if cancelled {
             "run cancelled".to_string()
@@ -1206,22 +1079,25 @@ impl Execution<'_> {
                 self.succeed(i, StageOutput::empty(), elapsed, remaining, ready)
                     .await
             }
+            Ok(Attempt::Late(err, out)) => {
+                // Keep what the stage did, so compensation can undo it.
+                self.states[i].output = Some(out);
+                self.fail(i, err.with("node", &name), failed).await
+            }
             Ok(Attempt::Verdict(Verdict::Wait {
                 recheck_after,
                 reason,
             })) => {
+                let recheck_after = clock::clamp(recheck_after);
                 let st = &mut self.states[i];
                 st.status = NodeStatus::Waiting;
-                st.recheck_at = Some(
-                    Utc::now()
-                        + chrono::Duration::from_std(recheck_after)
-                            .unwrap_or(chrono::Duration::zero()),
-                );
+                st.waiting_since = Some(Instant::now());
+                st.recheck_at = Some(clock::utc_after(recheck_after));
                 ev.emit(EventKind::GateWaiting {
                     reason,
-                    recheck_after_ms: recheck_after.as_millis() as u64,
+                    recheck_after_ms: clock::millis(recheck_after),
                 });
-                timers.push(Reverse((Instant::now() + recheck_after, i)));
+                timers.push(Reverse((clock::tokio_after(recheck_after), i)));
                 self.persist(i).await
             }
             Ok(Attempt::Verdict(Verdict::Fail(reason))) => {
@@ -1235,6 +1111,10 @@ impl Execution<'_> {
                 let st = &mut self.states[i];
                 st.status = NodeStatus::Cancelled;
                 st.finished_at = Some(Utc::now());
+                if e.message() != "cancelled" {
+                    // What the node did while stopping (what it reverted).
+                    st.error = Some(e.with("node", &name).to_info());
+                }
                 ev.emit(EventKind::NodeCancelled);
                 self.persist(i).await
             }
@@ -1245,13 +1125,13 @@ impl Execution<'_> {
                     let delay = self.runner.retry.delay(attempts);
                     ev.emit(EventKind::NodeRetrying {
                         attempt: attempts,
-                        delay_ms: delay.as_millis() as u64,
+                        delay_ms: clock::millis(delay),
                         error: e.to_info(),
                     });
                     let st = &mut self.states[i];
                     st.status = NodeStatus::Pending;
                     st.error = Some(e.to_info());
-                    timers.push(Reverse((Instant::now() + delay, i)));
+                    timers.push(Reverse((clock::tokio_after(delay), i)));
                     self.persist(i).await
                 } else {
                     self.fail(i, e, failed).await
@@ -1334,7 +1214,12 @@ impl Execution<'_> {
             .filter(|&i| !self.pipeline.nodes()[i].finally)
             .collect();
         for i in order {
-            if self.states[i].status != NodeStatus::Succeeded {
+            // Succeeded nodes, and nodes that finished their work only after
+            // their timeout (failed, but with an output to undo).
+            let st = &self.states[i];
+            let undo = st.status == NodeStatus::Succeeded
+                || (st.status == NodeStatus::Failed && st.output.is_some());
+            if !undo {
                 continue;
             }
             let spec = &self.pipeline.nodes()[i];
@@ -1345,22 +1230,41 @@ impl Execution<'_> {
                 continue;
             }
             let timeout = spec.timeout.or(self.runner.default_timeout);
-            let cx = self.context(i, CancellationToken::new(), Some(status));
+            let grace = spec.grace.unwrap_or(self.runner.grace);
+            // Compensation runs even after cancellation: a fresh token, fired
+            // only by the rollback's own timeout.
+            let own = CancellationToken::new();
+            let cx = self.context(i, own.clone(), Some(status));
             cx.emitter.emit(EventKind::RollbackStarted);
             let output = self.states[i].output.clone().unwrap_or_default();
             let t = Instant::now();
-            let res = match timeout {
-                Some(d) => tokio::time::timeout(d, stage.rollback(&cx, &output))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(Error::new(
-                            ErrorKind::Timeout,
-                            format!("rollback timed out after {}", fmt_duration(d)),
-                        ))
-                    }),
-                None => stage.rollback(&cx, &output).await,
-            };
+            let never = CancellationToken::new();
+            let res =
+                match bounded(stage.rollback(&cx, &output), timeout, &never, &own, grace).await {
+                    (None, Some(r)) => r,
+                    (_, Some(Ok(()))) => Ok(()),
+                    (_, settled) => Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "rollback timed out after {}{}",
+                            fmt_duration(timeout.unwrap_or_default()),
+                            match settled {
+                                Some(Err(e)) => format!("; then: {e}"),
+                                _ => format!(
+                                    "; did not stop within the grace period of {}, abandoned",
+                                    fmt_duration(grace)
+                                ),
+                            }
+                        ),
+                    )),
+                };
             match res {
+                Ok(()) if self.states[i].status == NodeStatus::Failed => {
+                    // A late success undone: the node stays failed.
+                    cx.emitter.emit(EventKind::RolledBack {
+                        duration_ms: clock::millis(t.elapsed()),
+                    });
+                }
                 Ok(()) => {
                     self.states[i].status = NodeStatus::RolledBack;
                     cx.emitter.emit(EventKind::RolledBack {
@@ -1414,7 +1318,7 @@ impl Execution<'_> {
                 .await?;
                 self.flush().await?;
                 match timers.pop() {
-                    Some(Reverse((t, _))) => tokio::time::sleep_until(t.into()).await,
+                    Some(Reverse((t, _))) => tokio::time::sleep_until(t).await,
                     None => break,
                 }
             }
@@ -1444,7 +1348,72 @@ impl<T> Future for AbortOnDrop<T> {
 
 async fn sleep_until_opt(t: Option<Instant>) {
     match t {
-        Some(t) => tokio::time::sleep_until(t.into()).await,
+        Some(t) => tokio::time::sleep_until(t).await,
         None => futures::future::pending().await,
+    }
+}
+
+/// The result of an attempt that was asked to stop (timeout or
+/// cancellation), from what the work returned during its grace period.
+fn stopped(
+    stop: Stop,
+    settled: Option<Result<Attempt>>,
+    grace: Duration,
+    retry_on_timeout: bool,
+    emitter: &Emitter,
+) -> Result<Attempt> {
+    if settled.is_none() {
+        emitter.log(
+            LogLevel::Warn,
+            format!(
+                "did not stop within its grace period of {}; abandoned",
+                fmt_duration(grace)
+            ),
+        );
+    }
+    let abandoned = || {
+        format!(
+            "did not stop within the grace period of {}, abandoned",
+            fmt_duration(grace)
+        )
+    };
+    match stop {
+        Stop::Timeout(d) => {
+            emitter.emit(EventKind::NodeTimedOut {
+                timeout_ms: clock::millis(d),
+            });
+            let base = format!("timed out after {}", fmt_duration(d));
+            let (message, late) = match settled {
+                None => (format!("{base}; {}", abandoned()), None),
+                Some(Ok(Attempt::Output(out))) => (
+                    format!("{base}; finished during the grace period (its output is kept for compensation)"),
+                    Some(out),
+                ),
+                Some(Ok(_)) => (base, None),
+                Some(Err(e)) if e.kind() == ErrorKind::Cancelled && e.message() == "cancelled" => {
+                    (format!("{base}; stopped"), None)
+                }
+                Some(Err(e)) => (format!("{base}; then: {e}"), None),
+            };
+            let err = Error::new(ErrorKind::Timeout, message).retryable(retry_on_timeout);
+            match late {
+                Some(out) => Ok(Attempt::Late(err, out)),
+                None => Err(err),
+            }
+        }
+        Stop::Cancelled => match settled {
+            // Finished its work although cancelled: the work stands (and
+            // compensation, if configured, undoes it).
+            Some(Ok(a)) => Ok(a),
+            Some(Err(e)) if e.kind() == ErrorKind::Cancelled => Err(e),
+            Some(Err(e)) => Err(Error::new(
+                ErrorKind::Cancelled,
+                format!("cancelled; then: {e}"),
+            )),
+            None => Err(Error::new(
+                ErrorKind::Cancelled,
+                format!("cancelled; {}", abandoned()),
+            )),
+        },
     }
 }

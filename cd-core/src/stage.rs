@@ -272,6 +272,29 @@ impl StageContext {
 /// stage again. A stage must either be idempotent (say so in its
 /// capabilities) or reconcile: look at the world first (a deployer reads
 /// `current()`) and only do what is missing.
+///
+/// **Cancellation model** (cooperative first, then forced):
+/// 1. When the node's timeout fires, or the run is cancelled (the user's
+///    token, fail-fast after another node failed, a lost environment lock,
+///    the run future being dropped), the token of
+///    [`StageContext::cancel_token`] fires. Nothing is dropped yet.
+/// 2. The stage then has the node's *grace period*
+///    ([`crate::PipelineBuilder::grace`], default [`crate::Runner::grace`],
+///    30 s) to stop: revert what it half did (a rollout strategy reverts the
+///    targets it switched), interrupt its tools and wait for them. Clean-up
+///    work must not itself stop at the fired token: use a fresh one
+///    ([`crate::DeployContext::for_cleanup`]).
+/// 3. Only when the grace period is over is the stage's future dropped.
+///    Tools it started must not outlive that: backends kill their process
+///    groups on drop.
+///
+/// The report says which happened: a timeout is [`crate::ErrorKind::Timeout`]
+/// (not retried unless the node opts in with `retry_on_timeout`), a
+/// cancellation [`crate::ErrorKind::Cancelled`]; the message carries what the
+/// stage said while stopping ("3 switched target(s) rolled back: t1, t2,
+/// t3") and whether it had to be abandoned after the grace period. A stage
+/// that still returns `Ok` after its timeout has its output kept, but the
+/// node fails, so the runner's compensation can undo its work.
 #[async_trait]
 pub trait Stage: Send + Sync + 'static {
     /// A short description of what the stage is (`deploy(local)`, `http-check`).
@@ -282,6 +305,13 @@ pub trait Stage: Send + Sync + 'static {
     /// What the stage can do beyond running.
     fn capabilities(&self) -> Capabilities {
         Capabilities::default()
+    }
+
+    /// Checks the stage's configuration; [`crate::Pipeline`]'s `build()`
+    /// calls it and refuses the pipeline with
+    /// [`crate::PipelineError::InvalidNode`] naming the node. Default: valid.
+    fn validate(&self) -> Result<()> {
+        Ok(())
     }
 
     /// Does the work.
@@ -305,7 +335,8 @@ pub enum Verdict {
     /// Ask again later. The runner holds no thread meanwhile, and a waiting
     /// gate survives a restart.
     Wait {
-        /// When to ask again.
+        /// When to ask again. Any value is accepted: waits longer than
+        /// [`crate::clock::MAX_HORIZON`] (100 years) are clamped to it.
         #[serde(with = "duration_ms")]
         recheck_after: Duration,
         /// Why it waits (shown to people: "waiting for approval by alice or bob").
@@ -332,7 +363,7 @@ mod duration_ms {
     use serde::{Deserialize, Deserializer, Serializer};
     use std::time::Duration;
     pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_u64(d.as_millis() as u64)
+        s.serialize_u64(crate::clock::millis(*d))
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         Ok(Duration::from_millis(u64::deserialize(d)?))
@@ -348,7 +379,16 @@ pub trait Gate: Send + Sync + 'static {
         "gate".to_string()
     }
 
+    /// Checks the gate's configuration at pipeline build time (see
+    /// [`Stage::validate`]). Default: valid.
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+
     /// Decides. Called again after `recheck_after` while it says `Wait`.
+    /// Rechecks are not attempts: the report counts them apart and shows the
+    /// time waited. The gate sees the same cancellation model as a stage
+    /// ([`Stage`]).
     async fn evaluate(&self, cx: &StageContext) -> Result<Verdict>;
 }
 

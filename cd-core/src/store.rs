@@ -293,6 +293,10 @@ pub struct ReleaseRecord {
     pub at: DateTime<Utc>,
     /// When its status last changed.
     pub updated_at: DateTime<Utc>,
+    /// For a record made by a restore (`Deploy::restore`): the id of the
+    /// record whose release was redeployed.
+    #[serde(default)]
+    pub restored_from: Option<String>,
 }
 
 /// Durable state of runs. Implementations must be safe to share between
@@ -428,7 +432,7 @@ impl MemoryStore {
 }
 
 fn ttl_chrono(ttl: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60))
+    crate::clock::chrono_duration(ttl)
 }
 
 #[async_trait]
@@ -576,7 +580,9 @@ impl Store for MemoryStore {
             message: req.message.clone(),
             acquired_at: now,
             renewed_at: now,
-            expires_at: now + ttl,
+            expires_at: now
+                .checked_add_signed(ttl)
+                .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC),
         };
         g.locks.insert(req.environment.clone(), lease.clone());
         Ok(LockAttempt::Acquired(lease))
@@ -588,7 +594,7 @@ impl Store for MemoryStore {
         match g.locks.get_mut(environment) {
             Some(l) if l.holder == holder => {
                 l.renewed_at = now;
-                l.expires_at = now + ttl_chrono(ttl);
+                l.expires_at = crate::clock::utc_add(now, ttl);
                 Ok(l.clone())
             }
             _ => Err(Error::new(

@@ -5,6 +5,12 @@
 //! [`RolloutReport`] that says what it switched and what was live before;
 //! [`Strategy::rollback`] undoes a completed rollout from that report (the
 //! runner's compensation uses it through the `Deploy` stage).
+//!
+//! A rollout that fails, is judged bad, or is cancelled (its node's timeout
+//! fired, the run was cancelled) reverts every target it switched before it
+//! returns its error, and the error names them. The revert runs with a fresh
+//! cancellation token ([`DeployContext::for_cleanup`]): it is bounded by the
+//! node's grace period, not stopped by the cancellation that caused it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -57,6 +63,14 @@ pub trait Strategy: Send + Sync + 'static {
     /// `rolling`, `canary`, `blue_green`.
     fn name(&self) -> &str;
 
+    /// Checks the configuration for a rollout over `targets` targets (the
+    /// `Deploy` stage calls it when the pipeline is built; `deploy` calls it
+    /// first). Returns [`ErrorKind::Invalid`] saying what is wrong.
+    fn validate(&self, targets: usize) -> Result<()> {
+        let _ = targets;
+        Ok(())
+    }
+
     /// Rolls `release` out to `targets`. On failure, everything the rollout
     /// switched is rolled back before the error is returned.
     async fn deploy(
@@ -94,6 +108,10 @@ async fn revert(
     strategy: &str,
     cx: &DeployContext,
 ) -> Result<()> {
+    // Reverting is what a cancellation asks for: it must not itself stop at
+    // the fired token.
+    let cleanup = cx.for_cleanup();
+    let cx = &cleanup;
     let targets: BTreeMap<String, Target> = deployer
         .targets()
         .into_iter()
@@ -214,14 +232,69 @@ async fn deploy_group(
     failures
 }
 
-fn failure_error(strategy: &str, failures: &[(String, Error)], rolled_back: usize) -> Error {
+/// `2 switched target(s) rolled back (web1, web2)`, or `nothing to roll back`.
+fn reverted_list(switched: &[Revision]) -> String {
+    if switched.is_empty() {
+        return "nothing had switched".into();
+    }
+    format!(
+        "{} switched target(s) rolled back ({})",
+        switched.len(),
+        switched
+            .iter()
+            .map(|r| r.target.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+/// Reverts what `report` switched, then returns the error that caused it
+/// (or the revert's own error, which says more).
+async fn abort(
+    deployer: &dyn Deployer,
+    report: &RolloutReport,
+    cx: &DeployContext,
+    error: Error,
+) -> Error {
+    match revert(
+        deployer,
+        &report.deployed,
+        &report.previous,
+        &report.strategy,
+        cx,
+    )
+    .await
+    {
+        Ok(()) => error,
+        Err(e) => Error::new(
+            error.kind(),
+            format!("{error}; rolling back failed too: {e}"),
+        )
+        .retryable(false),
+    }
+}
+
+fn failure_error(strategy: &str, failures: &[(String, Error)], switched: &[Revision]) -> Error {
     let first = &failures[0].1;
     let names: Vec<&str> = failures.iter().map(|(n, _)| n.as_str()).collect();
-    let msg = format!(
-        "{strategy} rollout failed on {} ({}); {rolled_back} switched target(s) rolled back; first error: {first}",
-        names.join(", "),
-        failures.len()
-    );
+    let msg = if first.kind() == ErrorKind::Cancelled {
+        let on = if names == ["-"] {
+            String::new()
+        } else {
+            format!(" (interrupted on {})", names.join(", "))
+        };
+        format!(
+            "{strategy} rollout cancelled{on}; {}",
+            reverted_list(switched)
+        )
+    } else {
+        format!(
+            "{strategy} rollout failed on {} ({}); {}; first error: {first}",
+            names.join(", "),
+            failures.len(),
+            reverted_list(switched)
+        )
+    };
     let kind = if first.kind() == ErrorKind::Cancelled {
         ErrorKind::Cancelled
     } else {
@@ -338,22 +411,34 @@ impl Strategy for Rolling {
                 if failures.is_empty() {
                     failures.push(("-".into(), Error::cancelled()));
                 }
-                let n = report.deployed.len();
-                revert(deployer, &report.deployed, &report.previous, "rolling", cx).await?;
-                return Err(failure_error("rolling", &failures, n));
+                let err = failure_error("rolling", &failures, &report.deployed);
+                return Err(abort(deployer, &report, cx, err).await);
             }
             let batch_targets: Vec<Target> = report.deployed[before..]
                 .iter()
                 .filter_map(|r| batch.iter().find(|t| t.name == r.target).cloned())
                 .collect();
-            let outcome = analyse(&self.monitor, release, batch_targets, cx).await?;
+            let outcome = match analyse(&self.monitor, release, batch_targets, cx).await {
+                Ok(o) => o,
+                Err(e) => {
+                    let err = Error::new(
+                        e.kind(),
+                        format!(
+                            "rolling rollout stopped during the analysis of batch {}: {e}; {}",
+                            b + 1,
+                            reverted_list(&report.deployed)
+                        ),
+                    );
+                    return Err(abort(deployer, &report, cx, err).await);
+                }
+            };
             if !outcome.is_pass() {
-                let n = report.deployed.len();
-                revert(deployer, &report.deployed, &report.previous, "rolling", cx).await?;
-                return Err(Error::failed(format!(
-                    "rolling rollout stopped after batch {}: analysis {outcome}; {n} target(s) rolled back",
-                    b + 1
-                )));
+                let err = Error::failed(format!(
+                    "rolling rollout stopped after batch {}: analysis {outcome}; {}",
+                    b + 1,
+                    reverted_list(&report.deployed)
+                ));
+                return Err(abort(deployer, &report, cx, err).await);
             }
         }
         report.noop = report.already_live_everywhere();
@@ -366,9 +451,29 @@ impl Strategy for Rolling {
 }
 
 /// Canary: release to a growing share of targets (`steps` in percent, e.g.
-/// `[10, 50, 100]`), with analysis between steps. A failed deploy or a
-/// failing (or inconclusive) analysis aborts and rolls back every target
-/// switched so far.
+/// `[10, 50, 100]`), judged by an analysis after **every** step, the last
+/// one included: a canary is never promoted unjudged. A failed deploy, a
+/// failing (or inconclusive) analysis, or a cancellation aborts and rolls
+/// back every target switched so far.
+///
+/// **How percentages round to targets.** Over `n` targets, step `p` covers
+/// the first `ceil(n × p / 100)` targets, and always at least one target more
+/// than the step before (at most `n`). A step that would cover no new target
+/// (`[10, 50, 100]` over one target: 10% is already that target) is skipped
+/// and says so in an event; the analysis after the final step still runs.
+/// Over 4 targets, `[10, 50, 100]` covers 1, then 2, then 4 targets.
+///
+/// A canary needs a judge ([`Canary::analysis`]) and steps strictly rising
+/// within 1..=100; [`Strategy::validate`] (called by the `Deploy` stage when
+/// the pipeline is built, and by `deploy`) refuses anything else.
+///
+/// ```
+/// use cd_core::{Canary, Strategy};
+/// let err = Canary::new([10, 50, 100]).validate(4).unwrap_err();
+/// assert!(err.to_string().contains("judge"));
+/// assert_eq!(Canary::plan_steps(&[10, 50, 100], 4), vec![1, 2, 4]);
+/// assert_eq!(Canary::plan_steps(&[10, 50, 100], 1), vec![1]);
+/// ```
 #[derive(Clone)]
 pub struct Canary {
     steps: Vec<u32>,
@@ -377,10 +482,11 @@ pub struct Canary {
 }
 
 impl Canary {
-    /// Steps in percent of targets; each step covers at least one more
-    /// target; a final 100 is added when missing.
+    /// Steps in percent of targets; a final 100 is added when missing.
+    /// Steps must rise strictly within 1..=100 (checked by
+    /// [`Strategy::validate`]).
     pub fn new(steps: impl IntoIterator<Item = u32>) -> Self {
-        let mut steps: Vec<u32> = steps.into_iter().map(|s| s.clamp(1, 100)).collect();
+        let mut steps: Vec<u32> = steps.into_iter().collect();
         if steps.last() != Some(&100) {
             steps.push(100);
         }
@@ -391,7 +497,7 @@ impl Canary {
         }
     }
 
-    /// Analysis after each step but the last.
+    /// Analysis after each step, the last one included.
     pub fn analysis(mut self, monitor: impl Monitor, analysis: Analysis) -> Self {
         self.monitor = Some((Arc::new(monitor), analysis));
         self
@@ -408,12 +514,59 @@ impl Canary {
         self.inconclusive_passes = yes;
         self
     }
+
+    /// How many targets each effective step covers over `targets` targets
+    /// (cumulative; steps covering no new target left out). See the type's
+    /// docs for the rounding rule.
+    pub fn plan_steps(steps: &[u32], targets: usize) -> Vec<usize> {
+        let mut out = Vec::new();
+        let mut done = 0usize;
+        for pct in steps {
+            let want = (targets.saturating_mul(*pct as usize).div_ceil(100))
+                .max(done + 1)
+                .min(targets);
+            if want > done {
+                out.push(want);
+                done = want;
+            }
+        }
+        out
+    }
 }
 
 #[async_trait]
 impl Strategy for Canary {
     fn name(&self) -> &str {
         "canary"
+    }
+
+    fn validate(&self, targets: usize) -> Result<()> {
+        let steps = self
+            .steps
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if self.monitor.is_none() {
+            return Err(Error::invalid(format!(
+                "canary [{steps}] has no judge: a canary is never promoted unjudged; \
+                 add an analysis (`.judge(monitor, analysis)` on `Deploy`) or use a rolling update"
+            )));
+        }
+        if let Some(bad) = self.steps.iter().find(|s| **s == 0 || **s > 100) {
+            return Err(Error::invalid(format!(
+                "canary [{steps}]: step {bad}% is outside 1..=100"
+            )));
+        }
+        if self.steps.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::invalid(format!(
+                "canary [{steps}]: steps must rise strictly"
+            )));
+        }
+        if targets == 0 {
+            return Err(Error::invalid("canary over no targets"));
+        }
+        Ok(())
     }
 
     async fn deploy(
@@ -423,6 +576,7 @@ impl Strategy for Canary {
         targets: &[Target],
         cx: &DeployContext,
     ) -> Result<RolloutReport> {
+        self.validate(targets.len())?;
         let mut report = RolloutReport {
             strategy: "canary".into(),
             version: release.version.clone(),
@@ -431,10 +585,18 @@ impl Strategy for Canary {
         let total = targets.len();
         let mut done = 0usize;
         for (s, pct) in self.steps.iter().enumerate() {
-            let want = ((total * *pct as usize).div_ceil(100))
+            let want = (total.saturating_mul(*pct as usize).div_ceil(100))
                 .max(done + 1)
                 .min(total);
             if want <= done {
+                cx.events.emit(EventKind::Rollout {
+                    strategy: "canary".into(),
+                    message: format!(
+                        "step {}/{}: {pct}% of {total} target(s) covers no new target; skipped",
+                        s + 1,
+                        self.steps.len()
+                    ),
+                });
                 continue;
             }
             let group = &targets[done..want];
@@ -446,32 +608,47 @@ impl Strategy for Canary {
                     self.steps.len()
                 ),
             });
-            let failures = deploy_group(deployer, release, group, cx, &mut report).await;
+            let mut failures = deploy_group(deployer, release, group, cx, &mut report).await;
             done = want;
-            if !failures.is_empty() {
-                let n = report.deployed.len();
-                revert(deployer, &report.deployed, &report.previous, "canary", cx).await?;
-                return Err(failure_error("canary", &failures, n));
+            if failures.is_empty() && cx.cancel.is_cancelled() {
+                failures.push(("-".into(), Error::cancelled()));
             }
-            if done < total {
-                let outcome = analyse(&self.monitor, release, targets[..done].to_vec(), cx).await?;
-                let pass = match &outcome {
-                    AnalysisOutcome::Pass => true,
-                    AnalysisOutcome::Inconclusive(_) => self.inconclusive_passes,
-                    AnalysisOutcome::Fail(_) => false,
-                };
-                if !pass {
-                    let n = report.deployed.len();
-                    cx.events.emit(EventKind::Rollout {
-                        strategy: "canary".into(),
-                        message: format!("abort at step {}: analysis {outcome}", s + 1),
-                    });
-                    revert(deployer, &report.deployed, &report.previous, "canary", cx).await?;
-                    return Err(Error::failed(format!(
-                        "canary aborted at step {} ({pct}%): analysis {outcome}; {n} target(s) rolled back",
-                        s + 1
-                    )));
+            if !failures.is_empty() {
+                let err = failure_error("canary", &failures, &report.deployed);
+                return Err(abort(deployer, &report, cx, err).await);
+            }
+            // Judged after every step, the last one too: never promoted unjudged.
+            let outcome = match analyse(&self.monitor, release, targets[..done].to_vec(), cx).await
+            {
+                Ok(o) => o,
+                Err(e) => {
+                    let err = Error::new(
+                        e.kind(),
+                        format!(
+                            "canary stopped during the analysis of step {} ({pct}%): {e}; {}",
+                            s + 1,
+                            reverted_list(&report.deployed)
+                        ),
+                    );
+                    return Err(abort(deployer, &report, cx, err).await);
                 }
+            };
+            let pass = match &outcome {
+                AnalysisOutcome::Pass => true,
+                AnalysisOutcome::Inconclusive(_) => self.inconclusive_passes,
+                AnalysisOutcome::Fail(_) => false,
+            };
+            if !pass {
+                cx.events.emit(EventKind::Rollout {
+                    strategy: "canary".into(),
+                    message: format!("abort at step {}: analysis {outcome}", s + 1),
+                });
+                let err = Error::failed(format!(
+                    "canary aborted at step {} ({pct}%): analysis {outcome}; {}",
+                    s + 1,
+                    reverted_list(&report.deployed)
+                ));
+                return Err(abort(deployer, &report, cx, err).await);
             }
         }
         cx.events.emit(EventKind::Rollout {
@@ -525,6 +702,15 @@ impl BlueGreen {
 impl Strategy for BlueGreen {
     fn name(&self) -> &str {
         "blue_green"
+    }
+
+    fn validate(&self, targets: usize) -> Result<()> {
+        if targets != 2 {
+            return Err(Error::invalid(format!(
+                "blue-green needs exactly two slots (targets), got {targets}"
+            )));
+        }
+        Ok(())
     }
 
     async fn deploy(
@@ -584,22 +770,38 @@ impl Strategy for BlueGreen {
         let (prev, rev, _) = deploy_one(deployer, release, idle, cx).await?;
         report.previous.insert(idle.name.clone(), prev);
         report.deployed.push(rev);
-        let outcome = analyse(&self.verify, release, vec![idle.clone()], cx).await?;
+        let stays_on = live.map(|t| t.name.as_str()).unwrap_or("none");
+        let outcome = match analyse(&self.verify, release, vec![idle.clone()], cx).await {
+            Ok(o) => o,
+            Err(e) => {
+                let err = Error::new(
+                    e.kind(),
+                    format!(
+                        "blue-green stopped while verifying slot {}: {e}; slot reverted, traffic stays on {stays_on}",
+                        idle.name
+                    ),
+                )
+                .with("target", &idle.name);
+                return Err(abort(deployer, &report, cx, err).await);
+            }
+        };
         if !outcome.is_pass() {
-            revert(
-                deployer,
-                &report.deployed,
-                &report.previous,
-                "blue_green",
-                cx,
-            )
-            .await?;
-            return Err(Error::failed(format!(
-                "blue-green: slot {} failed verification ({outcome}); traffic stays on {}",
-                idle.name,
-                live.map(|t| t.name.as_str()).unwrap_or("none")
+            let err = Error::failed(format!(
+                "blue-green: slot {} failed verification ({outcome}); traffic stays on {stays_on}",
+                idle.name
             ))
-            .with("target", &idle.name));
+            .with("target", &idle.name);
+            return Err(abort(deployer, &report, cx, err).await);
+        }
+        if cx.cancel.is_cancelled() {
+            let err = Error::new(
+                ErrorKind::Cancelled,
+                format!(
+                    "blue-green cancelled before the switch; slot {} reverted, traffic stays on {stays_on}",
+                    idle.name
+                ),
+            );
+            return Err(abort(deployer, &report, cx, err).await);
         }
         self.router.switch(&idle.name, cx).await?;
         cx.events.emit(EventKind::Rollout {

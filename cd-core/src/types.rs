@@ -265,3 +265,46 @@ impl Plan {
         self.changes.iter().all(|c| c.action == ChangeAction::NoOp)
     }
 }
+
+/// Longest environment name accepted, in bytes.
+pub const MAX_ENVIRONMENT_LEN: usize = 128;
+
+/// Checks an environment name at the API boundary (runner, deploy stage,
+/// restore, locks): not empty, at most [`MAX_ENVIRONMENT_LEN`] bytes, no
+/// leading or trailing whitespace, no control characters. `production` and
+/// `production ` would otherwise be two environments that deploy at once.
+///
+/// Returns [`crate::ErrorKind::Invalid`] naming the environment (quoted, with
+/// escapes) and what is wrong.
+///
+/// ```
+/// use cd_core::types::validate_environment;
+/// assert!(validate_environment("production").is_ok());
+/// assert!(validate_environment("eu-west/prod").is_ok());
+/// assert!(validate_environment("production ").is_err());
+/// assert!(validate_environment("").is_err());
+/// assert!(validate_environment("prod\n").is_err());
+/// ```
+pub fn validate_environment(name: &str) -> crate::Result<()> {
+    let problem = if name.is_empty() {
+        Some("is empty")
+    } else if name.len() > MAX_ENVIRONMENT_LEN {
+        Some("is longer than 128 bytes")
+    } else if name.trim() != name {
+        Some("has leading or trailing whitespace")
+    } else if name.chars().any(char::is_control) {
+        Some("contains a control character")
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(()),
+        Some(p) => {
+            let shown: String = name.chars().take(64).collect();
+            Err(
+                crate::Error::invalid(format!("environment name {shown:?} {p}"))
+                    .with("environment", shown.escape_debug().to_string()),
+            )
+        }
+    }
+}

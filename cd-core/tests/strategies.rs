@@ -225,7 +225,8 @@ async fn canary_treats_no_data_as_inconclusive_and_aborts() {
 #[tokio::test]
 async fn canary_promotes_when_analysis_passes() {
     let d = MemDeployer::new(10);
-    let monitor = Scripted(Mutex::new(vec![SampleStatus::Ok; 4]));
+    // Judged after each of the three steps (10%, 50%, 100%): 3 × 2 samples.
+    let monitor = Scripted(Mutex::new(vec![SampleStatus::Ok; 6]));
     let r = Canary::new([10, 50])
         .analysis(monitor, fast(2))
         .deploy(&d, &Release::new("v1"), &d.targets(), &cx())

@@ -7,11 +7,13 @@ use async_trait::async_trait;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
+use cd_core::lease::holder_name;
 use cd_core::strategy::RolloutReport;
+use cd_core::types::validate_environment;
 use cd_core::{
-    Analysis, BlueGreen, Canary, Capabilities, DeployContext, Deployer, Error, ErrorKind, Monitor,
-    ReleaseRecord, ReleaseStatus, Result, Rolling, Router, Stage, StageContext, StageOutput, Store,
-    Strategy, Target,
+    Analysis, BlueGreen, Canary, Capabilities, DeployContext, Deployer, EnvironmentLease, Error,
+    ErrorKind, LockRequest, LockSettings, Monitor, ReleaseRecord, ReleaseStatus, Result, Rolling,
+    Router, Stage, StageContext, StageOutput, Store, Strategy, Target,
 };
 
 #[derive(Clone)]
@@ -180,69 +182,219 @@ impl Deploy {
             .unwrap_or_else(|| self.deployer.targets())
     }
 
-    /// Redeploys a release from `environment`'s history: the named version,
-    /// or (with `None`) the newest successful release before the live one.
-    /// Use it from a host binary to roll back to known-good.
+    /// Redeploys a release from the history of `request`'s environment, under
+    /// that environment's lock (waiting for it like a run, at most the lock's
+    /// `wait_timeout`): the named version, or (with none named) the newest
+    /// release that went live *before* the live one. When the live release
+    /// was itself restored, "before" means before the release it restored, so
+    /// restoring twice from v2 (history v0, v1, v2) goes to v1, then to v0,
+    /// then fails with "nothing older".
+    ///
+    /// History afterwards: the release that was live is `superseded` (it was
+    /// replaced, not rolled back); a new record for the restored release is
+    /// `live`, names the record it restored (`restored_from`) and the actor
+    /// the caller gave. A restore that fails leaves a `failed` record (the
+    /// rollout's own revert has run) and changes no other record.
+    ///
+    /// Errors: [`ErrorKind::Invalid`] for a bad environment name;
+    /// [`ErrorKind::NotFound`] when the version never went live there or
+    /// nothing older exists; [`ErrorKind::Locked`] when a run (or another
+    /// restore) holds the environment past the wait; the rollout's error.
     pub async fn restore(
         &self,
-        store: &dyn Store,
-        environment: &str,
-        version: Option<&str>,
+        store: &Arc<dyn Store>,
+        request: &Restore,
         cx: &DeployContext,
     ) -> Result<RolloutReport> {
-        let history = store.release_history(environment, 1000).await?;
-        let pick = match version {
-            Some(v) => history.iter().find(|r| r.version == v),
-            None => {
-                let live = history.iter().position(|r| r.status == ReleaseStatus::Live);
-                let after = live.map(|p| p + 1).unwrap_or(0);
-                history[after.min(history.len())..]
-                    .iter()
-                    .find(|r| r.status == ReleaseStatus::Superseded)
-            }
+        let environment = request.environment.as_str();
+        validate_environment(environment)?;
+        let restore_id = uuid_like("restore");
+        let lease = match &request.lock {
+            None => None,
+            Some(settings) => Some(
+                EnvironmentLease::acquire(
+                    store.clone(),
+                    LockRequest {
+                        environment: environment.to_string(),
+                        holder: holder_name(&request.actor, &restore_id),
+                        run_id: None,
+                        message: format!(
+                            "restore of {} by {}",
+                            request.version.as_deref().unwrap_or("the previous release"),
+                            request.actor
+                        ),
+                        ttl: settings.ttl,
+                    },
+                    settings,
+                    &cx.cancel,
+                    &cx.events,
+                )
+                .await?,
+            ),
         };
-        let record = pick.cloned().ok_or_else(|| {
-            Error::new(
-                ErrorKind::NotFound,
-                match version {
-                    Some(v) => {
-                        format!("version {v} is not in the history of environment `{environment}`")
-                    }
-                    None => {
-                        format!("environment `{environment}` has no earlier successful release")
-                    }
-                },
-            )
-            .with("environment", environment)
-        })?;
+        let result = self.restore_locked(store.as_ref(), request, cx).await;
+        if let Some(lease) = lease {
+            lease.release().await?;
+        }
+        result
+    }
+
+    async fn restore_locked(
+        &self,
+        store: &dyn Store,
+        request: &Restore,
+        cx: &DeployContext,
+    ) -> Result<RolloutReport> {
+        let environment = request.environment.as_str();
+        // Newest first.
+        let history = store.release_history(environment, 1000).await?;
+        let went_live =
+            |r: &ReleaseRecord| matches!(r.status, ReleaseStatus::Live | ReleaseStatus::Superseded);
+        let live = history.iter().position(|r| r.status == ReleaseStatus::Live);
+        let record = match request.version.as_deref() {
+            Some(v) => history
+                .iter()
+                .find(|r| r.version == v && went_live(r))
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!("version {v} never went live in environment `{environment}`"),
+                    )
+                })?,
+            None => {
+                let live = live.ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!(
+                            "environment `{environment}` has no live release to restore from; name a version"
+                        ),
+                    )
+                })?;
+                let live_rec = &history[live];
+                // A restored release counts from the record it restored.
+                let anchor = live_rec
+                    .restored_from
+                    .as_ref()
+                    .and_then(|id| history.iter().position(|r| &r.id == id))
+                    .unwrap_or(live)
+                    .max(live);
+                history[anchor + 1..]
+                    .iter()
+                    .find(|r| r.status == ReleaseStatus::Superseded && r.version != live_rec.version)
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::NotFound,
+                            format!(
+                                "environment `{environment}` has nothing older than {} to restore",
+                                live_rec.version
+                            ),
+                        )
+                    })?
+            }
+        }
+        .clone();
         let strategy = self.strategy_value();
-        let report = strategy
+        let started = Utc::now();
+        let mut restored = ReleaseRecord {
+            id: uuid_like(&record.version),
+            environment: environment.to_string(),
+            version: record.version.clone(),
+            release: record.release.clone(),
+            revisions: Vec::new(),
+            status: ReleaseStatus::Deploying,
+            run_id: None,
+            actor: request.actor.clone(),
+            at: started,
+            updated_at: started,
+            restored_from: Some(record.id.clone()),
+        };
+        store.put_release(&restored).await?;
+        let result = strategy
             .deploy(
                 self.deployer.as_ref(),
                 &record.release,
                 &self.target_list(),
                 cx,
             )
-            .await?;
+            .await;
         let now = Utc::now();
-        for mut r in history
-            .into_iter()
-            .filter(|r| r.status == ReleaseStatus::Live)
-        {
-            r.status = ReleaseStatus::RolledBack;
-            r.updated_at = now;
-            store.put_release(&r).await?;
+        match result {
+            Ok(report) => {
+                for mut r in history
+                    .into_iter()
+                    .filter(|r| r.status == ReleaseStatus::Live)
+                {
+                    r.status = ReleaseStatus::Superseded;
+                    r.updated_at = now;
+                    store.put_release(&r).await?;
+                }
+                restored.status = ReleaseStatus::Live;
+                restored.revisions = report.deployed.clone();
+                restored.updated_at = now;
+                store.put_release(&restored).await?;
+                Ok(report)
+            }
+            Err(e) => {
+                restored.status = ReleaseStatus::Failed;
+                restored.updated_at = now;
+                store.put_release(&restored).await?;
+                Err(e.with("environment", environment))
+            }
         }
-        let mut restored = record.clone();
-        let source_id = record.id.clone();
-        restored.id = uuid_like(&record.version);
-        restored.status = ReleaseStatus::Live;
-        restored.revisions = report.deployed.clone();
-        restored.at = now;
-        restored.updated_at = now;
-        restored.actor = format!("restore of {source_id}");
-        store.put_release(&restored).await?;
-        Ok(report)
+    }
+}
+
+/// What [`Deploy::restore`] restores, as whom, under which lock.
+///
+/// ```
+/// use cd_stages::Restore;
+/// let r = Restore::new("production").version("v41").actor("alice");
+/// # let _ = r;
+/// ```
+#[derive(Debug, Clone)]
+pub struct Restore {
+    environment: String,
+    version: Option<String>,
+    actor: String,
+    lock: Option<LockSettings>,
+}
+
+impl Restore {
+    /// Restores in `environment` the release before the live one, as the
+    /// current `$USER`, waiting for the environment lock with the default
+    /// [`LockSettings`].
+    pub fn new(environment: impl Into<String>) -> Self {
+        Restore {
+            environment: environment.into(),
+            version: None,
+            actor: std::env::var("USER").unwrap_or_else(|_| "cd".into()),
+            lock: Some(LockSettings::default()),
+        }
+    }
+
+    /// Restores this version instead (it must have gone live there).
+    pub fn version(mut self, version: impl Into<String>) -> Self {
+        self.version = Some(version.into());
+        self
+    }
+
+    /// Who restores: recorded in history and in the lock holder.
+    pub fn actor(mut self, actor: impl Into<String>) -> Self {
+        self.actor = actor.into();
+        self
+    }
+
+    /// Lock settings (how long to wait for a run holding the environment).
+    pub fn lock(mut self, settings: LockSettings) -> Self {
+        self.lock = Some(settings);
+        self
+    }
+
+    /// Restores without taking the environment lock (for a store no run
+    /// shares; a run in progress would deploy over the restore).
+    pub fn without_lock(mut self) -> Self {
+        self.lock = None;
+        self
     }
 }
 
@@ -280,6 +432,13 @@ impl Stage for Deploy {
         format!("deploy({} {s})", self.deployer.name())
     }
 
+    fn validate(&self) -> Result<()> {
+        if let Some(env) = &self.environment {
+            validate_environment(env)?;
+        }
+        self.strategy_value().validate(self.target_list().len())
+    }
+
     fn capabilities(&self) -> Capabilities {
         let caps = self.deployer.capabilities();
         Capabilities {
@@ -290,6 +449,7 @@ impl Stage for Deploy {
 
     async fn run(&self, cx: &StageContext) -> Result<StageOutput> {
         let env = self.environment_for(cx);
+        validate_environment(&env)?;
         let store = cx.store().clone();
         let actor = match store.get_run(cx.run_id()).await {
             Ok(Some(run)) => run.started_by,
@@ -307,6 +467,7 @@ impl Stage for Deploy {
             actor,
             at: now,
             updated_at: now,
+            restored_from: None,
         };
         store.put_release(&record).await?;
         let strategy = self.strategy_value();

@@ -58,7 +58,7 @@ pub(crate) mod test_server;
 pub use approval::ApprovalGate;
 pub use check::{HttpCheck, HttpCheckSummary, HttpProbe, ProbeResult};
 pub use compliance::{ComplianceCheck, ComplianceReport, RuleResult};
-pub use deploy::{Deploy, DeployOutput};
+pub use deploy::{Deploy, DeployOutput, Restore};
 pub use http::{HttpClient, HttpError};
 pub use load::{LoadOptions, LoadReport, LoadTest};
 pub use monitor::{Bake, HttpMonitor};

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cd_core::*;
-use cd_stages::Deploy;
+use cd_stages::{Deploy, Restore};
 
 #[derive(Default)]
 struct MemDeployer {
@@ -135,9 +135,8 @@ async fn history_records_live_superseded_and_rolled_back() {
     let stage = Deploy::shared(deployer.clone()).env("prod").rolling(2, 0);
     stage
         .restore(
-            store.as_ref(),
-            "prod",
-            None,
+            &store,
+            &Restore::new("prod"),
             &DeployContext::detached("prod"),
         )
         .await
@@ -148,9 +147,8 @@ async fn history_records_live_superseded_and_rolled_back() {
     // Or a named version.
     stage
         .restore(
-            store.as_ref(),
-            "prod",
-            Some("v2"),
+            &store,
+            &Restore::new("prod").version("v2"),
             &DeployContext::detached("prod"),
         )
         .await
@@ -158,9 +156,8 @@ async fn history_records_live_superseded_and_rolled_back() {
     assert_eq!(versions(&deployer), ["v2", "v2"]);
     let err = stage
         .restore(
-            store.as_ref(),
-            "prod",
-            Some("v9"),
+            &store,
+            &Restore::new("prod").version("v9"),
             &DeployContext::detached("prod"),
         )
         .await

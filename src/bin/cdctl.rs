@@ -29,10 +29,11 @@ fn main() {
 pub const ROLLBACK_HELP: &str = "\
 Rollback: cdctl shows the release history but does not redeploy, because that
 needs your pipeline's deployers, which live in your deploy binary. Roll back
-from the host binary through the library: cd_stages::Deploy::restore(&store,
-\"production\", None, &cx) redeploys the newest successful release before the
-live one, and Some(\"v41\") redeploys a named version; both read this history
-and record the restored release in it.";
+from the host binary through the library:
+cd_stages::Deploy::restore(&store, &Restore::new(\"production\").actor(\"alice\"), &cx)
+takes the environment lock, redeploys the newest release that went live before
+the live one, and Restore::new(..).version(\"v41\") a named version; both read
+this history and record the restored release in it.";
 
 #[cfg(feature = "sqlite")]
 fn main() {

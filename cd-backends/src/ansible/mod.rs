@@ -740,6 +740,7 @@ impl Deployer for AnsibleDeployer {
     fn capabilities(&self) -> DeployerCapabilities {
         DeployerCapabilities {
             rollback: true,
+            undeploy: true,
             idempotent: true,
             dry_run: true,
         }

@@ -718,6 +718,7 @@ impl Deployer for LocalProcessDeployer {
     fn capabilities(&self) -> DeployerCapabilities {
         DeployerCapabilities {
             rollback: true,
+            undeploy: true,
             idempotent: true,
             dry_run: true,
         }

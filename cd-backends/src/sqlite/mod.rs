@@ -186,7 +186,7 @@ pub(crate) fn sql_err(path: &Path, e: rusqlite::Error) -> Error {
 }
 
 fn ttl_chrono(ttl: Duration) -> chrono::Duration {
-    chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(60))
+    cd_core::clock::chrono_duration(ttl)
 }
 
 fn clamp_i64(n: u64) -> i64 {
@@ -444,7 +444,14 @@ fn try_acquire_in(c: &Connection, path: &Path, req: &LockRequest) -> Result<Lock
     }
     // Free: the oldest waiter that asked recently goes first.
     c.prepare_cached("DELETE FROM lock_waiters WHERE environment = ?1 AND last_at <= ?2")
-        .and_then(|mut s| s.execute(params![env, ts(now - ttl)]))
+        .and_then(|mut s| {
+            s.execute(params![
+                env,
+                ts(now
+                    .checked_sub_signed(ttl)
+                    .unwrap_or(chrono::DateTime::<chrono::Utc>::MIN_UTC))
+            ])
+        })
         .map_err(|e| sql_err(path, e))?;
     let first: Option<String> = c
         .prepare_cached(
@@ -468,7 +475,9 @@ fn try_acquire_in(c: &Connection, path: &Path, req: &LockRequest) -> Result<Lock
         message: req.message.clone(),
         acquired_at: now,
         renewed_at: now,
-        expires_at: now + ttl,
+        expires_at: now
+            .checked_add_signed(ttl)
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC),
     };
     c.prepare_cached(
         "INSERT INTO locks (environment, holder, run_id, message, acquired_at, renewed_at, expires_at)
@@ -814,7 +823,7 @@ impl Store for SqliteStore {
                 match read_lease(c, &path, &env)? {
                     Some(mut lease) if lease.holder == holder => {
                         lease.renewed_at = now;
-                        lease.expires_at = now + ttl_chrono(ttl);
+                        lease.expires_at = cd_core::clock::utc_add(now, ttl);
                         c.prepare_cached(
                             "UPDATE locks SET renewed_at = ?2, expires_at = ?3 WHERE environment = ?1",
                         )
@@ -901,13 +910,13 @@ impl Store for SqliteStore {
             .write(move |c| {
                 c.prepare_cached(
                     "INSERT INTO releases (id, environment, version, release, revisions, status, run_id,
-                                           actor, at, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                                           actor, at, updated_at, restored_from)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                      ON CONFLICT (id) DO UPDATE SET environment = excluded.environment,
                        version = excluded.version, release = excluded.release,
                        revisions = excluded.revisions, status = excluded.status,
                        run_id = excluded.run_id, actor = excluded.actor, at = excluded.at,
-                       updated_at = excluded.updated_at",
+                       updated_at = excluded.updated_at, restored_from = excluded.restored_from",
                 )
                 .and_then(|mut s| {
                     s.execute(params![
@@ -920,7 +929,8 @@ impl Store for SqliteStore {
                         r.run_id,
                         r.actor,
                         ts(r.at),
-                        ts(r.updated_at)
+                        ts(r.updated_at),
+                        r.restored_from
                     ])
                 })
                 .map_err(|e| sql_err(&path, e))?;

@@ -183,7 +183,7 @@ pub(crate) fn lease(row: &Row<'_>) -> rusqlite::Result<Lease> {
 
 /// Columns of `releases`, in the order [`release`] reads them.
 pub(crate) const RELEASE_COLUMNS: &str =
-    "id, environment, version, release, revisions, status, run_id, actor, at, updated_at";
+    "id, environment, version, release, revisions, status, run_id, actor, at, updated_at, restored_from";
 
 pub(crate) fn release(row: &Row<'_>) -> rusqlite::Result<ReleaseRecord> {
     Ok(ReleaseRecord {
@@ -197,6 +197,7 @@ pub(crate) fn release(row: &Row<'_>) -> rusqlite::Result<ReleaseRecord> {
         actor: row.get(7)?,
         at: time(row, 8)?,
         updated_at: time(row, 9)?,
+        restored_from: row.get(10)?,
     })
 }
 

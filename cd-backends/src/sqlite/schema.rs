@@ -37,6 +37,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "lock_audit",
         sql: include_str!("migrations/0002_lock_audit.sql"),
     },
+    Migration {
+        version: 3,
+        name: "restored_from",
+        sql: include_str!("migrations/0003_restored_from.sql"),
+    },
 ];
 
 /// The schema version this build writes.

@@ -1536,6 +1536,7 @@ impl Deployer for SshDeployer {
     fn capabilities(&self) -> DeployerCapabilities {
         DeployerCapabilities {
             rollback: true,
+            undeploy: true,
             idempotent: true,
             dry_run: true,
         }

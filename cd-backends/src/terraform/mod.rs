@@ -1108,6 +1108,7 @@ impl Deployer for TerraformDeployer {
     fn capabilities(&self) -> DeployerCapabilities {
         DeployerCapabilities {
             rollback: true,
+            undeploy: self.destroy_when_no_previous,
             idempotent: true,
             dry_run: true,
         }
