@@ -412,3 +412,83 @@ async fn cancelling_a_run_interrupts_ansible_playbook() {
     );
     assert!(ansible.current(&target).await.unwrap().is_none());
 }
+
+/// Issue 8, case 2: a node timeout interrupts ansible-playbook (its whole
+/// process group) and stops the command the run started on the host, which
+/// sshd would otherwise leave running (no terminal with pipelining), before
+/// the node is reported; the timed-out deploy is not retried by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_timeout_stops_ansible_and_the_command_it_started_on_the_host() {
+    let Some(bin) = ansible_playbook() else {
+        return;
+    };
+    let Some(fleet) = SshFleet::start_or_skip(1).await.unwrap() else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    // A value no other test uses: the remote `sleep` is found by it.
+    let hang = format!("30.{}{}", std::process::id(), line!());
+    let hosts: Vec<AnsibleHost> = hosts(&fleet)
+        .into_iter()
+        .map(|h| h.var("hang_secs", hang.clone()))
+        .collect();
+    let ansible = AnsibleDeployer::new(fixture("hang.yml"))
+        .binary(&bin)
+        .known_hosts(fleet.known_hosts_path())
+        .state_dir(state.path())
+        .connect_timeout(5)
+        .python_interpreter(remote_python())
+        .pipelining(true)
+        .hosts_from(hosts);
+    let sink = CollectingSink::new();
+    let pipeline = cd_core::Pipeline::builder("hosts")
+        .stage("configure", cd_stages::Deploy::new(ansible).env("hosts"))
+        .timeout(std::time::Duration::from_secs(8))
+        .build()
+        .unwrap();
+    let runner = cd_core::Runner::new(Arc::new(cd_core::MemoryStore::new()))
+        .environment("hosts")
+        .sink(sink.clone());
+    // The remote command must have started before the timeout: wait for it
+    // while the run goes on.
+    let needle = format!("sleep {hang}");
+    let run = tokio::spawn({
+        let pipeline = pipeline.clone();
+        async move { runner.run(&pipeline, Release::new("v1")).await }
+    });
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(8);
+    while cd_testkit::processes_matching(&needle).is_empty() {
+        assert!(
+            std::time::Instant::now() < end,
+            "the remote command never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.status, cd_core::RunStatus::Failed, "{report}");
+    let node = report.node("configure").unwrap();
+    assert_eq!(node.attempts, 1, "a timed-out deploy is not retried");
+    assert_eq!(node.error.as_ref().unwrap().kind, ErrorKind::Timeout);
+    // Gone when the report is given (a short allowance for the kernel to
+    // reap what was killed).
+    let left = cd_testkit::wait_until_gone(&needle, std::time::Duration::from_secs(2)).await;
+    assert!(
+        left.is_empty(),
+        "the remote command is still running: {left:?}"
+    );
+    let playbook = fixture("hang.yml").display().to_string();
+    let controller = cd_testkit::processes_matching(&playbook);
+    assert!(
+        controller.is_empty(),
+        "ansible-playbook left: {controller:?}"
+    );
+    let stop = sink
+        .events()
+        .into_iter()
+        .find_map(|e| match e.kind {
+            EventKind::Progress { step, message, .. } if step == "stop" => message,
+            _ => None,
+        })
+        .expect("a stop event");
+    assert!(stop.contains("stopped processes"), "{stop}");
+}

@@ -756,3 +756,77 @@ async fn rolling_back_the_first_release_destroys_only_when_asked() {
             .unwrap();
     assert_eq!(state["resources"], json!([]), "{state}");
 }
+
+/// Issue 8, case 2: a node timeout interrupts terraform's whole process
+/// group (terraform and the provisioners it started), waits for it before
+/// the node is reported, and does not retry the timed-out deploy by default.
+/// After the run nothing of it is alive, no side effect appears later, and
+/// the state lock is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_timeout_stops_terraform_and_its_provisioners_before_the_node_is_reported() {
+    let Some(tools) = tools() else { return };
+    let dir = fixture("hang");
+    let tf = deployer(&tools, dir.path());
+    // A value no other test uses: the provisioners' `sleep` is found by it.
+    let seconds = format!("30.{}{}", std::process::id(), line!());
+    let marker = dir.path().join("side-effect");
+    let release = Release::new("v1")
+        .config("marker", marker.display().to_string())
+        .config("seconds", seconds.clone());
+    let pipeline = Pipeline::builder("infra")
+        .stage("apply", cd_stages::Deploy::new(tf).env("infra"))
+        .timeout(std::time::Duration::from_secs(6))
+        .build()
+        .unwrap();
+    // Default retries (2): a timed-out deploy is still not retried.
+    let runner = Runner::new(Arc::new(MemoryStore::new())).environment("infra");
+    let run = tokio::spawn(async move { runner.run(&pipeline, release).await });
+    // The provisioners must be running when the timeout fires.
+    let needle = format!("sleep {seconds}");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    while cd_testkit::processes_matching(&needle).is_empty() {
+        assert!(
+            std::time::Instant::now() < end,
+            "the provisioners never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.status, RunStatus::Failed, "{report}");
+    let node = report.node("apply").unwrap();
+    assert_eq!(node.attempts, 1, "a timed-out deploy is not retried");
+    assert_eq!(node.error.as_ref().unwrap().kind, ErrorKind::Timeout);
+    // Nothing of terraform is left when the report is given: no
+    // provisioner, no terraform (checked at once, not after a while).
+    let sleeping = cd_testkit::processes_matching(&needle);
+    assert!(
+        sleeping.is_empty(),
+        "provisioners still alive: {sleeping:?}"
+    );
+    let dir_name = dir.path().display().to_string();
+    let terraform_left: Vec<_> = cd_testkit::processes_matching("terraform")
+        .into_iter()
+        .filter(|(pid, _)| {
+            std::fs::read_link(format!("/proc/{pid}/cwd"))
+                .map(|cwd| cwd.display().to_string().starts_with(&dir_name))
+                .unwrap_or(false)
+        })
+        .collect();
+    assert!(
+        terraform_left.is_empty(),
+        "terraform still alive: {terraform_left:?}"
+    );
+    assert!(
+        !dir.path().join(".terraform.tfstate.lock.info").exists(),
+        "the state lock was left behind"
+    );
+    let effects: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("side-effect"))
+        .collect();
+    assert!(
+        effects.is_empty(),
+        "a provisioner finished after the run failed"
+    );
+}

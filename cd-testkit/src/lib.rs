@@ -899,6 +899,51 @@ fn is_sshd(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// Live processes (zombies excluded: their command line is empty) whose
+/// command line, arguments joined by spaces, contains `needle`: `(pid,
+/// command line)`. For tests that check a tool left nothing running.
+pub fn processes_matching(needle: &str) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmdline = raw
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !cmdline.is_empty() && cmdline.contains(needle) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
+/// Waits until no live process's command line contains `needle`, at most
+/// `deadline`; returns the ones still there (empty: all gone).
+pub async fn wait_until_gone(needle: &str, deadline: std::time::Duration) -> Vec<(u32, String)> {
+    let end = std::time::Instant::now() + deadline;
+    loop {
+        let left = processes_matching(needle);
+        if left.is_empty() || std::time::Instant::now() >= end {
+            return left;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,7 @@ DOCUMENTATION = """
 """
 
 import json
+import os
 import sys
 import time
 
@@ -116,7 +117,39 @@ class CallbackModule(CallbackBase):
         self._emit("playbook_start", playbook=getattr(playbook, "_file_name", None))
 
     def v2_playbook_on_play_start(self, play):
+        self._mark_processes(play)
         self._emit("play_start", play=play.get_name().strip())
+
+    def _mark_processes(self, play):
+        # Every module process the play starts on a host gets
+        # CD_ANSIBLE_RUN_ID=<run id> in its environment (prepended to the
+        # play's `environment`, so the user's own values still apply), so
+        # that an interrupted run can find and stop them on the hosts. The
+        # play object given here is a copy: the blocks point at the original,
+        # so both are marked.
+        run_id = os.environ.get("CD_ANSIBLE_RUN_ID")
+        if not run_id:
+            return
+        mark = {"CD_ANSIBLE_RUN_ID": run_id}
+        plays = {id(play): play}
+        for attr in ("pre_tasks", "tasks", "post_tasks", "handlers"):
+            for block in getattr(play, attr, None) or []:
+                p = getattr(block, "_play", None)
+                if p is not None:
+                    plays[id(p)] = p
+        for p in plays.values():
+            try:
+                env = p.environment
+                if isinstance(env, list):
+                    pass
+                elif isinstance(env, (dict, str)):
+                    env = [env]  # a mapping, or a template of one
+                else:
+                    env = []  # unset
+                if mark not in env:
+                    p.environment = [mark] + list(env)
+            except Exception as e:  # never break the playbook over the marker
+                self._emit("warning", message="could not mark the play's processes: %s" % e)
 
     def v2_playbook_on_task_start(self, task, is_conditional):
         self._emit("task_start", **self._task_fields(task))

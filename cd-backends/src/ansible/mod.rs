@@ -45,7 +45,8 @@
 
 mod error;
 
-use crate::process_group::{interrupt, signal_group};
+use crate::process_group::{interrupt, signal_group, GroupGuard};
+use nix::sys::signal::Signal;
 mod inventory;
 mod report;
 
@@ -85,7 +86,56 @@ pub const CALLBACK_PLUGIN: &str = include_str!("cd_jsonl.py");
 pub const CALLBACK_NAME: &str = "cd_jsonl";
 
 /// How long ansible-playbook gets to stop after an interrupt before it is killed.
-const INTERRUPT_GRACE: Duration = Duration::from_secs(20);
+const INTERRUPT_GRACE: Duration = Duration::from_secs(10);
+
+/// How long the clean-up play that stops an interrupted run's processes on
+/// the hosts may take.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The environment variable that marks every module process a run starts on
+/// the hosts (set by the callback plugin as the plays' `environment`).
+pub const RUN_MARKER_VAR: &str = "CD_ANSIBLE_RUN_ID";
+
+/// The clean-up play: on each host, stops the processes whose environment
+/// carries this run's marker (TERM, then KILL after 5 s). Linux hosts
+/// (`/proc`). `@RUN@` is replaced by the run id (hex).
+const STOP_PLAYBOOK: &str = r#"# Written by the cd library: stops what an interrupted run started.
+- name: stop the processes of an interrupted cd run
+  hosts: all
+  gather_facts: false
+  vars:
+    cd_stop_run_id: "@RUN@"
+  tasks:
+    - name: stop processes marked with the run id
+      ansible.builtin.shell: |
+        tok={{ ('CD_ANSIBLE_RUN_ID=' ~ cd_stop_run_id) | quote }}
+        pids=""
+        for d in /proc/[0-9]*; do
+          if tr '\000' '\n' < "$d/environ" 2>/dev/null | grep -qxF "$tok"; then
+            pids="$pids $(basename "$d")"
+          fi
+        done
+        alive="$pids"
+        if [ -n "$pids" ]; then
+          kill -s TERM $pids 2>/dev/null || true
+          n=0
+          while [ $n -lt 20 ]; do
+            alive=""
+            for p in $pids; do
+              if [ -r "/proc/$p/status" ] && ! grep -q '^State:[[:space:]]*Z' "/proc/$p/status"; then
+                alive="$alive $p"
+              fi
+            done
+            [ -z "$alive" ] && break
+            sleep 0.25
+            n=$((n+1))
+          done
+          if [ -n "$alive" ]; then kill -s KILL $alive 2>/dev/null || true; fi
+        fi
+        echo $pids
+      register: cd_stopped
+      changed_when: cd_stopped.stdout | length > 0
+"#;
 
 /// Whether a run changes things or only reports what it would change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -360,10 +410,8 @@ impl AnsibleDeployer {
         cx: &DeployContext,
     ) -> Result<(PlaybookReport, String)> {
         let playbook = playbook.unwrap_or(&self.playbook).to_path_buf();
-        let run_dir = self
-            .state_root()
-            .join("runs")
-            .join(uuid::Uuid::new_v4().simple().to_string());
+        let run_id = uuid::Uuid::new_v4().simple().to_string();
+        let run_dir = self.state_root().join("runs").join(&run_id);
         let plugin_dir = run_dir.join("callback_plugins");
         std::fs::create_dir_all(&plugin_dir)
             .map_err(|e| AnsibleError::io(format!("creating {}", plugin_dir.display()), e))?;
@@ -376,11 +424,82 @@ impl AnsibleDeployer {
                 limit,
                 mode,
                 rollback,
+                Some(&run_id),
                 cx,
             )
             .await;
+        if matches!(&result, Err(e) if e.kind() == cd_core::ErrorKind::Cancelled) {
+            self.stop_on_hosts(&run_dir, &plugin_dir, release, limit, &run_id, cx)
+                .await;
+        }
         let _ = std::fs::remove_dir_all(&run_dir);
         result
+    }
+
+    /// After an interrupted run: stops, on the hosts, the module processes
+    /// the run started (ansible-playbook's interrupt only stops the
+    /// controller side; a remote command keeps running when its connection
+    /// goes, as sshd does not signal sessions without a terminal). Bounded by
+    /// [`STOP_TIMEOUT`]; reports what it stopped as a `stop` progress event.
+    async fn stop_on_hosts(
+        &self,
+        run_dir: &Path,
+        plugin_dir: &Path,
+        release: &Release,
+        limit: Option<&str>,
+        run_id: &str,
+        cx: &DeployContext,
+    ) {
+        let book = run_dir.join("cd_stop.yml");
+        let started = Instant::now();
+        let written = write_private(&book, STOP_PLAYBOOK.replace("@RUN@", run_id).as_bytes());
+        let cleanup = cx.for_cleanup();
+        let outcome = match written {
+            Err(e) => Err(e.to_string()),
+            Ok(()) => match tokio::time::timeout(
+                STOP_TIMEOUT,
+                self.run_in(
+                    run_dir,
+                    plugin_dir,
+                    &book,
+                    release,
+                    limit,
+                    RunMode::Apply,
+                    None,
+                    None,
+                    &cleanup,
+                ),
+            )
+            .await
+            {
+                Err(_) => Err(format!("timed out after {}s", STOP_TIMEOUT.as_secs())),
+                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Ok((report, _))) => Ok(report),
+            },
+        };
+        let (status, detail) = match outcome {
+            Ok(report) => {
+                let stopped: Vec<String> =
+                    report.changed().iter().map(|r| r.host.clone()).collect();
+                (
+                    if report.succeeded() { "ok" } else { "failed" },
+                    if stopped.is_empty() {
+                        "no process of the interrupted run left on the hosts".to_string()
+                    } else {
+                        format!(
+                            "stopped processes of the interrupted run on {}",
+                            stopped.join(", ")
+                        )
+                    },
+                )
+            }
+            Err(e) => (
+                "failed",
+                format!("could not stop the interrupted run's processes on the hosts: {e}"),
+            ),
+        };
+        cx.events
+            .progress(limit, "stop", status, Some(started.elapsed()), Some(detail));
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -393,6 +512,7 @@ impl AnsibleDeployer {
         limit: Option<&str>,
         mode: RunMode,
         rollback: Option<(&str, Option<&str>)>,
+        marker: Option<&str>,
         cx: &DeployContext,
     ) -> Result<(PlaybookReport, String)> {
         write_private(
@@ -482,6 +602,12 @@ impl AnsibleDeployer {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
+        // The callback plugin marks every module process on the hosts with
+        // this run's id, so an interrupted run can be stopped there too.
+        match marker {
+            Some(m) => cmd.env(RUN_MARKER_VAR, m),
+            None => cmd.env_remove(RUN_MARKER_VAR),
+        };
         let started = Instant::now();
         let step = match mode {
             RunMode::Check => "ansible-playbook --check",
@@ -503,6 +629,9 @@ impl AnsibleDeployer {
             }
             _ => AnsibleError::io(format!("starting {}", binary.display()), e),
         })?;
+        // Dropped before ansible-playbook was reaped: its whole group
+        // (workers, ssh clients) is killed.
+        let mut guard = GroupGuard::new(&child);
         let stdout = child.stdout.take().expect("piped stdout");
         let mut stderr = child.stderr.take().expect("piped stderr");
         let stderr_task = tokio::spawn(async move {
@@ -535,7 +664,7 @@ impl AnsibleDeployer {
                 },
                 _ = cx.cancel.cancelled(), if !cancelled => {
                     cancelled = true;
-                    interrupt(&mut child).await;
+                    interrupt(&mut child);
                 }
             }
         }
@@ -543,7 +672,7 @@ impl AnsibleDeployer {
             match tokio::time::timeout(INTERRUPT_GRACE, child.wait()).await {
                 Ok(s) => s.ok(),
                 Err(_) => {
-                    signal_group(&child, "KILL").await;
+                    signal_group(&child, Signal::SIGKILL);
                     let _ = child.kill().await;
                     None
                 }
@@ -556,6 +685,11 @@ impl AnsibleDeployer {
                     .map_err(|e| AnsibleError::io("waiting for ansible-playbook", e))?,
             )
         };
+        if cancelled {
+            // Workers that outlived the interrupted parent go with the group.
+            signal_group(&child, Signal::SIGKILL);
+        }
+        guard.disarm();
         let stderr = stderr_task.await.unwrap_or_default();
         if cancelled {
             return Err(AnsibleError::Cancelled.into());

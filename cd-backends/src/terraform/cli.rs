@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::error::TerraformError;
 use super::ui::{parse_human_diagnostics, Diagnostic, UiMessage};
-use crate::process_group::{interrupt, signal_group};
+use crate::process_group::{interrupt, signal_group, GroupGuard};
+use nix::sys::signal::Signal;
 
 /// How much of stderr an error keeps.
 const STDERR_TAIL: usize = 4000;
@@ -172,6 +173,8 @@ impl Cli {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().map_err(|e| spawn_error(&self.binary, e))?;
+        // Dropped before terraform was reaped: its whole group is killed.
+        let mut guard = GroupGuard::new(&child);
         let stdout = child.stdout.take().expect("piped stdout");
         let mut stderr = child.stderr.take().expect("piped stderr");
         let stderr_task = tokio::spawn(async move {
@@ -203,7 +206,7 @@ impl Cli {
                 },
                 _ = cancel.cancelled(), if !cancelled => {
                     cancelled = true;
-                    interrupt(&mut child).await;
+                    interrupt(&mut child);
                 }
             }
         }
@@ -212,7 +215,7 @@ impl Cli {
                 match tokio::time::timeout(self.grace, child.wait()).await {
                     Ok(s) => s.ok(),
                     Err(_) => {
-                        signal_group(&child, "KILL").await;
+                        signal_group(&child, Signal::SIGKILL);
                         let _ = child.kill().await;
                         None
                     }
@@ -222,6 +225,12 @@ impl Cli {
                     TerraformError::io(format!("waiting for terraform {command}"), e)
                 })?)
             };
+        if cancelled {
+            // Provisioners terraform started and abandoned on interrupt go
+            // with the group.
+            signal_group(&child, Signal::SIGKILL);
+        }
+        guard.disarm();
         finished.stderr = stderr_task.await.unwrap_or_default();
         finished.interrupted = cancelled;
         finished.code = status.and_then(|s| s.code());

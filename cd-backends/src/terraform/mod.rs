@@ -172,7 +172,7 @@ impl TerraformDeployer {
             state_dir: None,
             destroy_when_no_previous: false,
             show_plan: true,
-            interrupt_grace: Duration::from_secs(300),
+            interrupt_grace: Duration::from_secs(25),
             shared: Arc::new(Shared::default()),
         }
     }
@@ -268,9 +268,16 @@ impl TerraformDeployer {
         self
     }
 
-    /// How long terraform gets, after the run is cancelled and terraform is
-    /// interrupted, to finish the operations in flight and release its state
-    /// lock before it is killed (killing it may lose state). Default 5 min.
+    /// How long terraform gets, after the run is cancelled (or its node timed
+    /// out) and terraform's process group got SIGINT, to finish the
+    /// operations in flight and release its state lock before the group is
+    /// killed (killing it may lose state). Default 25 s, inside the runner's
+    /// default node grace period of 30 s ([`cd_core::Runner::grace`]).
+    ///
+    /// Raise the node's grace above this when you raise it
+    /// ([`cd_core::PipelineBuilder::grace`]): when the node's grace runs out
+    /// first, the runner drops the deploy and terraform's whole process group
+    /// is killed at once.
     pub fn interrupt_grace(mut self, grace: Duration) -> Self {
         self.interrupt_grace = grace;
         self
