@@ -492,3 +492,37 @@ async fn a_node_timeout_stops_ansible_and_the_command_it_started_on_the_host() {
         .expect("a stop event");
     assert!(stop.contains("stopped processes"), "{stop}");
 }
+
+/// The deployer conformance suite against real ansible-playbook on two
+/// hosts: rollback with and without a revision, rolling back a first
+/// release, both hosts at once, an apply cancelled while a task works on
+/// the hosts, and re-applying after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ansible_deployer_passes_the_conformance_suite() {
+    let Some(bin) = ansible_playbook() else {
+        return;
+    };
+    let Some(fleet) = SshFleet::start_or_skip(2).await.unwrap() else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let ansible = deployer(&bin, &fleet, state.path()).rollback_playbook(fixture("rollback.yml"));
+    let (cx, _) = context();
+    // `v3-slow` settles for 6 s after writing its config: the cancel lands
+    // then, with the hosts half-way.
+    let slow = Release::new("v3-slow").config("settle_seconds", 6);
+    let report = cd_core::conformance::Conformance::new(
+        &ansible,
+        Release::new("v1"),
+        Release::new("v2").config("color", "green"),
+    )
+    .cancel_mid_apply(slow, std::time::Duration::from_secs(4))
+    .context(cx)
+    .run()
+    .await
+    .unwrap();
+    assert!(report.skipped.is_empty(), "{report:?}");
+    assert_eq!(report.passed.len(), 10, "{report:?}");
+    assert_eq!(report.cancel_landed_mid_apply, Some(true), "{report:?}");
+    assert_eq!(config_of(&fleet.host(0).root)["version"], "v1");
+}

@@ -19,7 +19,10 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 /// Restart writes a marker and appends to a log; both live in the host root.
-const RESTART: &str = "printf '%s' \"$CD_VERSION\" > \"$CD_ROOT/restarted\" && \
+/// A `*-slow` version takes 2 s to restart (the conformance suite cancels
+/// it part-way).
+const RESTART: &str = "case \"$CD_VERSION\" in *-slow) sleep 2;; esac; \
+                       printf '%s' \"$CD_VERSION\" > \"$CD_ROOT/restarted\" && \
                        echo \"$CD_VERSION\" >> \"$CD_ROOT/restarts.log\"";
 /// Healthy when the artifact is in the live release and the marker matches.
 const HEALTH: &str = "test -f \"$CD_ROOT/current/app.bin\" && \
@@ -1159,20 +1162,19 @@ async fn ssh_timeout_and_cancellation_are_typed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssh_deployer_passes_the_conformance_suite() {
-    let Some(fx) = Fixture::start(1).await else {
+    let Some(fx) = Fixture::start(2).await else {
         return;
     };
     let deployer = fx.deployer();
-    let t = deployer.targets().remove(0);
-    let report = cd::core::conformance::check_deployer(
-        &deployer,
-        &t,
-        &fx.release("v1"),
-        &fx.release("v2"),
-        &DeployContext::detached("test"),
-    )
-    .await
-    .unwrap();
-    assert_eq!(report.passed.len(), 5, "{report:?}");
+    // `v3-slow` restarts for 2 s: the cancel lands in the restart step.
+    let report =
+        cd::core::conformance::Conformance::new(&deployer, fx.release("v1"), fx.release("v2"))
+            .cancel_mid_apply(fx.release("v3-slow"), Duration::from_millis(800))
+            .run()
+            .await
+            .unwrap();
+    assert!(report.skipped.is_empty(), "{report:?}");
+    assert_eq!(report.passed.len(), 10, "{report:?}");
+    assert_eq!(report.cancel_landed_mid_apply, Some(true), "{report:?}");
     fx.assert_live(0, "v1");
 }

@@ -830,3 +830,36 @@ async fn a_node_timeout_stops_terraform_and_its_provisioners_before_the_node_is_
         "a provisioner finished after the run failed"
     );
 }
+
+/// The deployer conformance suite against real terraform: two workspaces
+/// as targets, rollback with and without a revision, rolling back a first
+/// release (destroy), both workspaces at once, an apply cancelled while its
+/// provisioners work, and re-applying after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terraform_deployer_passes_the_conformance_suite() {
+    let Some(tools) = tools() else { return };
+    let dir = fixture("app");
+    let tf = deployer(&tools, dir.path())
+        .workspaces(["blue", "green"])
+        .destroy_when_no_previous(true);
+    let (cx, _) = context("conformance");
+    // `v3-slow` adds two workers whose provisioners work 4 s: the cancel
+    // lands while they do.
+    let slow = Release::new("v3-slow")
+        .config("workers", 2)
+        .config("work_seconds", 4);
+    let report = cd_core::conformance::Conformance::new(
+        &tf,
+        Release::new("v1").config("color", "blue"),
+        Release::new("v2").config("color", "green"),
+    )
+    .cancel_mid_apply(slow, std::time::Duration::from_millis(1500))
+    .context(cx)
+    .run()
+    .await
+    .unwrap();
+    assert!(report.skipped.is_empty(), "{report:?}");
+    assert_eq!(report.passed.len(), 10, "{report:?}");
+    assert_eq!(report.cancel_landed_mid_apply, Some(true), "{report:?}");
+    assert!(!dir.path().join(".terraform.tfstate.lock.info").exists());
+}

@@ -20,6 +20,9 @@ version = os.environ["CD_VERSION"]
 if version.endswith("-crash"):
     print("crashing on purpose: " + version, file=sys.stderr, flush=True)
     sys.exit(3)
+if version.endswith("-slow"):
+    import time
+    time.sleep(1.5)
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
@@ -595,15 +598,18 @@ async fn pipeline_deploys_then_rolls_back_a_broken_release() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_deployer_passes_the_conformance_suite() {
     let fx = Fixture::new();
-    let d = fx.deployer(&[("solo", free_port())]);
-    let report = cd_core::conformance::check_deployer(
+    let d = fx.deployer(&[("solo", free_port()), ("duo", free_port())]);
+    // `-slow` starts serving 1.5 s late: the cancel lands in the health wait.
+    let report = cd_core::conformance::Conformance::new(
         &d,
-        &cd_core::Target::new("solo"),
-        &cd_core::Release::new("v1"),
-        &cd_core::Release::new("v2"),
-        &cd_core::DeployContext::detached("test"),
+        cd_core::Release::new("v1"),
+        cd_core::Release::new("v2"),
     )
+    .cancel_mid_apply(cd_core::Release::new("v3-slow"), Duration::from_millis(300))
+    .run()
     .await
     .unwrap();
-    assert_eq!(report.passed.len(), 5, "{report:?}");
+    assert!(report.skipped.is_empty(), "{report:?}");
+    assert_eq!(report.passed.len(), 10, "{report:?}");
+    assert_eq!(report.cancel_landed_mid_apply, Some(true), "{report:?}");
 }

@@ -4,14 +4,14 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use cd_core::conformance::check_deployer;
+use cd_core::conformance::{check_deployer, Conformance};
 use cd_core::*;
 
 /// `honest = false` makes `plan` report a change even for the live version.
 struct MemDeployer {
     honest: bool,
     live: Mutex<BTreeMap<String, Revision>>,
-    history: Mutex<Vec<Revision>>,
+    history: Mutex<BTreeMap<String, Vec<Revision>>>,
 }
 
 #[async_trait]
@@ -20,7 +20,7 @@ impl Deployer for MemDeployer {
         "memory"
     }
     fn targets(&self) -> Vec<Target> {
-        vec![Target::new("t")]
+        vec![Target::new("t"), Target::new("u")]
     }
     async fn current(&self, target: &Target) -> Result<Option<Revision>> {
         Ok(self.live.lock().unwrap().get(&target.name).cloned())
@@ -33,7 +33,14 @@ impl Deployer for MemDeployer {
         };
         Ok(Plan::new(release.clone(), target.clone(), cur).change(Change::new(action, "current")))
     }
-    async fn apply(&self, plan: &Plan, _cx: &DeployContext) -> Result<Revision> {
+    async fn apply(&self, plan: &Plan, cx: &DeployContext) -> Result<Revision> {
+        if plan.release.version.ends_with("-slow") {
+            // Stops at the cancellation, leaving the target as it was.
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                _ = cx.cancel.cancelled() => return Err(Error::cancelled()),
+            }
+        }
         let rev = Revision::new(&plan.target.name, &plan.release.version, "x");
         if let Some(prev) = self
             .live
@@ -41,7 +48,12 @@ impl Deployer for MemDeployer {
             .unwrap()
             .insert(plan.target.name.clone(), rev.clone())
         {
-            self.history.lock().unwrap().push(prev);
+            self.history
+                .lock()
+                .unwrap()
+                .entry(plan.target.name.clone())
+                .or_default()
+                .push(prev);
         }
         Ok(rev)
     }
@@ -51,7 +63,13 @@ impl Deployer for MemDeployer {
         to: Option<&Revision>,
         _cx: &DeployContext,
     ) -> Result<Option<Revision>> {
-        let to = to.cloned().or_else(|| self.history.lock().unwrap().pop());
+        let to = to.cloned().or_else(|| {
+            self.history
+                .lock()
+                .unwrap()
+                .get_mut(&target.name)
+                .and_then(|h| h.pop())
+        });
         let mut live = self.live.lock().unwrap();
         match to {
             Some(r) => {
@@ -84,11 +102,80 @@ async fn a_conforming_deployer_passes() {
     )
     .await
     .unwrap();
-    assert_eq!(r.passed.len(), 5);
+    assert_eq!(r.passed.len(), 6, "{r:?}");
+    assert_eq!(r.skipped.len(), 3, "{r:?}");
     assert_eq!(
         d.current(&Target::new("t")).await.unwrap().unwrap().version,
         "v1"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_full_suite_runs_every_check_a_deployer_declares() {
+    let d = deployer(true);
+    let r = Conformance::new(&d, Release::new("v1"), Release::new("v2"))
+        .cancel_mid_apply(
+            Release::new("v3-slow"),
+            std::time::Duration::from_millis(50),
+        )
+        .run()
+        .await
+        .unwrap();
+    assert!(r.skipped.is_empty(), "{r:?}");
+    assert_eq!(r.passed.len(), 10, "{r:?}");
+    assert_eq!(r.cancel_landed_mid_apply, Some(true));
+    assert_eq!(
+        d.current(&Target::new("t")).await.unwrap().unwrap().version,
+        "v1"
+    );
+}
+
+/// A deployer whose cancelled apply leaves nothing live (it removed the old
+/// release before putting the new one) is caught.
+struct Careless(MemDeployer);
+
+#[async_trait]
+impl Deployer for Careless {
+    fn name(&self) -> &str {
+        "careless"
+    }
+    fn targets(&self) -> Vec<Target> {
+        vec![Target::new("t")]
+    }
+    async fn current(&self, target: &Target) -> Result<Option<Revision>> {
+        self.0.current(target).await
+    }
+    async fn plan(&self, release: &Release, target: &Target, cx: &DeployContext) -> Result<Plan> {
+        self.0.plan(release, target, cx).await
+    }
+    async fn apply(&self, plan: &Plan, cx: &DeployContext) -> Result<Revision> {
+        if plan.release.version.ends_with("-slow") {
+            self.0.live.lock().unwrap().remove(&plan.target.name);
+        }
+        self.0.apply(plan, cx).await
+    }
+    async fn rollback(
+        &self,
+        target: &Target,
+        to: Option<&Revision>,
+        cx: &DeployContext,
+    ) -> Result<Option<Revision>> {
+        self.0.rollback(target, to, cx).await
+    }
+}
+
+#[tokio::test]
+async fn a_deployer_whose_cancelled_apply_leaves_nothing_live_fails() {
+    let d = Careless(deployer(true));
+    let err = Conformance::new(&d, Release::new("v1"), Release::new("v2"))
+        .cancel_mid_apply(
+            Release::new("v3-slow"),
+            std::time::Duration::from_millis(50),
+        )
+        .run()
+        .await
+        .unwrap_err();
+    assert_eq!(err.context("step"), Some("cancel mid-apply"), "{err}");
 }
 
 #[tokio::test]

@@ -874,7 +874,8 @@ impl Deployer for AnsibleDeployer {
     fn capabilities(&self) -> DeployerCapabilities {
         DeployerCapabilities {
             rollback: true,
-            undeploy: true,
+            // Undoing a first release needs the user's rollback playbook.
+            undeploy: self.rollback_playbook.is_some(),
             idempotent: true,
             dry_run: true,
         }

@@ -397,7 +397,9 @@ impl SshDeployerBuilder {
     }
 
     /// Switch a host back when its restart or health check fails (default
-    /// on).
+    /// on). A restart or health check that is *cancelled* (the node timed
+    /// out, the run was cancelled) is always switched back, so `current()`
+    /// never names a release that was not brought up.
     pub fn revert_on_failure(mut self, enabled: bool) -> Self {
         self.revert_on_failure = enabled;
         self
@@ -1448,8 +1450,14 @@ impl SshDeployer {
         self.switch(cx, &conn, &host, "switch", &version, art.is_some(), true)
             .await?;
         if let Err(e) = self.activate(cx, &conn, &host, &version, None).await {
-            if self.inner.revert_on_failure && !matches!(e, SshError::Cancelled { .. }) {
-                if let Err(revert_err) = self.revert(cx, &conn, &host, old.as_deref()).await {
+            // A cancelled activation is reverted too: switched but never
+            // restarted, the host would run the old process while
+            // `current()` named the new release. The revert works under a
+            // fresh token (bounded by the step timeout and the runner's grace).
+            let cancelled = matches!(e, SshError::Cancelled { .. });
+            if self.inner.revert_on_failure || cancelled {
+                let cleanup = cx.for_cleanup();
+                if let Err(revert_err) = self.revert(&cleanup, &conn, &host, old.as_deref()).await {
                     tracing::error!(host = %host.name, error = %revert_err, "revert failed");
                 }
             }
