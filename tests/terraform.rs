@@ -858,8 +858,7 @@ async fn terraform_deployer_passes_the_conformance_suite() {
     .run()
     .await
     .unwrap();
-    assert!(report.skipped.is_empty(), "{report:?}");
+    assert!(report.is_complete(), "{report:?}");
     assert_eq!(report.passed.len(), 10, "{report:?}");
-    assert_eq!(report.cancel_landed_mid_apply, Some(true), "{report:?}");
     assert!(!dir.path().join(".terraform.tfstate.lock.info").exists());
 }

@@ -43,6 +43,7 @@ pub mod deploy;
 pub mod error;
 pub mod event;
 pub mod lease;
+pub mod memory_deployer;
 pub mod monitor;
 pub mod pipeline;
 pub mod report;
@@ -59,6 +60,7 @@ pub use event::{
     CollectingSink, Emitter, Event, EventKind, EventSink, FnSink, LogLevel, RunStatus, TracingSink,
 };
 pub use lease::{EnvironmentLease, LockSettings};
+pub use memory_deployer::MemoryDeployer;
 pub use monitor::{Analysis, AnalysisOutcome, Monitor, MonitorContext, Sample, SampleStatus};
 pub use pipeline::{NodeKind, NodeSpec, Pipeline, PipelineBuilder, PipelineError};
 pub use report::{NodeReport, RunReport};
@@ -79,9 +81,9 @@ pub use types::{Artifact, Change, ChangeAction, Plan, Release, Revision, Target}
 pub mod prelude {
     pub use crate::{
         gate_fn, stage_fn, Analysis, AnalysisOutcome, BlueGreen, Canary, Capabilities,
-        DeployContext, Deployer, Error, ErrorKind, Event, EventKind, EventSink, Gate, MemoryStore,
-        Monitor, MonitorContext, Pipeline, Plan, Release, Result, Revision, Rolling, RunReport,
-        RunStatus, Runner, Sample, Secret, Stage, StageContext, StageOutput, Store, Strategy,
-        Target, Verdict,
+        DeployContext, Deployer, Error, ErrorKind, Event, EventKind, EventSink, Gate,
+        MemoryDeployer, MemoryStore, Monitor, MonitorContext, Pipeline, Plan, Release, Result,
+        Revision, Rolling, RunReport, RunStatus, Runner, Sample, Secret, Stage, StageContext,
+        StageOutput, Store, Strategy, Target, Verdict,
     };
 }

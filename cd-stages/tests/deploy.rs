@@ -1,72 +1,10 @@
 //! The Deploy stage: release history, compensation, restore to known-good.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use cd_core::*;
 use cd_stages::{Deploy, Restore};
-
-#[derive(Default)]
-struct MemDeployer {
-    live: Mutex<BTreeMap<String, Revision>>,
-}
-
-#[async_trait]
-impl Deployer for MemDeployer {
-    fn name(&self) -> &str {
-        "memory"
-    }
-    fn targets(&self) -> Vec<Target> {
-        vec![Target::new("a"), Target::new("b")]
-    }
-    async fn current(&self, target: &Target) -> Result<Option<Revision>> {
-        Ok(self.live.lock().unwrap().get(&target.name).cloned())
-    }
-    async fn plan(&self, release: &Release, target: &Target, _cx: &DeployContext) -> Result<Plan> {
-        Ok(Plan::new(
-            release.clone(),
-            target.clone(),
-            self.current(target).await?,
-        ))
-    }
-    async fn apply(&self, plan: &Plan, _cx: &DeployContext) -> Result<Revision> {
-        let rev = Revision::new(&plan.target.name, &plan.release.version, "id");
-        self.live
-            .lock()
-            .unwrap()
-            .insert(plan.target.name.clone(), rev.clone());
-        Ok(rev)
-    }
-    async fn rollback(
-        &self,
-        target: &Target,
-        to: Option<&Revision>,
-        _cx: &DeployContext,
-    ) -> Result<Option<Revision>> {
-        let mut live = self.live.lock().unwrap();
-        match to {
-            Some(r) => {
-                live.insert(target.name.clone(), r.clone());
-                Ok(Some(r.clone()))
-            }
-            None => {
-                live.remove(&target.name);
-                Ok(None)
-            }
-        }
-    }
-}
-
-fn versions(d: &MemDeployer) -> Vec<String> {
-    d.live
-        .lock()
-        .unwrap()
-        .values()
-        .map(|r| r.version.clone())
-        .collect()
-}
 
 async fn history(store: &Arc<dyn Store>) -> Vec<(String, ReleaseStatus)> {
     store
@@ -81,7 +19,7 @@ async fn history(store: &Arc<dyn Store>) -> Vec<(String, ReleaseStatus)> {
 #[tokio::test]
 async fn history_records_live_superseded_and_rolled_back() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let deployer = Arc::new(MemDeployer::default());
+    let deployer = Arc::new(MemoryDeployer::new(["a", "b"]));
     let pipeline = |fail_after: bool| {
         let mut b =
             Pipeline::builder("p").stage("deploy", Deploy::shared(deployer.clone()).env("prod"));
@@ -121,7 +59,7 @@ async fn history_records_live_superseded_and_rolled_back() {
         .unwrap();
     assert_eq!(r3.status, RunStatus::Failed);
     assert_eq!(r3.node("deploy").unwrap().status, NodeStatus::RolledBack);
-    assert_eq!(versions(&deployer), ["v2", "v2"]);
+    assert_eq!(deployer.versions(), ["v2", "v2"]);
     assert_eq!(
         history(&store).await,
         [
@@ -141,7 +79,7 @@ async fn history_records_live_superseded_and_rolled_back() {
         )
         .await
         .unwrap();
-    assert_eq!(versions(&deployer), ["v1", "v1"]);
+    assert_eq!(deployer.versions(), ["v1", "v1"]);
     let h = history(&store).await;
     assert_eq!(h[0], ("v1".into(), ReleaseStatus::Live));
     // Or a named version.
@@ -153,7 +91,7 @@ async fn history_records_live_superseded_and_rolled_back() {
         )
         .await
         .unwrap();
-    assert_eq!(versions(&deployer), ["v2", "v2"]);
+    assert_eq!(deployer.versions(), ["v2", "v2"]);
     let err = stage
         .restore(
             &store,

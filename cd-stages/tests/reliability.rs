@@ -2,9 +2,8 @@
 //! fleet, a canary is always judged, restore respects the environment lock
 //! and labels history truthfully.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,87 +11,15 @@ use cd_core::*;
 use cd_stages::{Deploy, Restore};
 use tokio_util::sync::CancellationToken;
 
-/// A fleet in memory whose applies take `apply_ms` each and ignore
-/// cancellation (the worst case: the apply finishes anyway).
-struct SlowFleet {
-    targets: Vec<Target>,
-    apply_ms: u64,
-    live: Mutex<BTreeMap<String, Revision>>,
-}
-
-impl SlowFleet {
-    fn new(n: usize, apply_ms: u64) -> Arc<Self> {
-        Arc::new(SlowFleet {
-            targets: (1..=n).map(|i| Target::new(format!("t{i}"))).collect(),
-            apply_ms,
-            live: Mutex::new(BTreeMap::new()),
-        })
-    }
-    fn versions(&self) -> Vec<String> {
-        self.targets
-            .iter()
-            .map(|t| {
-                self.live
-                    .lock()
-                    .unwrap()
-                    .get(&t.name)
-                    .map(|r| r.version.clone())
-                    .unwrap_or_else(|| "-".into())
-            })
-            .collect()
-    }
-}
-
-#[async_trait]
-impl Deployer for SlowFleet {
-    fn name(&self) -> &str {
-        "slow"
-    }
-    fn targets(&self) -> Vec<Target> {
-        self.targets.clone()
-    }
-    async fn current(&self, target: &Target) -> Result<Option<Revision>> {
-        Ok(self.live.lock().unwrap().get(&target.name).cloned())
-    }
-    async fn plan(&self, release: &Release, target: &Target, _cx: &DeployContext) -> Result<Plan> {
-        Ok(Plan::new(
-            release.clone(),
-            target.clone(),
-            self.current(target).await?,
-        ))
-    }
-    async fn apply(&self, plan: &Plan, _cx: &DeployContext) -> Result<Revision> {
-        tokio::time::sleep(Duration::from_millis(self.apply_ms)).await;
-        let rev = Revision::new(&plan.target.name, &plan.release.version, "id");
-        self.live
-            .lock()
-            .unwrap()
-            .insert(plan.target.name.clone(), rev.clone());
-        Ok(rev)
-    }
-    async fn rollback(
-        &self,
-        target: &Target,
-        to: Option<&Revision>,
-        cx: &DeployContext,
-    ) -> Result<Option<Revision>> {
-        // A rollback that refused to work under a fired token would leave
-        // the fleet mixed: the strategy must hand it a fresh one.
-        if cx.cancel.is_cancelled() {
-            return Err(Error::cancelled().with("target", &target.name));
-        }
-        let mut live = self.live.lock().unwrap();
-        match to {
-            Some(r) => {
-                live.insert(target.name.clone(), r.clone());
-                Ok(Some(r.clone()))
-            }
-            None => {
-                live.remove(&target.name);
-                Ok(None)
-            }
-        }
-    }
+/// `t1` … `tN`, whose applies take `apply_ms` each and ignore cancellation
+/// (the worst case: the apply finishes anyway). Its rollback fails under a
+/// fired token, as a real tool would: the strategy must hand it a fresh one.
+fn slow_fleet(n: usize, apply_ms: u64) -> Arc<MemoryDeployer> {
+    Arc::new(
+        MemoryDeployer::new((1..=n).map(|i| format!("t{i}")))
+            .apply_delay(Duration::from_millis(apply_ms))
+            .ignore_cancellation(),
+    )
 }
 
 async fn history(store: &Arc<dyn Store>, env: &str) -> Vec<(String, ReleaseStatus)> {
@@ -105,7 +32,7 @@ async fn history(store: &Arc<dyn Store>, env: &str) -> Vec<(String, ReleaseStatu
         .collect()
 }
 
-fn rolling_pipeline(fleet: &Arc<SlowFleet>) -> Pipeline {
+fn rolling_pipeline(fleet: &Arc<MemoryDeployer>) -> Pipeline {
     Pipeline::builder("web")
         .stage(
             "deploy",
@@ -123,7 +50,7 @@ fn rolling_pipeline(fleet: &Arc<SlowFleet>) -> Pipeline {
 #[tokio::test(start_paused = true)]
 async fn a_timed_out_rolling_deploy_reverts_the_whole_fleet() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let fleet = SlowFleet::new(4, 400);
+    let fleet = slow_fleet(4, 400);
     let runner = Runner::new(store.clone()).environment("prod");
     let p = Pipeline::builder("web")
         .stage(
@@ -166,7 +93,7 @@ async fn a_timed_out_rolling_deploy_reverts_the_whole_fleet() {
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_rolling_deploy_reverts_the_whole_fleet() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let fleet = SlowFleet::new(4, 400);
+    let fleet = slow_fleet(4, 400);
     let p = Pipeline::builder("web")
         .stage(
             "deploy",
@@ -234,7 +161,7 @@ fn fast(count: u32) -> Analysis {
 async fn a_canary_is_judged_after_its_last_step() {
     for (targets, steps) in [(1usize, vec![10u32, 50, 100]), (4, vec![100])] {
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let fleet = SlowFleet::new(targets, 10);
+        let fleet = slow_fleet(targets, 10);
         let samples = Arc::new(AtomicU32::new(0));
         let p = Pipeline::builder("web")
             .stage(
@@ -270,7 +197,7 @@ async fn a_canary_is_judged_after_its_last_step() {
 /// built, naming the node.
 #[test]
 fn an_unjudged_or_malformed_canary_is_a_build_error() {
-    let fleet = SlowFleet::new(4, 10);
+    let fleet = slow_fleet(4, 10);
     let err = Pipeline::builder("web")
         .stage("prod", Deploy::shared(fleet.clone()).canary([10, 50, 100]))
         .build()
@@ -318,7 +245,7 @@ impl Gate for Hold {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_takes_the_lock_and_walks_back_through_history() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let fleet = SlowFleet::new(2, 1);
+    let fleet = slow_fleet(2, 1);
     let deploy = Deploy::shared(fleet.clone()).env("prod").rolling(2, 0);
     let plain = Pipeline::builder("web")
         .stage("deploy", deploy.clone())
