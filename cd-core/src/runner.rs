@@ -870,7 +870,14 @@ impl Execution<'_> {
         let retry_on_timeout = spec
             .retry_on_timeout
             .unwrap_or(self.runner.retry_on_timeout);
-        let own = cancel.child_token();
+        // The attempt's own token: a child of the run's when a timeout may
+        // fire it alone; otherwise the run's token itself (no allocation,
+        // no registration with the parent on the hot path).
+        let own = if timeout.is_some() {
+            cancel.child_token()
+        } else {
+            cancel.clone()
+        };
         let cx = self.context(i, own.clone(), outcome);
         cx.emitter.emit(EventKind::NodeStarted { attempt });
         let attempt_fut = async move {
