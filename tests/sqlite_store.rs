@@ -89,11 +89,13 @@ fn release(id: &str, env: &str, version: &str, at_s: i64, status: ReleaseStatus)
     }
 }
 
+/// A lock request for no run (a run's lease is stale once its run is
+/// missing or finished; see `leases_of_missing_or_finished_runs_are_stale`).
 fn req(env: &str, holder: &str, ttl: Duration) -> LockRequest {
     LockRequest {
         environment: env.into(),
         holder: holder.into(),
-        run_id: Some(format!("run-of-{holder}")),
+        run_id: None,
         message: format!("{holder} deploys"),
         ttl,
     }

@@ -36,6 +36,10 @@ pub enum RunStatus {
     Failed,
     /// Cancelled by its token; compensation ran.
     Cancelled,
+    /// Its process died and the run was given up (`Runner::abandon`, `cdctl
+    /// run abandon`, or a new run on the environment found the owner gone);
+    /// nothing ran after the crash. Not resumable.
+    Abandoned,
 }
 
 impl RunStatus {
@@ -46,6 +50,7 @@ impl RunStatus {
             RunStatus::Succeeded => "succeeded",
             RunStatus::Failed => "failed",
             RunStatus::Cancelled => "cancelled",
+            RunStatus::Abandoned => "abandoned",
         }
     }
 
@@ -56,6 +61,7 @@ impl RunStatus {
             "succeeded" => RunStatus::Succeeded,
             "failed" => RunStatus::Failed,
             "cancelled" => RunStatus::Cancelled,
+            "abandoned" => RunStatus::Abandoned,
             _ => return None,
         })
     }
@@ -87,6 +93,13 @@ pub enum EventKind {
     RunFinished {
         /// How it ended.
         status: RunStatus,
+    },
+    /// A run whose process died was given up.
+    RunAbandoned {
+        /// Who gave it up.
+        actor: String,
+        /// Why.
+        reason: String,
     },
     /// A node began an attempt.
     NodeStarted {
@@ -244,6 +257,9 @@ impl fmt::Display for Event {
             }
             EventKind::RunResumed => write!(f, "run resumed"),
             EventKind::RunFinished { status } => write!(f, "run finished: {status}"),
+            EventKind::RunAbandoned { actor, reason } => {
+                write!(f, "run abandoned by {actor}: {reason}")
+            }
             EventKind::NodeStarted { attempt } => write!(f, "started (attempt {attempt})"),
             EventKind::NodeSucceeded { duration_ms } => write!(f, "succeeded in {duration_ms} ms"),
             EventKind::NodeFailed { error } => write!(f, "failed: {error}"),

@@ -544,6 +544,70 @@ impl Runner {
         self.spawn_execution(pipeline, start).await
     }
 
+    /// Gives up a run whose process died (a SIGKILL, a reboot): records it
+    /// [`RunStatus::Abandoned`] with an audited `run_abandoned` event naming
+    /// this runner's actor and `reason`, and frees the environment lease it
+    /// held. Nothing is rolled back: look at the environment's history and
+    /// hosts, or `resume` instead of abandoning when the run should finish.
+    ///
+    /// Only for a run whose process is gone: the runner cannot see other
+    /// processes, so it takes the caller's word (`cdctl run abandon` checks
+    /// that the owner is dead on this host unless `--force`).
+    ///
+    /// Errors: [`ErrorKind::NotFound`] for an unknown run,
+    /// [`ErrorKind::Invalid`] for a run that already finished, store errors.
+    pub async fn abandon(&self, run_id: &str, reason: &str) -> Result<RunRecord> {
+        let mut run = self.store.get_run(run_id).await?.ok_or_else(|| {
+            Error::new(ErrorKind::NotFound, format!("no run with id {run_id}")).with("run", run_id)
+        })?;
+        if run.status != RunStatus::Running {
+            return Err(Error::invalid(format!(
+                "run {run_id} already finished ({}); nothing to abandon",
+                run.status
+            ))
+            .with("run", run_id));
+        }
+        let seq = self.store.last_event_seq(run_id).await? + 1;
+        let sink = crate::event::CollectingSink::new();
+        let emitter = Emitter::new(
+            run.id.clone(),
+            seq,
+            vec![Arc::new(sink.clone()) as Arc<dyn EventSink>],
+            self.redactor.clone(),
+        );
+        emitter.emit(EventKind::RunAbandoned {
+            actor: self.actor.clone(),
+            reason: reason.to_string(),
+        });
+        emitter.emit(EventKind::RunFinished {
+            status: RunStatus::Abandoned,
+        });
+        self.store.append_events(&sink.events()).await?;
+        run.status = RunStatus::Abandoned;
+        run.finished_at = Some(Utc::now());
+        self.store
+            .set_run_status(run_id, RunStatus::Abandoned, run.finished_at)
+            .await?;
+        let held = self
+            .store
+            .locks()
+            .await?
+            .into_iter()
+            .filter(|l| l.run_id.as_deref() == Some(run_id))
+            .map(|l| l.environment)
+            .collect::<Vec<_>>();
+        for env in held {
+            self.store
+                .force_unlock_as(
+                    &env,
+                    &self.actor,
+                    &format!("run {run_id} abandoned: {reason}"),
+                )
+                .await?;
+        }
+        Ok(run)
+    }
+
     /// Runs the execution as its own task, so the scheduler loop and the
     /// stages it spawns share a worker thread (no cross-thread wake-up per
     /// node), wherever the caller's future is polled. Dropping the returned
@@ -589,6 +653,21 @@ impl Runner {
         let _guard = run_cancel.clone().drop_guard();
         let _writer = AbortOnDrop(writer);
 
+        // The run is recorded before it takes the lease: a lease always
+        // names a run that exists, so a lease whose run is missing or
+        // finished is stale (stores hand it over at once).
+        if resumed {
+            emitter.emit(EventKind::RunResumed);
+        } else {
+            emitter.emit(EventKind::RunStarted {
+                pipeline: run.pipeline.clone(),
+                release: run.release.version.clone(),
+                environment: env.clone(),
+            });
+            self.store.create_run(&run).await?;
+        }
+        store_sink.flush().await;
+
         let lease = match &self.lock {
             None => None,
             Some(settings) => {
@@ -599,14 +678,32 @@ impl Runner {
                     message: format!("run {}", run.id),
                     ttl: settings.ttl,
                 };
-                let lease = EnvironmentLease::acquire(
+                let lease = match EnvironmentLease::acquire(
                     self.store.clone(),
                     req,
                     settings,
                     &run_cancel,
                     &emitter,
                 )
-                .await?;
+                .await
+                {
+                    Ok(lease) => lease,
+                    Err(e) => {
+                        // Never got the environment: the run ends here.
+                        let status = if e.kind() == ErrorKind::Cancelled {
+                            RunStatus::Cancelled
+                        } else {
+                            RunStatus::Failed
+                        };
+                        emitter.emit(EventKind::RunFinished { status });
+                        store_sink.flush().await;
+                        let _ = self
+                            .store
+                            .set_run_status(&run.id, status, Some(Utc::now()))
+                            .await;
+                        return Err(e);
+                    }
+                };
                 // A lost lease stops the run.
                 let lost = lease.lost().clone();
                 let stop = run_cancel.clone();
@@ -621,21 +718,12 @@ impl Runner {
         };
 
         let result = async {
-            if resumed {
-                emitter.emit(EventKind::RunResumed);
-            } else {
-                self.store.create_run(&run).await?;
-                emitter.emit(EventKind::RunStarted {
-                    pipeline: run.pipeline.clone(),
-                    release: run.release.version.clone(),
-                    environment: env.clone(),
-                });
-            }
             let mut exec = Execution {
                 runner: self,
                 pipeline,
                 states: &mut states,
                 emitter: emitter.clone(),
+                events: store_sink.clone(),
                 outputs: Outputs::default(),
                 release: Arc::new(run.release.clone()),
                 run_cancel: run_cancel.clone(),
@@ -673,10 +761,12 @@ impl Runner {
         };
         run.status = status;
         run.finished_at = Some(Utc::now());
+        // The event first: durable no later than the record that follows.
+        emitter.emit(EventKind::RunFinished { status });
+        store_sink.flush().await;
         self.store
             .set_run_status(&run.id, status, run.finished_at)
             .await?;
-        emitter.emit(EventKind::RunFinished { status });
         if let Some(lease) = lease {
             lease.release().await?;
             emitter.emit(EventKind::Lock {
@@ -729,6 +819,9 @@ struct Execution<'a> {
     pipeline: &'a Pipeline,
     states: &'a mut Vec<NodeState>,
     emitter: Emitter,
+    /// The run's event buffer: flushed before every node record is
+    /// written, so an event is durable no later than the record after it.
+    events: Arc<StoreSink>,
     outputs: Outputs,
     release: Arc<Release>,
     run_cancel: CancellationToken,
@@ -774,8 +867,9 @@ impl Execution<'_> {
         }
     }
 
-    /// Writes node `i` now.
+    /// Writes node `i` now (the events emitted before it first).
     async fn persist(&self, i: usize) -> Result<()> {
+        self.events.flush().await;
         self.runner.store.put_node(&self.record(i)).await
     }
 
@@ -785,11 +879,13 @@ impl Execution<'_> {
         self.dirty.push(i);
     }
 
-    /// Writes every node marked dirty, in one store call.
+    /// Writes every node marked dirty, in one store call (the events
+    /// emitted before them first).
     async fn flush(&mut self) -> Result<()> {
         if self.dirty.is_empty() {
             return Ok(());
         }
+        self.events.flush().await;
         let mut dirty = std::mem::take(&mut self.dirty);
         dirty.sort_unstable();
         dirty.dedup();

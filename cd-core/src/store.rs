@@ -350,9 +350,13 @@ pub trait Store: Send + Sync + 'static {
     /// Approvals of one gate of one run, oldest first.
     async fn approvals(&self, run_id: &str, node: &str) -> Result<Vec<ApprovalRecord>>;
 
-    /// Takes the environment lock if it is free (or its lease expired) and no
-    /// older live waiter is ahead; otherwise records the request as waiting
-    /// and returns the holder.
+    /// Takes the environment lock if it is free and no older live waiter is
+    /// ahead; otherwise records the request as waiting and returns the
+    /// holder. A lease is free when it expired, or when it is *stale*: it
+    /// names a run that does not exist or has finished (runs are recorded
+    /// before they take the lease, so such a lease was left by a crash).
+    /// Stores that can tell may also free a lease whose owner process is
+    /// provably gone (see `SqliteStore`).
     async fn try_acquire_lock(&self, req: &LockRequest) -> Result<LockAttempt>;
     /// Extends a held lease. Fails with [`crate::ErrorKind::Locked`] when the
     /// lease was lost (expired and taken, or force-unlocked).
@@ -549,7 +553,12 @@ impl Store for MemoryStore {
         let mut g = self.lock();
         let g = &mut *g;
         if let Some(lease) = g.locks.get(&req.environment) {
-            if lease.expires_at > now && lease.holder != req.holder {
+            let stale = lease.run_id.as_ref().is_some_and(|id| {
+                g.runs
+                    .get(id)
+                    .is_none_or(|r| r.status != crate::event::RunStatus::Running)
+            });
+            if lease.expires_at > now && lease.holder != req.holder && !stale {
                 let holder = lease.clone();
                 let w = g.waiters.entry(req.environment.clone()).or_default();
                 match w.iter_mut().find(|(h, _, _)| *h == req.holder) {

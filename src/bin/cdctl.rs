@@ -128,6 +128,23 @@ mod cli {
             #[arg(long, default_value_t = 200, value_name = "N")]
             events: usize,
         },
+        /// Give up a run whose process died (recorded `abandoned`, audited,
+        /// its environment lease freed). Nothing is rolled back. Refused
+        /// while the run's lease owner may be alive, unless --force.
+        Abandon {
+            /// The run id, or a unique prefix of it.
+            id: String,
+            /// Why, for the audit trail.
+            #[arg(long)]
+            reason: String,
+            /// Abandon even though the owner cannot be proven gone (another
+            /// machine, another PID namespace).
+            #[arg(long)]
+            force: bool,
+            /// Who abandons it [default: $USER].
+            #[arg(long = "as", value_name = "NAME")]
+            actor: Option<String>,
+        },
     }
 
     #[derive(Debug, clap::Args)]
@@ -199,6 +216,15 @@ mod cli {
             Command::Run {
                 command: RunCommand::Show { id, events },
             } => show(&store, cli.json, id, *events).await,
+            Command::Run {
+                command:
+                    RunCommand::Abandon {
+                        id,
+                        reason,
+                        force,
+                        actor,
+                    },
+            } => abandon(store, cli.json, id, reason, *force, actor.clone()).await,
             Command::History { env, limit } => history(&store, cli.json, env, *limit).await,
             Command::Locks => locks(&store, cli.json).await,
             Command::Unlock {
@@ -428,6 +454,57 @@ mod cli {
             }
             t.print();
         }
+        Ok(())
+    }
+
+    async fn abandon(
+        store: SqliteStore,
+        as_json: bool,
+        id: &str,
+        reason: &str,
+        force: bool,
+        actor: Option<String>,
+    ) -> Result<()> {
+        if reason.trim().is_empty() {
+            return Err(Error::invalid("--reason must say why the run is abandoned"));
+        }
+        let run = store.find_run(id).await?;
+        let held = store
+            .locks()
+            .await?
+            .into_iter()
+            .find(|l| l.run_id.as_deref() == Some(run.id.as_str()));
+        if let (Some(lease), false) = (&held, force) {
+            if store.lease_staleness(&lease.environment).await?.is_none() {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "run {} still holds `{}` and its owner ({}) may be alive; \
+                         refusing without --force",
+                        run.id, lease.environment, lease.holder
+                    ),
+                ));
+            }
+        }
+        let actor = actor
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "cdctl".into());
+        let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(store);
+        let record = cd::core::Runner::new(store)
+            .actor(&actor)
+            .abandon(&run.id, reason)
+            .await?;
+        if as_json {
+            return print_json(&record);
+        }
+        println!(
+            "abandoned run {} ({} {} in `{}`); recorded as {actor}: {reason}{}",
+            record.id,
+            record.pipeline,
+            record.release.version,
+            record.environment,
+            if held.is_some() { "; lease freed" } else { "" }
+        );
         Ok(())
     }
 

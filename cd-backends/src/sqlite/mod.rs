@@ -40,6 +40,7 @@
 //!   registered secret values from events and outputs before they get here.
 
 mod engine;
+mod owner;
 mod rows;
 mod schema;
 
@@ -352,6 +353,22 @@ impl SqliteStore {
             .await
     }
 
+    /// Why `environment`'s lease may be taken at once although it has not
+    /// expired: its run is missing or finished, or its owner process is
+    /// provably gone (same machine, see the store's docs). `None` when the
+    /// lease is live, or its owner cannot be judged from here, or there is
+    /// no lease.
+    pub async fn lease_staleness(&self, environment: &str) -> Result<Option<String>> {
+        let path = self.p();
+        let env = environment.to_string();
+        self.engine
+            .read(move |c| match read_lease(c, &path, &env)? {
+                None => Ok(None),
+                Some(lease) => Ok(stale_lease(c, &path, &lease)?.map(|(why, _)| why)),
+            })
+            .await
+    }
+
     /// Breaks an environment's lock whoever holds it, recording who did it
     /// and why in the lock audit trail. Returns the broken lease.
     pub async fn force_unlock_as(
@@ -431,6 +448,81 @@ fn touch_waiter(c: &Connection, path: &Path, env: &str, holder: &str, now: &str)
     Ok(())
 }
 
+/// Why a live lease is nonetheless free to take: its run does not exist or
+/// has finished (runs are recorded before they take the lease), or its
+/// owner process is provably gone (see [`owner`]). `(reason, owner gone)`.
+fn stale_lease(c: &Connection, path: &Path, lease: &Lease) -> Result<Option<(String, bool)>> {
+    if let Some(id) = &lease.run_id {
+        let status: Option<String> = c
+            .prepare_cached("SELECT status FROM runs WHERE id = ?1")
+            .and_then(|mut s| s.query_row([id], |r| r.get(0)).optional())
+            .map_err(|e| sql_err(path, e))?;
+        match status.as_deref() {
+            None => return Ok(Some((format!("its run {id} does not exist"), false))),
+            Some("running") => {}
+            Some(other) => {
+                return Ok(Some((
+                    format!("its run {id} already finished ({other})"),
+                    false,
+                )))
+            }
+        }
+    }
+    let owner: Option<(Option<String>, Option<String>)> = c
+        .prepare_cached("SELECT owner_host, owner_process FROM locks WHERE environment = ?1")
+        .and_then(|mut s| {
+            s.query_row([&lease.environment], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .map_err(|e| sql_err(path, e))?;
+    if let Some((Some(host), Some(process))) = owner {
+        if owner::is_gone(&host, &process) {
+            return Ok(Some((
+                format!("its owner process ({process} on {host}) is gone"),
+                true,
+            )));
+        }
+    }
+    Ok(None)
+}
+
+/// Hands a stale lease over: audited as `take_over`; a run whose owner is
+/// gone is recorded `abandoned` (it is not running any more).
+fn take_over(
+    c: &Connection,
+    path: &Path,
+    lease: &Lease,
+    by: &str,
+    reason: &str,
+    owner_gone: bool,
+    now: &str,
+) -> Result<()> {
+    c.prepare_cached(
+        "INSERT INTO lock_audit (environment, action, holder, run_id, message, actor, reason, at)
+         VALUES (?1, 'take_over', ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            lease.environment,
+            lease.holder,
+            lease.run_id,
+            lease.message,
+            by,
+            reason,
+            now
+        ])
+    })
+    .map_err(|e| sql_err(path, e))?;
+    if let (true, Some(id)) = (owner_gone, &lease.run_id) {
+        c.prepare_cached(
+            "UPDATE runs SET status = 'abandoned', finished_at = ?2 WHERE id = ?1 AND status = 'running'",
+        )
+        .and_then(|mut s| s.execute(params![id, now]))
+        .map_err(|e| sql_err(path, e))?;
+    }
+    Ok(())
+}
+
 fn try_acquire_in(c: &Connection, path: &Path, req: &LockRequest) -> Result<LockAttempt> {
     let now = Utc::now();
     let now_s = ts(now);
@@ -438,8 +530,20 @@ fn try_acquire_in(c: &Connection, path: &Path, req: &LockRequest) -> Result<Lock
     let env = req.environment.as_str();
     if let Some(lease) = read_lease(c, path, env)? {
         if lease.expires_at > now && lease.holder != req.holder {
-            touch_waiter(c, path, env, &req.holder, &now_s)?;
-            return Ok(LockAttempt::Busy(Some(lease)));
+            match stale_lease(c, path, &lease)? {
+                None => {
+                    touch_waiter(c, path, env, &req.holder, &now_s)?;
+                    return Ok(LockAttempt::Busy(Some(lease)));
+                }
+                Some((reason, gone)) => {
+                    take_over(c, path, &lease, &req.holder, &reason, gone, &now_s)?;
+                    tracing::warn!(
+                        target: "cd::store",
+                        "environment `{env}`: lease of {} taken over: {reason}",
+                        lease.holder
+                    );
+                }
+            }
         }
     }
     // Free: the oldest waiter that asked recently goes first.
@@ -479,12 +583,18 @@ fn try_acquire_in(c: &Connection, path: &Path, req: &LockRequest) -> Result<Lock
             .checked_add_signed(ttl)
             .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC),
     };
+    let (owner_host, owner_process) = match owner::this_process() {
+        Some((h, p)) => (Some(h), Some(p)),
+        None => (None, None),
+    };
     c.prepare_cached(
-        "INSERT INTO locks (environment, holder, run_id, message, acquired_at, renewed_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+        "INSERT INTO locks (environment, holder, run_id, message, acquired_at, renewed_at, expires_at,
+                            owner_host, owner_process)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
          ON CONFLICT (environment) DO UPDATE SET holder = excluded.holder, run_id = excluded.run_id,
            message = excluded.message, acquired_at = excluded.acquired_at,
-           renewed_at = excluded.renewed_at, expires_at = excluded.expires_at",
+           renewed_at = excluded.renewed_at, expires_at = excluded.expires_at,
+           owner_host = excluded.owner_host, owner_process = excluded.owner_process",
     )
     .and_then(|mut s| {
         s.execute(params![
@@ -494,7 +604,9 @@ fn try_acquire_in(c: &Connection, path: &Path, req: &LockRequest) -> Result<Lock
             lease.message,
             ts(lease.acquired_at),
             ts(lease.renewed_at),
-            ts(lease.expires_at)
+            ts(lease.expires_at),
+            owner_host,
+            owner_process
         ])
     })
     .map_err(|e| sql_err(path, e))?;

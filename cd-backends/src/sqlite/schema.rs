@@ -42,6 +42,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "restored_from",
         sql: include_str!("migrations/0003_restored_from.sql"),
     },
+    Migration {
+        version: 4,
+        name: "lease_owner",
+        sql: include_str!("migrations/0004_lease_owner.sql"),
+    },
 ];
 
 /// The schema version this build writes.
