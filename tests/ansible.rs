@@ -428,9 +428,13 @@ async fn a_node_timeout_stops_ansible_and_the_command_it_started_on_the_host() {
     let state = tempfile::tempdir().unwrap();
     // A value no other test uses: the remote `sleep` is found by it.
     let hang = format!("30.{}{}", std::process::id(), line!());
+    let service = format!("60.{}{}", std::process::id(), line!());
     let hosts: Vec<AnsibleHost> = hosts(&fleet)
         .into_iter()
-        .map(|h| h.var("hang_secs", hang.clone()))
+        .map(|h| {
+            h.var("hang_secs", hang.clone())
+                .var("service_secs", service.clone())
+        })
         .collect();
     let ansible = AnsibleDeployer::new(fixture("hang.yml"))
         .binary(&bin)
@@ -491,6 +495,14 @@ async fn a_node_timeout_stops_ansible_and_the_command_it_started_on_the_host() {
         })
         .expect("a stop event");
     assert!(stop.contains("stopped processes"), "{stop}");
+    // The service an earlier, finished task started is left alone.
+    let services = cd_testkit::processes_matching(&format!("sleep {service}"));
+    assert_eq!(services.len(), 1, "{services:?}");
+    for (pid, _) in services {
+        let _ = std::process::Command::new("kill")
+            .args(["-s", "KILL", "--", &pid.to_string()])
+            .status();
+    }
 }
 
 /// The deployer conformance suite against real ansible-playbook on two

@@ -10,8 +10,14 @@
 //!   task was aborted): [`GroupGuard`] SIGKILLs the group from `Drop`, so no
 //!   tool, worker or provisioner outlives the node that started it.
 
+use std::process::ExitStatus;
+use std::time::Duration;
+
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdout};
+use tokio_util::sync::CancellationToken;
 
 fn group_of(child: &tokio::process::Child) -> Option<Pid> {
     child
@@ -54,6 +60,76 @@ impl GroupGuard {
     /// id may be reused).
     pub(crate) fn disarm(&mut self) {
         self.0 = None;
+    }
+
+    /// SIGKILLs the whole group now, by the group id recorded at spawn (the
+    /// child's own id is gone once it was reaped, while members it left in
+    /// the group keep the id in use).
+    pub(crate) fn kill(&self) {
+        if let Some(pg) = self.0 {
+            let _ = killpg(pg, Signal::SIGKILL);
+        }
+    }
+}
+
+/// How a driven child ended.
+pub(crate) struct Driven {
+    /// Its exit status; `None` when it was killed after its grace period.
+    pub(crate) status: Option<ExitStatus>,
+    /// Whether it was interrupted (the token fired).
+    pub(crate) interrupted: bool,
+}
+
+/// Drives a child spawned with `process_group(0)`: hands each stdout line to
+/// `on_line` until the end of its output, then waits for it. When `cancel`
+/// fires, the group gets SIGINT; `grace` later (counted from the interrupt,
+/// whether or not the tool still holds its output open) the group gets
+/// SIGKILL. After an interrupt, whatever the tool left in its group
+/// (provisioners, workers) is killed too. Errors only on reading or
+/// waiting.
+pub(crate) async fn drive(
+    child: &mut Child,
+    guard: &mut GroupGuard,
+    stdout: ChildStdout,
+    cancel: &CancellationToken,
+    grace: Duration,
+    mut on_line: impl FnMut(String),
+) -> std::io::Result<Driven> {
+    let mut lines = BufReader::new(stdout).lines();
+    let mut eof = false;
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let status = loop {
+        tokio::select! {
+            line = lines.next_line(), if !eof => match line? {
+                Some(l) => on_line(l),
+                None => eof = true,
+            },
+            _ = cancel.cancelled(), if deadline.is_none() => {
+                interrupt(child);
+                deadline = Some(tokio::time::Instant::now() + cd_core::clock::clamp(grace));
+            }
+            _ = sleep_until(deadline), if deadline.is_some() => {
+                guard.kill();
+                let _ = child.kill().await;
+                break None;
+            }
+            s = child.wait(), if eof => break Some(s?),
+        }
+    };
+    if deadline.is_some() {
+        guard.kill();
+    }
+    guard.disarm();
+    Ok(Driven {
+        status,
+        interrupted: deadline.is_some(),
+    })
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -117,44 +117,39 @@ class CallbackModule(CallbackBase):
         self._emit("playbook_start", playbook=getattr(playbook, "_file_name", None))
 
     def v2_playbook_on_play_start(self, play):
-        self._mark_processes(play)
         self._emit("play_start", play=play.get_name().strip())
 
-    def _mark_processes(self, play):
-        # Every module process the play starts on a host gets
-        # CD_ANSIBLE_RUN_ID=<run id> in its environment (prepended to the
-        # play's `environment`, so the user's own values still apply), so
-        # that an interrupted run can find and stop them on the hosts. The
-        # play object given here is a copy: the blocks point at the original,
-        # so both are marked.
+    def _mark_task(self, task):
+        # Every process the task starts on a host gets
+        # CD_ANSIBLE_RUN_ID=<run id>/<task uuid> in its environment (ahead of
+        # the task's own `environment`, so the user's values still apply), so
+        # that an interrupted run can find and stop, on the hosts, exactly the
+        # processes of the tasks still running (and not, say, a service an
+        # earlier task started). Called before the task is queued to workers.
         run_id = os.environ.get("CD_ANSIBLE_RUN_ID")
-        if not run_id:
+        uuid = getattr(task, "_uuid", None)
+        if not run_id or not uuid:
             return
-        mark = {"CD_ANSIBLE_RUN_ID": run_id}
-        plays = {id(play): play}
-        for attr in ("pre_tasks", "tasks", "post_tasks", "handlers"):
-            for block in getattr(play, attr, None) or []:
-                p = getattr(block, "_play", None)
-                if p is not None:
-                    plays[id(p)] = p
-        for p in plays.values():
-            try:
-                env = p.environment
-                if isinstance(env, list):
-                    pass
-                elif isinstance(env, (dict, str)):
-                    env = [env]  # a mapping, or a template of one
-                else:
-                    env = []  # unset
-                if mark not in env:
-                    p.environment = [mark] + list(env)
-            except Exception as e:  # never break the playbook over the marker
-                self._emit("warning", message="could not mark the play's processes: %s" % e)
+        mark = {"CD_ANSIBLE_RUN_ID": "%s/%s" % (run_id, uuid)}
+        try:
+            env = task._environment if hasattr(task, "_environment") else None
+            if isinstance(env, list):
+                env = list(env)
+            elif isinstance(env, (dict, str)):
+                env = [env]  # a mapping, or a template of one
+            else:
+                env = []  # unset
+            if mark not in env:
+                task.environment = [mark] + env
+        except Exception as e:  # never break the playbook over the marker
+            self._emit("warning", msg="could not mark the task's processes: %s" % e)
 
     def v2_playbook_on_task_start(self, task, is_conditional):
+        self._mark_task(task)
         self._emit("task_start", **self._task_fields(task))
 
     def v2_playbook_on_handler_task_start(self, task):
+        self._mark_task(task)
         self._emit("task_start", handler=True, **self._task_fields(task))
 
     def v2_playbook_on_no_hosts_matched(self):

@@ -45,12 +45,11 @@
 
 mod error;
 
-use crate::process_group::{interrupt, signal_group, GroupGuard};
-use nix::sys::signal::Signal;
+use crate::process_group::{drive, GroupGuard};
 mod inventory;
 mod report;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -65,7 +64,7 @@ use cd_core::{
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio::sync::Mutex;
 
@@ -92,26 +91,31 @@ const INTERRUPT_GRACE: Duration = Duration::from_secs(10);
 /// the hosts may take.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The environment variable that marks every module process a run starts on
-/// the hosts (set by the callback plugin as the plays' `environment`).
+/// The environment variable that marks every process a task starts on the
+/// hosts, `<run id>/<task uuid>` (set by the callback plugin as the task's
+/// `environment` before the task is queued).
 pub const RUN_MARKER_VAR: &str = "CD_ANSIBLE_RUN_ID";
 
 /// The clean-up play: on each host, stops the processes whose environment
-/// carries this run's marker (TERM, then KILL after 5 s). Linux hosts
-/// (`/proc`). `@RUN@` is replaced by the run id (hex).
+/// carries one of the markers of the tasks still running when the run was
+/// interrupted (TERM, then KILL after 5 s). Processes started by tasks that
+/// had finished (a service an earlier task started) carry another marker and
+/// are left alone. With `ansible_become` set for a host, it looks with
+/// `become` (processes of privileged tasks). Linux hosts (`/proc`).
+/// `@MARKERS@` is replaced by a JSON list of `CD_ANSIBLE_RUN_ID=<run>/<task>`.
 const STOP_PLAYBOOK: &str = r#"# Written by the cd library: stops what an interrupted run started.
 - name: stop the processes of an interrupted cd run
   hosts: all
   gather_facts: false
   vars:
-    cd_stop_run_id: "@RUN@"
+    cd_stop_markers: @MARKERS@
   tasks:
-    - name: stop processes marked with the run id
+    - name: stop the processes of the tasks that were running
+      become: "{{ ansible_become | default(false) | bool }}"
       ansible.builtin.shell: |
-        tok={{ ('CD_ANSIBLE_RUN_ID=' ~ cd_stop_run_id) | quote }}
         pids=""
         for d in /proc/[0-9]*; do
-          if tr '\000' '\n' < "$d/environ" 2>/dev/null | grep -qxF "$tok"; then
+          if tr '\000' '\n' < "$d/environ" 2>/dev/null | grep -qxF{% for m in cd_stop_markers %} -e {{ m | quote }}{% endfor %}; then
             pids="$pids $(basename "$d")"
           fi
         done
@@ -415,6 +419,7 @@ impl AnsibleDeployer {
         let plugin_dir = run_dir.join("callback_plugins");
         std::fs::create_dir_all(&plugin_dir)
             .map_err(|e| AnsibleError::io(format!("creating {}", plugin_dir.display()), e))?;
+        let mut in_flight = BTreeSet::new();
         let result = self
             .run_in(
                 &run_dir,
@@ -424,35 +429,54 @@ impl AnsibleDeployer {
                 limit,
                 mode,
                 rollback,
-                Some(&run_id),
+                Some((&run_id, &mut in_flight)),
                 cx,
             )
             .await;
         if matches!(&result, Err(e) if e.kind() == cd_core::ErrorKind::Cancelled) {
-            self.stop_on_hosts(&run_dir, &plugin_dir, release, limit, &run_id, cx)
+            let markers: Vec<String> = in_flight
+                .iter()
+                .map(|task| format!("{RUN_MARKER_VAR}={run_id}/{task}"))
+                .collect();
+            self.stop_on_hosts(&run_dir, &plugin_dir, release, limit, &markers, cx)
                 .await;
         }
         let _ = std::fs::remove_dir_all(&run_dir);
         result
     }
 
-    /// After an interrupted run: stops, on the hosts, the module processes
-    /// the run started (ansible-playbook's interrupt only stops the
-    /// controller side; a remote command keeps running when its connection
-    /// goes, as sshd does not signal sessions without a terminal). Bounded by
-    /// [`STOP_TIMEOUT`]; reports what it stopped as a `stop` progress event.
+    /// After an interrupted run: stops, on the hosts, the processes of the
+    /// tasks that were still running (`markers`; ansible-playbook's interrupt
+    /// only stops the controller side; a remote command keeps running when
+    /// its connection goes, as sshd does not signal sessions without a
+    /// terminal). Bounded by [`STOP_TIMEOUT`]; reports what it stopped as a
+    /// `stop` progress event.
     async fn stop_on_hosts(
         &self,
         run_dir: &Path,
         plugin_dir: &Path,
         release: &Release,
         limit: Option<&str>,
-        run_id: &str,
+        markers: &[String],
         cx: &DeployContext,
     ) {
-        let book = run_dir.join("cd_stop.yml");
         let started = Instant::now();
-        let written = write_private(&book, STOP_PLAYBOOK.replace("@RUN@", run_id).as_bytes());
+        if markers.is_empty() {
+            cx.events.progress(
+                limit,
+                "stop",
+                "ok",
+                Some(started.elapsed()),
+                Some("no task was running on the hosts when the run was interrupted".into()),
+            );
+            return;
+        }
+        let book = run_dir.join("cd_stop.yml");
+        let markers_json = serde_json::to_string(markers).unwrap_or_else(|_| "[]".into());
+        let written = write_private(
+            &book,
+            STOP_PLAYBOOK.replace("@MARKERS@", &markers_json).as_bytes(),
+        );
         let cleanup = cx.for_cleanup();
         let outcome = match written {
             Err(e) => Err(e.to_string()),
@@ -512,7 +536,7 @@ impl AnsibleDeployer {
         limit: Option<&str>,
         mode: RunMode,
         rollback: Option<(&str, Option<&str>)>,
-        marker: Option<&str>,
+        marker: Option<(&str, &mut BTreeSet<String>)>,
         cx: &DeployContext,
     ) -> Result<(PlaybookReport, String)> {
         write_private(
@@ -604,9 +628,15 @@ impl AnsibleDeployer {
         }
         // The callback plugin marks every module process on the hosts with
         // this run's id, so an interrupted run can be stopped there too.
-        match marker {
-            Some(m) => cmd.env(RUN_MARKER_VAR, m),
-            None => cmd.env_remove(RUN_MARKER_VAR),
+        let mut in_flight = match marker {
+            Some((m, tasks)) => {
+                cmd.env(RUN_MARKER_VAR, m);
+                Some(tasks)
+            }
+            None => {
+                cmd.env_remove(RUN_MARKER_VAR);
+                None
+            }
         };
         let started = Instant::now();
         let step = match mode {
@@ -644,52 +674,44 @@ impl AnsibleDeployer {
             check: mode == RunMode::Check,
             ..Default::default()
         };
-        let mut lines = BufReader::new(stdout).lines();
-        let mut cancelled = false;
-        loop {
-            tokio::select! {
-                line = lines.next_line() => match line {
-                    Ok(Some(line)) => match CallbackLine::parse(&line) {
-                        Some(l) => {
-                            report.absorb(&l);
-                            emit_line(&cx.events, &l, mode);
+        // Tasks running on some host: started there, no result yet.
+        let mut running: BTreeSet<(String, String)> = BTreeSet::new();
+        let driven = drive(
+            &mut child,
+            &mut guard,
+            stdout,
+            &cx.cancel,
+            INTERRUPT_GRACE,
+            |line| match CallbackLine::parse(&line) {
+                Some(l) => {
+                    if let (Some(host), Some(task)) = (&l.host, &l.task_uuid) {
+                        let key = (host.clone(), task.clone());
+                        match l.event.as_str() {
+                            "runner_start" => {
+                                running.insert(key);
+                            }
+                            "runner_ok" | "runner_failed" | "runner_skipped"
+                            | "runner_unreachable" => {
+                                running.remove(&key);
+                            }
+                            _ => {}
                         }
-                        None if !line.trim().is_empty() => {
-                            cx.events.log(LogLevel::Debug, format!("ansible: {line}"));
-                        }
-                        None => {}
-                    },
-                    Ok(None) => break,
-                    Err(e) => return Err(AnsibleError::io("reading ansible-playbook output", e).into()),
-                },
-                _ = cx.cancel.cancelled(), if !cancelled => {
-                    cancelled = true;
-                    interrupt(&mut child);
+                    }
+                    report.absorb(&l);
+                    emit_line(&cx.events, &l, mode);
                 }
-            }
-        }
-        let status = if cancelled {
-            match tokio::time::timeout(INTERRUPT_GRACE, child.wait()).await {
-                Ok(s) => s.ok(),
-                Err(_) => {
-                    signal_group(&child, Signal::SIGKILL);
-                    let _ = child.kill().await;
-                    None
+                None if !line.trim().is_empty() => {
+                    cx.events.log(LogLevel::Debug, format!("ansible: {line}"));
                 }
-            }
-        } else {
-            Some(
-                child
-                    .wait()
-                    .await
-                    .map_err(|e| AnsibleError::io("waiting for ansible-playbook", e))?,
-            )
-        };
-        if cancelled {
-            // Workers that outlived the interrupted parent go with the group.
-            signal_group(&child, Signal::SIGKILL);
+                None => {}
+            },
+        )
+        .await
+        .map_err(|e| AnsibleError::io("running ansible-playbook", e))?;
+        let (status, cancelled) = (driven.status, driven.interrupted);
+        if let Some(tasks) = in_flight.as_mut() {
+            tasks.extend(running.into_iter().map(|(_, task)| task));
         }
-        guard.disarm();
         let stderr = stderr_task.await.unwrap_or_default();
         if cancelled {
             return Err(AnsibleError::Cancelled.into());

@@ -25,6 +25,9 @@ pub struct CallbackLine {
     /// The module (`copy`, `command`).
     #[serde(default)]
     pub action: Option<String>,
+    /// Ansible's id of the task (marks the task's processes on the hosts).
+    #[serde(default)]
+    pub task_uuid: Option<String>,
     /// The play name, for `play_start`.
     #[serde(default)]
     pub play: Option<String>,

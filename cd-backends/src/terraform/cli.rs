@@ -6,14 +6,13 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use super::error::TerraformError;
 use super::ui::{parse_human_diagnostics, Diagnostic, UiMessage};
-use crate::process_group::{interrupt, signal_group, GroupGuard};
-use nix::sys::signal::Signal;
+use crate::process_group::{drive, GroupGuard};
 
 /// How much of stderr an error keeps.
 const STDERR_TAIL: usize = 4000;
@@ -183,54 +182,30 @@ impl Cli {
             String::from_utf8_lossy(&buf).into_owned()
         });
         let mut finished = Finished::default();
-        let mut lines = BufReader::new(stdout).lines();
-        let mut cancelled = false;
-        loop {
-            tokio::select! {
-                line = lines.next_line() => match line {
-                    Ok(Some(line)) => match UiMessage::parse(&line) {
-                        Some(msg) => {
-                            if let Some(d) = &msg.diagnostic {
-                                finished.diagnostics.push(d.clone());
-                            }
-                            on_message(msg);
+        let driven =
+            drive(
+                &mut child,
+                &mut guard,
+                stdout,
+                cancel,
+                self.grace,
+                |line| match UiMessage::parse(&line) {
+                    Some(msg) => {
+                        if let Some(d) = &msg.diagnostic {
+                            finished.diagnostics.push(d.clone());
                         }
-                        None => {
-                            on_line(&line);
-                            finished.text.push_str(&line);
-                            finished.text.push('\n');
-                        }
-                    },
-                    Ok(None) => break,
-                    Err(e) => return Err(TerraformError::io(format!("reading terraform {command} output"), e)),
-                },
-                _ = cancel.cancelled(), if !cancelled => {
-                    cancelled = true;
-                    interrupt(&mut child);
-                }
-            }
-        }
-        let status =
-            if cancelled {
-                match tokio::time::timeout(self.grace, child.wait()).await {
-                    Ok(s) => s.ok(),
-                    Err(_) => {
-                        signal_group(&child, Signal::SIGKILL);
-                        let _ = child.kill().await;
-                        None
+                        on_message(msg);
                     }
-                }
-            } else {
-                Some(child.wait().await.map_err(|e| {
-                    TerraformError::io(format!("waiting for terraform {command}"), e)
-                })?)
-            };
-        if cancelled {
-            // Provisioners terraform started and abandoned on interrupt go
-            // with the group.
-            signal_group(&child, Signal::SIGKILL);
-        }
-        guard.disarm();
+                    None => {
+                        on_line(&line);
+                        finished.text.push_str(&line);
+                        finished.text.push('\n');
+                    }
+                },
+            )
+            .await
+            .map_err(|e| TerraformError::io(format!("running terraform {command}"), e))?;
+        let (status, cancelled) = (driven.status, driven.interrupted);
         finished.stderr = stderr_task.await.unwrap_or_default();
         finished.interrupted = cancelled;
         finished.code = status.and_then(|s| s.code());
