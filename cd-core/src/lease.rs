@@ -90,6 +90,13 @@ impl EnvironmentLease {
         let holder = request.holder.clone();
         let deadline = clock::instant_after(settings.wait_timeout);
         let mut announced = false;
+        // Dropped while waiting (the caller's own timeout): leave no waiter
+        // row behind to make everyone else wait for "an earlier waiter".
+        let mut waiting = Forget {
+            store: Some(store.clone()),
+            environment: env.clone(),
+            holder: holder.clone(),
+        };
         loop {
             match store.try_acquire_lock(&request).await? {
                 LockAttempt::Acquired(_) => {
@@ -141,6 +148,7 @@ impl EnvironmentLease {
                 }
             }
         }
+        waiting.store = None;
         let lost = CancellationToken::new();
         let heartbeat = {
             let store = store.clone();
@@ -149,16 +157,29 @@ impl EnvironmentLease {
             let lost = lost.clone();
             let every = (ttl / 3).max(Duration::from_millis(10));
             tokio::spawn(async move {
+                let mut renewed = tokio::time::Instant::now();
                 loop {
                     tokio::time::sleep(every).await;
-                    if let Err(e) = store.renew_lock(&env, &holder, ttl).await {
-                        emitter.emit(EventKind::Lock {
-                            environment: env.clone(),
-                            status: "lost".into(),
-                            message: e.to_string(),
-                        });
-                        lost.cancel();
-                        break;
+                    match store.renew_lock(&env, &holder, ttl).await {
+                        Ok(_) => renewed = tokio::time::Instant::now(),
+                        // A transient store error (busy, I/O): try again
+                        // while the lease may still be ours.
+                        Err(e) if e.kind() != ErrorKind::Locked && renewed.elapsed() < ttl => {
+                            emitter.emit(EventKind::Lock {
+                                environment: env.clone(),
+                                status: "renewal_failed".into(),
+                                message: e.to_string(),
+                            });
+                        }
+                        Err(e) => {
+                            emitter.emit(EventKind::Lock {
+                                environment: env.clone(),
+                                status: "lost".into(),
+                                message: e.to_string(),
+                            });
+                            lost.cancel();
+                            break;
+                        }
                     }
                 }
             })
@@ -214,6 +235,28 @@ impl Drop for EnvironmentLease {
         // runtime still runs; otherwise it lapses at its ttl.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let store = self.store.clone();
+            let (env, holder) = (self.environment.clone(), self.holder.clone());
+            rt.spawn(async move {
+                let _ = store.release_lock(&env, &holder).await;
+            });
+        }
+    }
+}
+
+/// Withdraws a waiting request when dropped (unless disarmed by taking
+/// `store`).
+struct Forget {
+    store: Option<Arc<dyn Store>>,
+    environment: String,
+    holder: String,
+}
+
+impl Drop for Forget {
+    fn drop(&mut self) {
+        let Some(store) = self.store.take() else {
+            return;
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let (env, holder) = (self.environment.clone(), self.holder.clone());
             rt.spawn(async move {
                 let _ = store.release_lock(&env, &holder).await;

@@ -53,6 +53,7 @@ struct State {
     live: BTreeMap<String, Revision>,
     replaced: BTreeMap<String, Vec<Revision>>,
     fail_on: HashSet<String>,
+    unreachable: HashSet<String>,
     applied: Vec<String>,
     rolled_back: Vec<String>,
 }
@@ -86,6 +87,22 @@ impl MemoryDeployer {
     /// Applies to `target` fail from now on ("disk full").
     pub fn fail_on(&self, target: &str) {
         self.lock().fail_on.insert(target.to_string());
+    }
+
+    /// `target` cannot be reached from now on: `current`, `apply` and
+    /// `rollback` fail there with [`crate::ErrorKind::Unavailable`] ("cannot
+    /// connect"), as a host whose sshd stopped.
+    pub fn unreachable(&self, target: &str) {
+        self.lock().unreachable.insert(target.to_string());
+    }
+
+    fn reach(&self, target: &str) -> Result<()> {
+        if self.lock().unreachable.contains(target) {
+            return Err(
+                Error::unavailable(format!("cannot connect to {target}")).with("target", target)
+            );
+        }
+        Ok(())
     }
 
     /// The targets, as a list (the same as [`Deployer::targets`]).
@@ -141,6 +158,7 @@ impl Deployer for MemoryDeployer {
     }
 
     async fn current(&self, target: &Target) -> Result<Option<Revision>> {
+        self.reach(&target.name)?;
         Ok(self.lock().live.get(&target.name).cloned())
     }
 
@@ -156,6 +174,7 @@ impl Deployer for MemoryDeployer {
 
     async fn apply(&self, plan: &Plan, cx: &DeployContext) -> Result<Revision> {
         let name = &plan.target.name;
+        self.reach(name)?;
         if plan.is_noop() {
             if let Some(live) = self.current(&plan.target).await? {
                 return Ok(live);
@@ -198,6 +217,7 @@ impl Deployer for MemoryDeployer {
         if cx.cancel.is_cancelled() {
             return Err(Error::cancelled().with("target", &target.name));
         }
+        self.reach(&target.name)?;
         let mut st = self.lock();
         st.rolled_back.push(target.name.clone());
         let to = match to {

@@ -223,7 +223,7 @@ impl Analysis {
         let name = monitor.name();
         let (mut ok, mut failing, mut no_data, mut errors_in_row) = (0u32, 0u32, 0u32, 0u32);
         let mut last_failure = String::new();
-        for i in 0..self.count {
+        for i in 0..self.count.max(1) {
             if i > 0 {
                 tokio::select! {
                     _ = tokio::time::sleep(self.interval) => {}
@@ -280,6 +280,13 @@ impl Analysis {
         if no_data > self.inconclusive_limit {
             return Ok(AnalysisOutcome::Inconclusive(format!(
                 "{name}: {no_data} sample(s) without data"
+            )));
+        }
+        if ok == 0 && failing > 0 {
+            // Failures within the limit, but nothing healthy to weigh them
+            // against: never a pass, not even an inconclusive one.
+            return Ok(AnalysisOutcome::Fail(format!(
+                "{name}: no healthy sample, {failing} failing: {last_failure}"
             )));
         }
         if ok == 0 {

@@ -138,6 +138,11 @@ impl fmt::Debug for Runner {
     }
 }
 
+/// The shortest wait between two evaluations of a waiting gate: a gate that
+/// asks to be rechecked at once is rechecked after this (each recheck writes
+/// to the store).
+pub const MIN_RECHECK: Duration = Duration::from_millis(50);
+
 type AttemptFuture = Pin<Box<dyn Future<Output = (usize, Result<Attempt>, Duration)> + Send>>;
 
 enum Attempt {
@@ -296,7 +301,7 @@ impl Runner {
             store,
             concurrency: 4,
             default_timeout: None,
-            grace: Duration::from_secs(30),
+            grace: Duration::from_secs(60),
             retry_on_timeout: false,
             retry: RetryPolicy::default(),
             fail_fast: true,
@@ -336,7 +341,7 @@ impl Runner {
         self
     }
 
-    /// Default grace period (30 s): after a node's timeout fires or the run
+    /// Default grace period (60 s): after a node's timeout fires or the run
     /// is cancelled, how long the node has to stop cooperatively (revert,
     /// stop its tools) before its future is dropped. Per node:
     /// [`crate::PipelineBuilder::grace`]. Compensation rollbacks get the
@@ -752,10 +757,17 @@ impl Runner {
             Ok(status) => status,
             Err(e) => {
                 run_cancel.cancel();
+                emitter.emit(EventKind::RunFinished {
+                    status: RunStatus::Failed,
+                });
+                store_sink.flush().await;
+                let _ = self
+                    .store
+                    .set_run_status(&run.id, RunStatus::Failed, Some(Utc::now()))
+                    .await;
                 if let Some(lease) = lease {
                     let _ = lease.release().await;
                 }
-                store_sink.flush().await;
                 return Err(e);
             }
         };
@@ -1037,12 +1049,28 @@ impl Execution<'_> {
         false
     }
 
+    /// Runs the nodes. When the store fails, the attempts still running are
+    /// cancelled and waited for (each within its grace period) before the
+    /// error is returned: nothing keeps deploying after the run gave up its
+    /// lease.
     async fn main_loop(&mut self) -> Result<RunStatus> {
+        let mut running: FuturesUnordered<AttemptFuture> = FuturesUnordered::new();
+        let result = self.schedule(&mut running).await;
+        if result.is_err() {
+            self.run_cancel.cancel();
+            while running.next().await.is_some() {}
+        }
+        result
+    }
+
+    async fn schedule(
+        &mut self,
+        running: &mut FuturesUnordered<AttemptFuture>,
+    ) -> Result<RunStatus> {
         let n = self.pipeline.len();
         let mut remaining = vec![0usize; n];
         let mut ready: VecDeque<usize> = VecDeque::new();
         let mut timers: BinaryHeap<Reverse<(Instant, usize)>> = BinaryHeap::new();
-        let mut running: FuturesUnordered<AttemptFuture> = FuturesUnordered::new();
         let mut starting: Vec<usize> = Vec::new();
         let mut done = Vec::new();
         let mut failed = false;
@@ -1191,7 +1219,7 @@ impl Execution<'_> {
                 recheck_after,
                 reason,
             })) => {
-                let recheck_after = clock::clamp(recheck_after);
+                let recheck_after = clock::clamp(recheck_after).max(MIN_RECHECK);
                 let st = &mut self.states[i];
                 st.status = NodeStatus::Waiting;
                 st.waiting_since = Some(Instant::now());
@@ -1342,25 +1370,29 @@ impl Execution<'_> {
             let output = self.states[i].output.clone().unwrap_or_default();
             let t = Instant::now();
             let never = CancellationToken::new();
-            let res =
-                match bounded(stage.rollback(&cx, &output), timeout, &never, &own, grace).await {
-                    (None, Some(r)) => r,
-                    (_, Some(Ok(()))) => Ok(()),
-                    (_, settled) => Err(Error::new(
-                        ErrorKind::Timeout,
-                        format!(
-                            "rollback timed out after {}{}",
-                            fmt_duration(timeout.unwrap_or_default()),
-                            match settled {
-                                Some(Err(e)) => format!("; then: {e}"),
-                                _ => format!(
-                                    "; did not stop within the grace period of {}, abandoned",
-                                    fmt_duration(grace)
-                                ),
-                            }
-                        ),
-                    )),
-                };
+            let rollback = std::panic::AssertUnwindSafe(stage.rollback(&cx, &output))
+                .catch_unwind()
+                .map(|r| {
+                    r.unwrap_or_else(|_| Err(Error::failed("rollback panicked").retryable(false)))
+                });
+            let res = match bounded(rollback, timeout, &never, &own, grace).await {
+                (None, Some(r)) => r,
+                (_, Some(Ok(()))) => Ok(()),
+                (_, settled) => Err(Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "rollback timed out after {}{}",
+                        fmt_duration(timeout.unwrap_or_default()),
+                        match settled {
+                            Some(Err(e)) => format!("; then: {e}"),
+                            _ => format!(
+                                "; did not stop within the grace period of {}, abandoned",
+                                fmt_duration(grace)
+                            ),
+                        }
+                    ),
+                )),
+            };
             match res {
                 Ok(()) if self.states[i].status == NodeStatus::Failed => {
                     // A late success undone: the node stays failed.

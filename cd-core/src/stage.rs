@@ -280,7 +280,7 @@ impl StageContext {
 ///    [`StageContext::cancel_token`] fires. Nothing is dropped yet.
 /// 2. The stage then has the node's *grace period*
 ///    ([`crate::PipelineBuilder::grace`], default [`crate::Runner::grace`],
-///    30 s) to stop: revert what it half did (a rollout strategy reverts the
+///    60 s) to stop: revert what it half did (a rollout strategy reverts the
 ///    targets it switched), interrupt its tools and wait for them. Clean-up
 ///    work must not itself stop at the fired token: use a fresh one
 ///    ([`crate::DeployContext::for_cleanup`]).

@@ -235,6 +235,9 @@ pub enum ReleaseStatus {
     Superseded,
     /// Deployed, then rolled back.
     RolledBack,
+    /// Deployed, then rolled back on some targets only (others could not be
+    /// reached): its revisions list the targets still on it.
+    PartiallyRolledBack,
     /// Failed to deploy (and was rolled back where possible).
     Failed,
 }
@@ -247,6 +250,7 @@ impl ReleaseStatus {
             ReleaseStatus::Live => "live",
             ReleaseStatus::Superseded => "superseded",
             ReleaseStatus::RolledBack => "rolled_back",
+            ReleaseStatus::PartiallyRolledBack => "partially_rolled_back",
             ReleaseStatus::Failed => "failed",
         }
     }
@@ -257,6 +261,7 @@ impl ReleaseStatus {
             "deploying" => ReleaseStatus::Deploying,
             "live" => ReleaseStatus::Live,
             "superseded" => ReleaseStatus::Superseded,
+            "partially_rolled_back" => ReleaseStatus::PartiallyRolledBack,
             "rolled_back" => ReleaseStatus::RolledBack,
             "failed" => ReleaseStatus::Failed,
             _ => return None,

@@ -166,11 +166,19 @@ async fn revert(
 
 /// Deploys one target: reads what is live, plans, applies unless the plan is
 /// a no-op. Returns (previous, now live).
+/// A target whose apply failed after it was planned: what was live before,
+/// so the abort can restore it when the failed apply left it changed.
+type HalfDone = Vec<(Target, Option<Revision>)>;
+
+/// Deploys one target: reads what is live, plans, applies unless the plan is
+/// a no-op. Returns (previous, now live, no-op). When the apply itself fails
+/// (or is cancelled), the target and what was live before go to `half_done`.
 async fn deploy_one(
     deployer: &dyn Deployer,
     release: &Release,
     target: &Target,
     cx: &DeployContext,
+    half_done: &std::sync::Mutex<HalfDone>,
 ) -> Result<(Option<Revision>, Revision, bool)> {
     if cx.cancel.is_cancelled() {
         return Err(Error::cancelled().with("target", &target.name));
@@ -196,10 +204,16 @@ async fn deploy_one(
         .await
         .map_err(|e| e.with("target", &target.name).with("step", "plan"))?;
     let t = std::time::Instant::now();
-    let rev = deployer
-        .apply(&plan, cx)
-        .await
-        .map_err(|e| e.with("target", &target.name))?;
+    let rev = match deployer.apply(&plan, cx).await {
+        Ok(rev) => rev,
+        Err(e) => {
+            half_done
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((target.clone(), previous));
+            return Err(e.with("target", &target.name));
+        }
+    };
     cx.events.progress(
         Some(&target.name),
         "deploy",
@@ -217,8 +231,14 @@ async fn deploy_group(
     targets: &[Target],
     cx: &DeployContext,
     report: &mut RolloutReport,
+    half_done: &std::sync::Mutex<HalfDone>,
 ) -> Vec<(String, Error)> {
-    let results = join_all(targets.iter().map(|t| deploy_one(deployer, release, t, cx))).await;
+    let results = join_all(
+        targets
+            .iter()
+            .map(|t| deploy_one(deployer, release, t, cx, half_done)),
+    )
+    .await;
     let mut failures = Vec::new();
     for (t, r) in targets.iter().zip(results) {
         match r {
@@ -248,30 +268,88 @@ fn reverted_list(switched: &[Revision]) -> String {
     )
 }
 
-/// Reverts what `report` switched, then returns the error that caused it
-/// (or the revert's own error, which says more).
+/// Reverts what `report` switched, and restores each target whose apply
+/// failed or was cancelled part-way when it is no longer on what was live
+/// before (a deployer may leave an interrupted target on the new release).
+/// Returns the error that caused it, with what was restored, or the
+/// revert's own error, which says more.
 async fn abort(
     deployer: &dyn Deployer,
     report: &RolloutReport,
+    half_done: &std::sync::Mutex<HalfDone>,
     cx: &DeployContext,
     error: Error,
 ) -> Error {
-    match revert(
+    let reverted = revert(
         deployer,
         &report.deployed,
         &report.previous,
         &report.strategy,
         cx,
     )
-    .await
-    {
-        Ok(()) => error,
-        Err(e) => Error::new(
-            error.kind(),
-            format!("{error}; rolling back failed too: {e}"),
-        )
-        .retryable(false),
+    .await;
+    let cleanup = cx.for_cleanup();
+    let half_done = std::mem::take(&mut *half_done.lock().unwrap_or_else(|p| p.into_inner()));
+    let mut restored = Vec::new();
+    let mut restore_failed: Option<Error> = None;
+    for (target, previous) in half_done {
+        let now = match deployer.current(&target).await {
+            Ok(now) => now,
+            Err(e) => {
+                restore_failed.get_or_insert(e.with("target", &target.name));
+                continue;
+            }
+        };
+        let was = previous.as_ref().map(|p| p.version.as_str());
+        if now.as_ref().map(|r| r.version.as_str()) == was {
+            continue; // left as it was
+        }
+        match deployer
+            .rollback(&target, previous.as_ref(), &cleanup)
+            .await
+        {
+            Ok(_) => {
+                cx.events.progress(
+                    Some(&target.name),
+                    "rollback",
+                    "ok",
+                    None,
+                    Some(format!(
+                        "interrupted mid-apply; back on {}",
+                        was.unwrap_or("nothing")
+                    )),
+                );
+                restored.push(target.name.clone());
+            }
+            Err(e) => {
+                restore_failed.get_or_insert(e.with("target", &target.name));
+            }
+        }
     }
+    let mut message = error.message().to_string();
+    if !restored.is_empty() {
+        message.push_str(&format!(
+            "; interrupted mid-apply and restored: {}",
+            restored.join(", ")
+        ));
+    }
+    let trouble = match (reverted, restore_failed) {
+        (Err(e), _) | (Ok(()), Some(e)) => Some(e),
+        (Ok(()), None) => None,
+    };
+    let mut out = match trouble {
+        None if restored.is_empty() => return error,
+        None => Error::new(error.kind(), message),
+        Some(e) => Error::new(
+            error.kind(),
+            format!("{message}; rolling back failed too: {e}"),
+        ),
+    }
+    .retryable(false);
+    for (k, v) in error.context_pairs() {
+        out = out.with(k, v);
+    }
+    out
 }
 
 fn failure_error(strategy: &str, failures: &[(String, Error)], switched: &[Revision]) -> Error {
@@ -389,6 +467,7 @@ impl Strategy for Rolling {
             ..Default::default()
         };
         let mut failures: Vec<(String, Error)> = Vec::new();
+        let half_done = std::sync::Mutex::new(HalfDone::new());
         let batches: Vec<&[Target]> = targets.chunks(self.batch_size.max(1)).collect();
         let total = batches.len();
         for (b, batch) in batches.into_iter().enumerate() {
@@ -405,14 +484,14 @@ impl Strategy for Rolling {
                 ),
             });
             let before = report.deployed.len();
-            let mut f = deploy_group(deployer, release, batch, cx, &mut report).await;
+            let mut f = deploy_group(deployer, release, batch, cx, &mut report, &half_done).await;
             failures.append(&mut f);
             if failures.len() > self.max_failures || cx.cancel.is_cancelled() {
                 if failures.is_empty() {
                     failures.push(("-".into(), Error::cancelled()));
                 }
                 let err = failure_error("rolling", &failures, &report.deployed);
-                return Err(abort(deployer, &report, cx, err).await);
+                return Err(abort(deployer, &report, &half_done, cx, err).await);
             }
             let batch_targets: Vec<Target> = report.deployed[before..]
                 .iter()
@@ -429,7 +508,7 @@ impl Strategy for Rolling {
                             reverted_list(&report.deployed)
                         ),
                     );
-                    return Err(abort(deployer, &report, cx, err).await);
+                    return Err(abort(deployer, &report, &half_done, cx, err).await);
                 }
             };
             if !outcome.is_pass() {
@@ -438,8 +517,13 @@ impl Strategy for Rolling {
                     b + 1,
                     reverted_list(&report.deployed)
                 ));
-                return Err(abort(deployer, &report, cx, err).await);
+                return Err(abort(deployer, &report, &half_done, cx, err).await);
             }
+        }
+        if report.deployed.is_empty() && !failures.is_empty() {
+            // Every target failed: nothing went live, whatever the tolerance.
+            let err = failure_error("rolling", &failures, &report.deployed);
+            return Err(abort(deployer, &report, &half_done, cx, err).await);
         }
         report.noop = report.already_live_everywhere();
         report.failed = failures
@@ -584,6 +668,7 @@ impl Strategy for Canary {
         };
         let total = targets.len();
         let mut done = 0usize;
+        let half_done = std::sync::Mutex::new(HalfDone::new());
         for (s, pct) in self.steps.iter().enumerate() {
             let want = (total.saturating_mul(*pct as usize).div_ceil(100))
                 .max(done + 1)
@@ -608,14 +693,15 @@ impl Strategy for Canary {
                     self.steps.len()
                 ),
             });
-            let mut failures = deploy_group(deployer, release, group, cx, &mut report).await;
+            let mut failures =
+                deploy_group(deployer, release, group, cx, &mut report, &half_done).await;
             done = want;
             if failures.is_empty() && cx.cancel.is_cancelled() {
                 failures.push(("-".into(), Error::cancelled()));
             }
             if !failures.is_empty() {
                 let err = failure_error("canary", &failures, &report.deployed);
-                return Err(abort(deployer, &report, cx, err).await);
+                return Err(abort(deployer, &report, &half_done, cx, err).await);
             }
             // Judged after every step, the last one too: never promoted unjudged.
             let outcome = match analyse(&self.monitor, release, targets[..done].to_vec(), cx).await
@@ -630,7 +716,7 @@ impl Strategy for Canary {
                             reverted_list(&report.deployed)
                         ),
                     );
-                    return Err(abort(deployer, &report, cx, err).await);
+                    return Err(abort(deployer, &report, &half_done, cx, err).await);
                 }
             };
             let pass = match &outcome {
@@ -648,7 +734,7 @@ impl Strategy for Canary {
                     s + 1,
                     reverted_list(&report.deployed)
                 ));
-                return Err(abort(deployer, &report, cx, err).await);
+                return Err(abort(deployer, &report, &half_done, cx, err).await);
             }
         }
         cx.events.emit(EventKind::Rollout {
@@ -767,7 +853,14 @@ impl Strategy for BlueGreen {
                 live.map(|t| t.name.as_str()).unwrap_or("none")
             ),
         });
-        let (prev, rev, _) = deploy_one(deployer, release, idle, cx).await?;
+        let half_done = std::sync::Mutex::new(HalfDone::new());
+        let (prev, rev, _) = match deploy_one(deployer, release, idle, cx, &half_done).await {
+            Ok(r) => r,
+            Err(e) => {
+                let e = e.with("target", &idle.name);
+                return Err(abort(deployer, &report, &half_done, cx, e).await);
+            }
+        };
         report.previous.insert(idle.name.clone(), prev);
         report.deployed.push(rev);
         let stays_on = live.map(|t| t.name.as_str()).unwrap_or("none");
@@ -782,7 +875,7 @@ impl Strategy for BlueGreen {
                     ),
                 )
                 .with("target", &idle.name);
-                return Err(abort(deployer, &report, cx, err).await);
+                return Err(abort(deployer, &report, &half_done, cx, err).await);
             }
         };
         if !outcome.is_pass() {
@@ -791,7 +884,7 @@ impl Strategy for BlueGreen {
                 idle.name
             ))
             .with("target", &idle.name);
-            return Err(abort(deployer, &report, cx, err).await);
+            return Err(abort(deployer, &report, &half_done, cx, err).await);
         }
         if cx.cancel.is_cancelled() {
             let err = Error::new(
@@ -801,7 +894,7 @@ impl Strategy for BlueGreen {
                     idle.name
                 ),
             );
-            return Err(abort(deployer, &report, cx, err).await);
+            return Err(abort(deployer, &report, &half_done, cx, err).await);
         }
         self.router.switch(&idle.name, cx).await?;
         cx.events.emit(EventKind::Rollout {

@@ -269,6 +269,13 @@ impl Plan {
 /// Longest environment name accepted, in bytes.
 pub const MAX_ENVIRONMENT_LEN: usize = 128;
 
+/// Characters that render as nothing, so that two names that look the same
+/// differ: zero-width spaces and joiners, directional marks, word joiners,
+/// the byte-order mark, the soft hyphen.
+fn is_invisible(c: char) -> bool {
+    matches!(c, '\u{00AD}' | '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{FEFF}')
+}
+
 /// Checks an environment name at the API boundary (runner, deploy stage,
 /// restore, locks): not empty, at most [`MAX_ENVIRONMENT_LEN`] bytes, no
 /// leading or trailing whitespace, no control characters. `production` and
@@ -284,6 +291,7 @@ pub const MAX_ENVIRONMENT_LEN: usize = 128;
 /// assert!(validate_environment("production ").is_err());
 /// assert!(validate_environment("").is_err());
 /// assert!(validate_environment("prod\n").is_err());
+/// assert!(validate_environment("production\u{200B}").is_err());
 /// ```
 pub fn validate_environment(name: &str) -> crate::Result<()> {
     let problem = if name.is_empty() {
@@ -294,6 +302,8 @@ pub fn validate_environment(name: &str) -> crate::Result<()> {
         Some("has leading or trailing whitespace")
     } else if name.chars().any(char::is_control) {
         Some("contains a control character")
+    } else if name.chars().any(is_invisible) {
+        Some("contains an invisible character (zero-width space, joiner, byte-order mark, soft hyphen)")
     } else {
         None
     };

@@ -208,3 +208,77 @@ async fn blue_green_does_not_switch_when_verification_fails() {
     assert!(err.to_string().contains("failed verification"), "{err}");
     assert_eq!(router.active().await.unwrap().as_deref(), Some("blue"));
 }
+
+/// A deployer that switches a target first and then waits for its restart:
+/// a cancellation during the wait leaves the target on the new release (as
+/// an SSH switch or a half-done Terraform apply can).
+struct SwitchesFirst(MemoryDeployer);
+
+#[async_trait]
+impl Deployer for SwitchesFirst {
+    fn name(&self) -> &str {
+        "switches-first"
+    }
+    fn targets(&self) -> Vec<Target> {
+        self.0.targets()
+    }
+    async fn current(&self, target: &Target) -> Result<Option<Revision>> {
+        self.0.current(target).await
+    }
+    async fn plan(&self, release: &Release, target: &Target, cx: &DeployContext) -> Result<Plan> {
+        self.0.plan(release, target, cx).await
+    }
+    async fn apply(&self, plan: &Plan, cx: &DeployContext) -> Result<Revision> {
+        let rev = self.0.apply(plan, &DeployContext::detached("x")).await?;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => Ok(rev),
+            _ = cx.cancel.cancelled() => Err(Error::cancelled()),
+        }
+    }
+    async fn rollback(
+        &self,
+        target: &Target,
+        to: Option<&Revision>,
+        cx: &DeployContext,
+    ) -> Result<Option<Revision>> {
+        self.0.rollback(target, to, cx).await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_target_left_switched_by_a_cancelled_apply_is_restored() {
+    let d = SwitchesFirst(fleet(3));
+    deploy_all(&d.0, "v1").await;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let cx = DeployContext::new(Emitter::noop(), cancel.clone(), "test");
+    let c = cancel.clone();
+    tokio::spawn(async move {
+        // web1 done at 1 s; cancel while web2 waits for its restart.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        c.cancel();
+    });
+    let err = Rolling::new()
+        .deploy(&d, &Release::new("v2"), &d.targets(), &cx)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Cancelled, "{err}");
+    assert!(
+        err.to_string()
+            .contains("interrupted mid-apply and restored: web2"),
+        "{err}"
+    );
+    assert_eq!(d.0.versions(), ["v1", "v1", "v1"], "no target left on v2");
+}
+
+#[tokio::test]
+async fn a_rolling_deploy_where_every_target_fails_is_an_error_whatever_the_tolerance() {
+    let d = fleet(2);
+    d.fail_on("web1");
+    d.fail_on("web2");
+    let err = Rolling::new()
+        .max_failures(5)
+        .deploy(&d, &Release::new("v1"), &d.targets(), &cx())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("web1, web2"), "{err}");
+}

@@ -12,8 +12,8 @@ use cd_core::strategy::RolloutReport;
 use cd_core::types::validate_environment;
 use cd_core::{
     Analysis, BlueGreen, Canary, Capabilities, DeployContext, Deployer, EnvironmentLease, Error,
-    ErrorKind, LockRequest, LockSettings, Monitor, ReleaseRecord, ReleaseStatus, Result, Rolling,
-    Router, Stage, StageContext, StageOutput, Store, Strategy, Target,
+    ErrorKind, LockRequest, LockSettings, Monitor, ReleaseRecord, ReleaseStatus, Result, Revision,
+    Rolling, Router, Stage, StageContext, StageOutput, Store, Strategy, Target,
 };
 
 #[derive(Clone)]
@@ -58,6 +58,103 @@ pub struct DeployOutput {
 }
 
 impl Deploy {
+    /// After a compensation that could not roll every target back: asks
+    /// each target what it runs and records that in the history (the
+    /// release keeps only the targets still on it, `partially_rolled_back`;
+    /// the release before it is `live` again where targets went back), then
+    /// returns an error naming which target is on which release.
+    async fn record_partial_rollback(
+        &self,
+        store: &dyn Store,
+        out: &DeployOutput,
+        cause: Error,
+    ) -> Error {
+        let version = out.rollout.version.clone();
+        let known: std::collections::BTreeMap<String, Target> = self
+            .target_list()
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect();
+        let (mut still, mut back, mut unknown) = (Vec::new(), Vec::new(), Vec::new());
+        for rev in &out.rollout.deployed {
+            let target = known
+                .get(&rev.target)
+                .cloned()
+                .unwrap_or_else(|| Target::new(rev.target.clone()));
+            match self.deployer.current(&target).await {
+                Ok(Some(cur)) if cur.version == version => still.push(cur),
+                Ok(cur) => back.push((rev.target.clone(), cur)),
+                // Cannot tell: count it as still on the release.
+                Err(_) => {
+                    unknown.push(rev.target.clone());
+                    still.push(rev.clone());
+                }
+            }
+        }
+        let history = store
+            .release_history(&out.environment, HISTORY_LIMIT)
+            .await
+            .unwrap_or_default();
+        let now = Utc::now();
+        let me = history.iter().position(|r| r.id == out.release_id);
+        if let Some(p) = me {
+            let mut r = history[p].clone();
+            r.status = if still.is_empty() {
+                ReleaseStatus::RolledBack
+            } else {
+                ReleaseStatus::PartiallyRolledBack
+            };
+            r.revisions = still.clone();
+            r.updated_at = now;
+            let _ = store.put_release(&r).await;
+            if !back.is_empty() {
+                if let Some(prev) = history[p + 1..]
+                    .iter()
+                    .find(|r| r.status == ReleaseStatus::Superseded)
+                {
+                    let mut prev = prev.clone();
+                    prev.status = ReleaseStatus::Live;
+                    prev.revisions = back.iter().filter_map(|(_, cur)| cur.clone()).collect();
+                    prev.updated_at = now;
+                    let _ = store.put_release(&prev).await;
+                }
+            }
+        }
+        let names = |v: &[Revision]| {
+            v.iter()
+                .map(|r| r.target.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let back_text = back
+            .iter()
+            .map(|(t, cur)| {
+                format!(
+                    "{t} on {}",
+                    cur.as_ref()
+                        .map(|c| c.version.as_str())
+                        .unwrap_or("nothing")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        Error::new(
+            cause.kind(),
+            format!(
+                "rollback of {version} incomplete: still on {version}: {}{}; rolled back: {}; first error: {cause}",
+                if still.is_empty() { "none".to_string() } else { names(&still) },
+                if unknown.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (unreachable: {})", unknown.join(", "))
+                },
+                if back_text.is_empty() { "none".to_string() } else { back_text },
+            ),
+        )
+        .with("environment", &out.environment)
+        .retryable(false)
+    }
+
     /// Deploys with `deployer` to all its targets, one at a time.
     pub fn new(deployer: impl Deployer) -> Self {
         Self::shared(Arc::new(deployer))
@@ -234,7 +331,10 @@ impl Deploy {
         };
         let result = self.restore_locked(store.as_ref(), request, cx).await;
         if let Some(lease) = lease {
-            lease.release().await?;
+            if let Err(e) = lease.release().await {
+                // The lease lapses at its ttl; the restore's outcome stands.
+                tracing::warn!(target: "cd::deploy", "could not release the lease after a restore: {e}");
+            }
         }
         result
     }
@@ -247,7 +347,7 @@ impl Deploy {
     ) -> Result<RolloutReport> {
         let environment = request.environment.as_str();
         // Newest first.
-        let history = store.release_history(environment, 1000).await?;
+        let history = store.release_history(environment, HISTORY_LIMIT).await?;
         let went_live =
             |r: &ReleaseRecord| matches!(r.status, ReleaseStatus::Live | ReleaseStatus::Superseded);
         let live = history.iter().position(|r| r.status == ReleaseStatus::Live);
@@ -398,6 +498,31 @@ impl Restore {
     }
 }
 
+/// How many history records restore and compensation read (newest first).
+const HISTORY_LIMIT: usize = 100_000;
+
+/// Marks a release record `failed` when dropped while armed.
+struct RecordGuard {
+    store: Option<Arc<dyn Store>>,
+    record: ReleaseRecord,
+}
+
+impl Drop for RecordGuard {
+    fn drop(&mut self) {
+        let Some(store) = self.store.take() else {
+            return;
+        };
+        let mut record = self.record.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                record.status = ReleaseStatus::Failed;
+                record.updated_at = Utc::now();
+                let _ = store.put_release(&record).await;
+            });
+        }
+    }
+}
+
 fn uuid_like(version: &str) -> String {
     format!(
         "{}-{}",
@@ -408,7 +533,7 @@ fn uuid_like(version: &str) -> String {
 
 async fn set_status(store: &dyn Store, env: &str, id: &str, status: ReleaseStatus) -> Result<()> {
     if let Some(mut r) = store
-        .release_history(env, 1000)
+        .release_history(env, HISTORY_LIMIT)
         .await?
         .into_iter()
         .find(|r| r.id == id)
@@ -469,7 +594,40 @@ impl Stage for Deploy {
             updated_at: now,
             restored_from: None,
         };
+        // Deploying to another environment than the run's: hold that
+        // environment's lease too, so a restore or another run cannot deploy
+        // there at the same time.
+        let lease = if env != cx.environment() {
+            let settings = LockSettings::default();
+            Some(
+                EnvironmentLease::acquire(
+                    store.clone(),
+                    LockRequest {
+                        environment: env.clone(),
+                        holder: holder_name(
+                            &record.actor,
+                            &format!("{} node {}", cx.run_id(), cx.node()),
+                        ),
+                        run_id: Some(cx.run_id().to_string()),
+                        message: format!("run {} deploys {}", cx.run_id(), cx.release().version),
+                        ttl: settings.ttl,
+                    },
+                    &settings,
+                    cx.cancel_token(),
+                    cx.events(),
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         store.put_release(&record).await?;
+        // Dropped before the outcome is recorded (the node's grace ran out):
+        // the record says failed, not deploying.
+        let mut guard = RecordGuard {
+            store: Some(store.clone()),
+            record: record.clone(),
+        };
         let strategy = self.strategy_value();
         let dcx = self.context_for(cx);
         let result = strategy
@@ -480,10 +638,14 @@ impl Stage for Deploy {
                 &dcx,
             )
             .await;
+        guard.store = None;
+        if let Some(lease) = lease {
+            let _ = lease.release().await;
+        }
         match result {
             Ok(report) => {
                 let now = Utc::now();
-                for mut r in store.release_history(&env, 1000).await? {
+                for mut r in store.release_history(&env, HISTORY_LIMIT).await? {
                     if r.status == ReleaseStatus::Live && r.id != record.id {
                         r.status = ReleaseStatus::Superseded;
                         r.updated_at = now;
@@ -510,12 +672,18 @@ impl Stage for Deploy {
     }
 
     async fn rollback(&self, cx: &StageContext, output: &StageOutput) -> Result<()> {
+        // (see `record_partial_rollback` for a rollback that cannot reach
+        // every target)
         let out: DeployOutput = output.parse()?;
         let store = cx.store().clone();
         let dcx = self.context_for(cx);
-        self.strategy_value()
+        if let Err(e) = self
+            .strategy_value()
             .rollback(self.deployer.as_ref(), &out.rollout, &dcx)
-            .await?;
+            .await
+        {
+            return Err(self.record_partial_rollback(store.as_ref(), &out, e).await);
+        }
         if out.rollout.noop {
             return Ok(());
         }
@@ -527,7 +695,9 @@ impl Stage for Deploy {
         )
         .await?;
         // The release it replaced is live again.
-        let history = store.release_history(&out.environment, 1000).await?;
+        let history = store
+            .release_history(&out.environment, HISTORY_LIMIT)
+            .await?;
         let me = history.iter().position(|r| r.id == out.release_id);
         if let Some(prev) = me.and_then(|p| {
             history[p + 1..]

@@ -103,7 +103,9 @@ pub async fn generate(req: Request, opts: LoadOptions) -> LoadReport {
     let req = Arc::new(req);
     let issued = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
-    let deadline = opts.duration.map(|d| started + d);
+    let deadline = opts
+        .duration
+        .map(|d| cd_core::clock::instant_add(started, d));
     let limit = opts
         .requests
         .unwrap_or(if deadline.is_some() { u64::MAX } else { 0 });
@@ -114,7 +116,7 @@ pub async fn generate(req: Request, opts: LoadOptions) -> LoadReport {
         let pace = opts
             .rate
             .filter(|r| *r > 0.0)
-            .map(|r| (started, Duration::from_secs_f64(1.0 / r)));
+            .map(|r| (started, cd_core::clock::secs_f64(1.0 / r)));
         tasks.push(tokio::spawn(async move {
             worker(&req, &issued, limit, deadline, opts.timeout, pace).await
         }));

@@ -342,3 +342,62 @@ async fn restore_takes_the_lock_and_walks_back_through_history() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Invalid);
 }
+
+/// Issue 9, case 4: compensation that cannot reach a target records what
+/// each target really runs, and says which target is on which release.
+#[tokio::test]
+async fn a_partial_rollback_is_recorded_as_partial() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let fleet = Arc::new(MemoryDeployer::new(["t1", "t2", "t3"]));
+    let runner = Runner::new(store.clone())
+        .environment("prod")
+        .retry(RetryPolicy::none());
+    let plain = Pipeline::builder("web")
+        .stage("deploy", Deploy::shared(fleet.clone()).env("prod"))
+        .build()
+        .unwrap();
+    runner.run(&plain, Release::new("v1")).await.unwrap();
+    let f = fleet.clone();
+    let broken = Pipeline::builder("web")
+        .stage("deploy", Deploy::shared(fleet.clone()).env("prod"))
+        .stage(
+            "check",
+            stage_fn(move |_| {
+                let f = f.clone();
+                async move {
+                    // t3's sshd stops; the check fails.
+                    f.unreachable("t3");
+                    Err(Error::failed("check failed"))
+                }
+            }),
+        )
+        .needs(["deploy"])
+        .build()
+        .unwrap();
+    let report = runner.run(&broken, Release::new("v2")).await.unwrap();
+    assert_eq!(report.status, RunStatus::Failed);
+    let node = report.node("deploy").unwrap();
+    assert_eq!(node.status, NodeStatus::RollbackFailed);
+    let message = &node.error.as_ref().unwrap().message;
+    assert!(message.contains("still on v2: t3"), "{message}");
+    assert!(message.contains("t1 on v1, t2 on v1"), "{message}");
+    let h = store.release_history("prod", 10).await.unwrap();
+    assert_eq!(h[0].version, "v2");
+    assert_eq!(h[0].status, ReleaseStatus::PartiallyRolledBack);
+    assert_eq!(
+        h[0].revisions
+            .iter()
+            .map(|r| r.target.as_str())
+            .collect::<Vec<_>>(),
+        ["t3"]
+    );
+    assert_eq!(h[1].version, "v1");
+    assert_eq!(h[1].status, ReleaseStatus::Live);
+    assert_eq!(
+        h[1].revisions
+            .iter()
+            .map(|r| r.target.as_str())
+            .collect::<Vec<_>>(),
+        ["t1", "t2"]
+    );
+}

@@ -87,7 +87,7 @@ class CallbackModule(CallbackBase):
     def _duration(self, host, task):
         key = (host, getattr(task, "_uuid", None))
         start = self._started.pop(key, None)
-        return None if start is None else round(time.time() - start, 6)
+        return None if start is None else round(time.monotonic() - start, 6)
 
     def _result(self, status, result, **extra):
         task = _task(result)
@@ -160,7 +160,7 @@ class CallbackModule(CallbackBase):
 
     # ------------------------------------------------------------ runner
     def v2_runner_on_start(self, host, task):
-        self._started[(host.get_name(), getattr(task, "_uuid", None))] = time.time()
+        self._started[(host.get_name(), getattr(task, "_uuid", None))] = time.monotonic()
         self._emit("runner_start", host=host.get_name(), **self._task_fields(task))
 
     def v2_runner_on_ok(self, result):

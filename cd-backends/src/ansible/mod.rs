@@ -1042,7 +1042,7 @@ impl Deployer for AnsibleDeployer {
 /// Turns one callback line into events: per task and host.
 fn emit_line(events: &Emitter, l: &CallbackLine, mode: RunMode) {
     let task = l.task.clone().unwrap_or_default();
-    let dur = l.duration_s.map(Duration::from_secs_f64);
+    let dur = l.duration_s.map(cd_core::clock::secs_f64);
     match l.event.as_str() {
         "play_start" => events.info(format!(
             "ansible play: {}",

@@ -488,7 +488,7 @@ impl LocalProcessDeployer {
     }
 
     async fn wait_port_free(&self, slot: &Slot, cx: &DeployContext) -> Result<()> {
-        let deadline = Instant::now() + self.inner.cfg.stop_timeout;
+        let deadline = cd_core::clock::instant_after(self.inner.cfg.stop_timeout);
         loop {
             match std::net::TcpListener::bind(("127.0.0.1", slot.port)) {
                 Ok(l) => {

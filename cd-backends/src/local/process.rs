@@ -90,7 +90,7 @@ impl Children {
             return;
         }
         send(pid, Signal::SIGTERM);
-        let deadline = Instant::now() + grace;
+        let deadline = cd_core::clock::instant_after(grace);
         while is_alive(pid, start_time) {
             if Instant::now() >= deadline {
                 send(pid, Signal::SIGKILL);

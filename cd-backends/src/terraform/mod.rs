@@ -272,7 +272,7 @@ impl TerraformDeployer {
     /// out) and terraform's process group got SIGINT, to finish the
     /// operations in flight and release its state lock before the group is
     /// killed (killing it may lose state). Default 25 s, inside the runner's
-    /// default node grace period of 30 s ([`cd_core::Runner::grace`]).
+    /// default node grace period of 60 s, leaving time for the revert ([`cd_core::Runner::grace`]).
     ///
     /// Raise the node's grace above this when you raise it
     /// ([`cd_core::PipelineBuilder::grace`]): when the node's grace runs out
