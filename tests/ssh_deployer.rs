@@ -1177,3 +1177,46 @@ async fn ssh_deployer_passes_the_conformance_suite() {
     assert_eq!(report.passed.len(), 10, "{report:?}");
     fx.assert_live(0, "v1");
 }
+
+/// Issue 9, case 3: a host whose `current` was switched but never restarted
+/// (the deploy process died in between, or sshd did) is not reported on the
+/// new release; applying it again restarts it. The same for a rollback
+/// switched back but not restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_a_switched_but_never_restarted_host_is_not_live() {
+    let Some(fx) = Fixture::start(1).await else {
+        return;
+    };
+    let d = fx.deployer();
+    let t = d.targets().remove(0);
+    let cx = DeployContext::detached("test");
+    for v in ["v1", "v2"] {
+        let plan = d.plan(&fx.release(v), &t, &cx).await.unwrap();
+        d.apply(&plan, &cx).await.unwrap();
+    }
+    fx.assert_live(0, "v2");
+    // Rolled back to v1 by a process that died after the switch: the
+    // symlink says v1, nothing restarted.
+    let root = fx.root(0);
+    std::os::unix::fs::symlink("releases/v1", root.join(".crash")).unwrap();
+    std::fs::rename(root.join(".crash"), root.join("current")).unwrap();
+    let cur = d.current(&t).await.unwrap().unwrap();
+    assert_eq!(cur.version, "v2", "v1 was switched to but never restarted");
+    let restarts = fx.restarts(0).len();
+    let back = d.rollback(&t, None, &cx).await.unwrap().unwrap();
+    assert_eq!(back.version, "v1");
+    assert_eq!(fx.restarts(0).len(), restarts + 1, "the rollback restarted v1");
+    fx.assert_live(0, "v1");
+
+    // Deploying v2 by a process that died after the switch: symlink v2,
+    // v1 still running. current() says v1; applying v2 again restarts it.
+    std::os::unix::fs::symlink("releases/v2", root.join(".crash")).unwrap();
+    std::fs::rename(root.join(".crash"), root.join("current")).unwrap();
+    assert_eq!(d.current(&t).await.unwrap().unwrap().version, "v1");
+    let plan = d.plan(&fx.release("v2"), &t, &cx).await.unwrap();
+    assert!(!plan.is_noop(), "a half-applied release is planned again");
+    d.apply(&plan, &cx).await.unwrap();
+    assert_eq!(fx.restarts(0).last().map(String::as_str), Some("v2"));
+    fx.assert_live(0, "v2");
+    assert_eq!(d.current(&t).await.unwrap().unwrap().version, "v2");
+}

@@ -578,8 +578,27 @@ struct Checked {
 
 /// What is live on a host, and what was before the last apply.
 struct HostState {
+    /// Where the `current` symlink points.
     current: Option<String>,
+    /// Where the `previous` symlink points.
     previous: Option<String>,
+    /// The `applied` marker: the release last *fully* applied (switched,
+    /// restarted, healthy), written as the last step of an apply or
+    /// rollback. `None`: no marker (a host deployed before markers);
+    /// `Some(None)`: nothing applied.
+    applied: Option<Option<String>>,
+}
+
+impl HostState {
+    /// What is live: the applied marker where there is one (a host whose
+    /// symlink was switched but never restarted is not on the new release),
+    /// else the symlink.
+    fn live(&self) -> Option<String> {
+        match &self.applied {
+            Some(applied) => applied.clone(),
+            None => self.current.clone(),
+        }
+    }
 }
 
 type SshResult<T> = std::result::Result<T, SshError>;
@@ -856,7 +875,8 @@ impl SshDeployer {
         let cmd = format!(
             "cd {root} 2>/dev/null || exit 0; \
              if [ -L current ]; then printf 'current=%s\\n' \"$(readlink current)\"; fi; \
-             if [ -L previous ]; then printf 'previous=%s\\n' \"$(readlink previous)\"; fi"
+             if [ -L previous ]; then printf 'previous=%s\\n' \"$(readlink previous)\"; fi; \
+             if [ -f applied ]; then printf 'applied=%s\\n' \"$(cat applied)\"; fi"
         );
         let out = self.exec_ok(conn, host, "current", &cmd, None).await?;
         Ok(parse_state(&out.stdout_str()))
@@ -1080,11 +1100,17 @@ impl SshDeployer {
             ),
             None => String::new(),
         };
+        // The `applied` marker (written last by every apply and rollback)
+        // says what is fully live; a host without one gets it from its
+        // symlink first. The release is live only when both agree; the
+        // release to go back to is the applied one.
         let mut cmd = format!(
             "mkdir -p {r} && cd {r} || exit 5; c=$(readlink current 2>/dev/null || true); \
-             printf 'current=%s\\n' \"$c\"; \
-             if [ \"$c\" = releases/{version} ]; then echo {MARK}live; {drain}exit 0; fi; \
-             if [ -n \"$c\" ]; then ln -sfn \"$c\" .previous.tmp.$$ && mv -Tf .previous.tmp.$$ previous; \
+             if [ ! -f applied ]; then printf '%s' \"${{c##*/}}\" > applied || exit 5; fi; \
+             a=$(cat applied); \
+             printf 'current=%s\\n' \"$c\"; printf 'applied=%s\\n' \"$a\"; \
+             if [ \"$c\" = releases/{version} ] && [ \"$a\" = {version} ]; then echo {MARK}live; {drain}exit 0; fi; \
+             if [ -n \"$a\" ]; then ln -sfn \"releases/$a\" .previous.tmp.$$ && mv -Tf .previous.tmp.$$ previous; \
              else rm -f previous; fi || exit 5; {have}echo {MARK}checked",
             r = sq(root),
         );
@@ -1133,7 +1159,7 @@ impl SshDeployer {
         );
         let state = parse_state(&out.stdout_str());
         let checked = Checked {
-            old: state.current,
+            old: state.live(),
             live: mark == "live",
         };
         match (mark, art) {
@@ -1395,7 +1421,7 @@ impl SshDeployer {
                 self.switch(cx, conn, host, "revert", old, true, false)
                     .await?;
                 self.activate(cx, conn, host, old, Some(format!("revert to {old}")))
-                    .await
+                    .await?;
             }
             None => {
                 let root = sq(self.root_of(host));
@@ -1404,9 +1430,10 @@ impl SshDeployer {
                         .await
                         .map(|_| ())
                 })
-                .await
+                .await?;
             }
         }
+        self.mark_applied(cx, conn, host, old).await
     }
 
     fn forget_state(&self, host: &SshHost) {
@@ -1463,7 +1490,33 @@ impl SshDeployer {
             }
             return Err(e);
         }
+        // The last step, not cancelled half-way: the host runs the release.
+        self.mark_applied(&cx.for_cleanup(), &conn, &host, Some(&version))
+            .await?;
         Ok(self.revision(&host, &version, sha.as_deref()))
+    }
+
+    /// Records `version` (or nothing) as fully applied on `host`, as the
+    /// step `record`: the last step of every apply, revert and rollback;
+    /// `current()` reads it.
+    async fn mark_applied(
+        &self,
+        cx: &DeployContext,
+        conn: &Connection,
+        host: &SshHost,
+        version: Option<&str>,
+    ) -> SshResult<()> {
+        let root = sq(self.root_of(host));
+        let v = version.map(sq).unwrap_or_else(|| "''".into());
+        let cmd = format!(
+            "cd {root} && printf '%s' {v} > .applied.tmp.$$ && mv -f .applied.tmp.$$ applied"
+        );
+        self.run_step(cx, host, "record", version.map(str::to_string), async {
+            self.exec_ok(conn, host, "record", &cmd, None)
+                .await
+                .map(|_| ())
+        })
+        .await
     }
 
     async fn rollback_inner(
@@ -1491,7 +1544,10 @@ impl SshDeployer {
         if let Some(v) = &want {
             check_name("version", v)?;
         }
-        if want == state.current {
+        // Skipped only when the release is fully live: marker and symlink
+        // agree (a rollback interrupted between its switch and restart is
+        // done again).
+        if want == state.live() && want == state.current {
             cx.events.progress(
                 Some(&host.name),
                 "rollback",
@@ -1522,12 +1578,16 @@ impl SshDeployer {
                     },
                 )
                 .await?;
+                self.mark_applied(&cx.for_cleanup(), &conn, &host, None)
+                    .await?;
                 Ok(None)
             }
             Some(v) => {
                 self.switch(cx, &conn, &host, "rollback", &v, true, false)
                     .await?;
                 self.activate(cx, &conn, &host, &v, Some(format!("rollback to {v}")))
+                    .await?;
+                self.mark_applied(&cx.for_cleanup(), &conn, &host, Some(&v))
                     .await?;
                 Ok(Some(self.revision(&host, &v, None)))
             }
@@ -1578,7 +1638,7 @@ impl Deployer for SshDeployer {
                 return Err(e.into());
             }
         };
-        let rev = state.current.map(|v| {
+        let rev = state.live().map(|v| {
             let mut rev = self.revision(&host, &v, None);
             rev.deployed_at = None;
             rev
@@ -1701,12 +1761,15 @@ fn parse_state(text: &str) -> HostState {
     let mut state = HostState {
         current: None,
         previous: None,
+        applied: None,
     };
     for line in text.lines() {
         if let Some(v) = line.strip_prefix("current=") {
             state.current = version_of(v);
         } else if let Some(v) = line.strip_prefix("previous=") {
             state.previous = version_of(v);
+        } else if let Some(v) = line.strip_prefix("applied=") {
+            state.applied = Some(version_of(v));
         }
     }
     state
