@@ -533,7 +533,14 @@ async fn ansible_deployer_passes_the_conformance_suite() {
     .run()
     .await
     .unwrap();
-    assert!(report.is_complete(), "{report:?}");
+    // Every check but the crash-after-each-step one, which costs several
+    // real applies per step (run for the local and SSH deployers).
+    assert_eq!(
+        report.skipped,
+        ["crash after each step: not asked for"],
+        "{report:?}"
+    );
+    assert_eq!(report.cancel_landed_mid_apply, Some(true), "{report:?}");
     assert_eq!(report.passed.len(), 10, "{report:?}");
     assert_eq!(config_of(&fleet.host(0).root)["version"], "v1");
 }

@@ -1170,11 +1170,12 @@ async fn ssh_deployer_passes_the_conformance_suite() {
     let report =
         cd::core::conformance::Conformance::new(&deployer, fx.release("v1"), fx.release("v2"))
             .cancel_mid_apply(fx.release("v3-slow"), Duration::from_millis(800))
+            .crash_after_each_step(true)
             .run()
             .await
             .unwrap();
     assert!(report.is_complete(), "{report:?}");
-    assert_eq!(report.passed.len(), 10, "{report:?}");
+    assert_eq!(report.passed.len(), 11, "{report:?}");
     fx.assert_live(0, "v1");
 }
 
@@ -1205,7 +1206,11 @@ async fn ssh_a_switched_but_never_restarted_host_is_not_live() {
     let restarts = fx.restarts(0).len();
     let back = d.rollback(&t, None, &cx).await.unwrap().unwrap();
     assert_eq!(back.version, "v1");
-    assert_eq!(fx.restarts(0).len(), restarts + 1, "the rollback restarted v1");
+    assert_eq!(
+        fx.restarts(0).len(),
+        restarts + 1,
+        "the rollback restarted v1"
+    );
     fx.assert_live(0, "v1");
 
     // Deploying v2 by a process that died after the switch: symlink v2,

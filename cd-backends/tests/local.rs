@@ -606,9 +606,10 @@ async fn local_deployer_passes_the_conformance_suite() {
         cd_core::Release::new("v2"),
     )
     .cancel_mid_apply(cd_core::Release::new("v3-slow"), Duration::from_millis(300))
+    .crash_after_each_step(true)
     .run()
     .await
     .unwrap();
     assert!(report.is_complete(), "{report:?}");
-    assert_eq!(report.passed.len(), 10, "{report:?}");
+    assert_eq!(report.passed.len(), 11, "{report:?}");
 }

@@ -46,7 +46,8 @@ pub struct ConformanceReport {
 }
 
 impl ConformanceReport {
-    /// Whether every check ran (none skipped) and the cancellation landed
+    /// Whether every check ran (none skipped, the crash checks included)
+    /// and the cancellation landed
     /// mid-apply: what a backend test asserts once it gives the suite
     /// several targets and a slow release.
     pub fn is_complete(&self) -> bool {
@@ -72,6 +73,7 @@ pub struct Conformance<'a> {
     first: Release,
     second: Release,
     cancellation: Option<(Release, Duration)>,
+    crash_steps: bool,
     cx: DeployContext,
 }
 
@@ -85,6 +87,7 @@ impl<'a> Conformance<'a> {
             first,
             second,
             cancellation: None,
+            crash_steps: false,
             cx: DeployContext::detached("conformance"),
         }
     }
@@ -103,6 +106,17 @@ impl<'a> Conformance<'a> {
     /// apply, then applied again to completion.
     pub fn cancel_mid_apply(mut self, slow: Release, after: Duration) -> Self {
         self.cancellation = Some((slow, after));
+        self
+    }
+
+    /// Runs the crash checks: an apply, then a rollback, whose future is
+    /// dropped (nothing after it runs, as when the process is SIGKILLed)
+    /// right after the deployer reports its 1st step, its 2nd, … until one
+    /// completes. Each crash must leave `current()` on the old or the new
+    /// release, and doing it again must converge. Costs a few applies per
+    /// step the deployer reports.
+    pub fn crash_after_each_step(mut self, yes: bool) -> Self {
+        self.crash_steps = yes;
         self
     }
 
@@ -179,6 +193,12 @@ impl<'a> Conformance<'a> {
             None => r
                 .skipped
                 .push("cancellation mid-apply: no slow release given".into()),
+        }
+        if self.crash_steps {
+            self.a_crash_after_any_step_is_recovered(t0, &mut r).await?;
+        } else {
+            r.skipped
+                .push("crash after each step: not asked for".into());
         }
         // Leave `first` live on the first target.
         self.deploy(t0, &self.first, &self.cx).await?;
@@ -513,6 +533,140 @@ impl<'a> Conformance<'a> {
         }
         r.passed
             .push("applying again after a cancelled apply converges".into());
+        Ok(())
+    }
+}
+
+/// Counts the steps a deployer reports (progress events that end a step) and
+/// wakes a waiter at the `n`-th.
+struct StepCounter {
+    n: usize,
+    seen: std::sync::atomic::AtomicUsize,
+    reached: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl crate::event::EventSink for StepCounter {
+    fn emit(&self, event: &crate::event::Event) {
+        if let crate::event::EventKind::Progress { status, .. } = &event.kind {
+            if status != "started" {
+                let seen = self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                if seen == self.n {
+                    self.reached.notify_one();
+                }
+            }
+        }
+    }
+}
+
+impl Conformance<'_> {
+    /// A context whose `n`-th reported step wakes the returned notify.
+    fn crash_context(&self, n: usize) -> (DeployContext, std::sync::Arc<tokio::sync::Notify>) {
+        let reached = std::sync::Arc::new(tokio::sync::Notify::new());
+        let counter = StepCounter {
+            n,
+            seen: Default::default(),
+            reached: reached.clone(),
+        };
+        let events = crate::event::Emitter::new(
+            "conformance",
+            1,
+            vec![std::sync::Arc::new(counter) as std::sync::Arc<dyn crate::event::EventSink>],
+            crate::secret::Redactor::default(),
+        );
+        (
+            DeployContext::new(events, CancellationToken::new(), &self.cx.environment),
+            reached,
+        )
+    }
+
+    /// Checks `current()` after a crash: the old or the new release, or
+    /// nothing (a deployer that replaces a process in place has nothing
+    /// running between stop and start) — never another release, never an
+    /// error. Returns whether nothing was live.
+    async fn after_crash(&self, t: &Target, what: &str, n: usize) -> Result<bool> {
+        let cur = self.deployer.current(t).await.map_err(|e| {
+            fail(
+                "crash",
+                t,
+                format!("current() failed after a crash after step {n} of {what}: {e}"),
+            )
+        })?;
+        let v = version(&cur);
+        if v.is_some() && v != Some(&self.first.version) && v != Some(&self.second.version) {
+            return Err(fail(
+                "crash",
+                t,
+                format!(
+                    "after a crash after step {n} of {what}, current() is {cur:?}, neither {} nor {}",
+                    self.first.version, self.second.version
+                ),
+            ));
+        }
+        Ok(v.is_none())
+    }
+
+    /// A crash (the future dropped: nothing after it runs) right after any
+    /// step of an apply or a rollback leaves `current()` on the old or the
+    /// new release, and applying (rolling back) again converges.
+    async fn a_crash_after_any_step_is_recovered(
+        &self,
+        t: &Target,
+        r: &mut ConformanceReport,
+    ) -> Result<()> {
+        let mut steps = 0;
+        let mut empty = 0;
+        for n in 1..=64usize {
+            let rev1 = self.deploy(t, &self.first, &self.cx).await?;
+            // Apply, crashed after step n.
+            let plan = self.deployer.plan(&self.second, t, &self.cx).await?;
+            let (cx, reached) = self.crash_context(n);
+            let applied = tokio::select! {
+                r = self.deployer.apply(&plan, &cx) => Some(r?),
+                _ = reached.notified() => None,
+            };
+            empty += usize::from(self.after_crash(t, "apply", n).await?);
+            let rev = self.deploy(t, &self.second, &self.cx).await?;
+            let cur = self.deployer.current(t).await?;
+            if rev.version != self.second.version || version(&cur) != Some(&self.second.version) {
+                return Err(fail(
+                    "crash",
+                    t,
+                    format!(
+                        "applying again after a crash after step {n} left current() at {cur:?}"
+                    ),
+                ));
+            }
+            // Rollback, crashed after step n.
+            let (cx, reached) = self.crash_context(n);
+            let rolled = tokio::select! {
+                r = self.deployer.rollback(t, Some(&rev1), &cx) => Some(r?),
+                _ = reached.notified() => None,
+            };
+            empty += usize::from(self.after_crash(t, "rollback", n).await?);
+            self.deployer.rollback(t, Some(&rev1), &self.cx).await?;
+            let cur = self.deployer.current(t).await?;
+            if version(&cur) != Some(&self.first.version) {
+                return Err(fail(
+                    "crash",
+                    t,
+                    format!(
+                        "rolling back again after a crash after step {n} left current() at {cur:?}"
+                    ),
+                ));
+            }
+            steps = n;
+            if applied.is_some() && rolled.is_some() {
+                break;
+            }
+        }
+        r.passed.push(format!(
+            "a crash after any of {steps} steps of apply and rollback is recovered{}",
+            if empty > 0 {
+                format!(" (nothing was live after {empty} of the crashes)")
+            } else {
+                String::new()
+            }
+        ));
         Ok(())
     }
 }

@@ -498,6 +498,30 @@ impl Restore {
     }
 }
 
+/// What the environment ran before the release record `mine` (a run's own
+/// deploy), per target: the live release other than `mine`; if there is
+/// none (a crash between marking the old one superseded and `mine` live),
+/// the newest superseded one.
+async fn baseline_revisions(
+    store: &dyn Store,
+    env: &str,
+    mine: &str,
+) -> Result<std::collections::BTreeMap<String, Revision>> {
+    let history = store.release_history(env, HISTORY_LIMIT).await?;
+    let others = || history.iter().filter(|r| r.id != mine);
+    let base = others()
+        .find(|r| r.status == ReleaseStatus::Live)
+        .or_else(|| others().find(|r| r.status == ReleaseStatus::Superseded));
+    Ok(base
+        .map(|r| {
+            r.revisions
+                .iter()
+                .map(|rev| (rev.target.clone(), rev.clone()))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 /// How many history records restore and compensation read (newest first).
 const HISTORY_LIMIT: usize = 100_000;
 
@@ -643,7 +667,25 @@ impl Stage for Deploy {
             let _ = lease.release().await;
         }
         match result {
-            Ok(report) => {
+            Ok(mut report) => {
+                // An attempt after a crash (or a retry) finds targets an
+                // earlier attempt of this run already switched: what was live
+                // before them is the environment's release before this run,
+                // not the release they run now, or compensation would leave
+                // them on it.
+                let baseline = baseline_revisions(store.as_ref(), &env, &record.id).await?;
+                for rev in &report.deployed {
+                    let here = report.previous.get(&rev.target).cloned().flatten();
+                    let already = here.as_ref().is_some_and(|p| p.version == rev.version);
+                    if let (true, Some(base)) = (already, baseline.get(&rev.target)) {
+                        if base.version != rev.version {
+                            report
+                                .previous
+                                .insert(rev.target.clone(), Some(base.clone()));
+                        }
+                    }
+                }
+                report.noop = report.already_live_everywhere();
                 let now = Utc::now();
                 for mut r in store.release_history(&env, HISTORY_LIMIT).await? {
                     if r.status == ReleaseStatus::Live && r.id != record.id {
