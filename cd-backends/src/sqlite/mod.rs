@@ -139,7 +139,8 @@ pub struct LockWaiter {
 pub struct LockAuditRecord {
     /// The environment.
     pub environment: String,
-    /// What was done (`force_unlock`).
+    /// What was done: `force_unlock` (cdctl unlock), `take_over` (a stale lease
+    /// taken: its run was missing or finished, or its owner process gone).
     pub action: String,
     /// Who held the lock, if anyone did.
     pub holder: Option<String>,
