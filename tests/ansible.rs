@@ -544,3 +544,30 @@ async fn ansible_deployer_passes_the_conformance_suite() {
     assert_eq!(report.passed.len(), 10, "{report:?}");
     assert_eq!(config_of(&fleet.host(0).root)["version"], "v1");
 }
+
+/// Issue 10, case 2: values from the release reach the playbook as text:
+/// a template in a release's config is written out literally, never run on
+/// the controller.
+#[tokio::test]
+async fn release_values_are_never_templated() {
+    let Some(bin) = ansible_playbook() else {
+        return;
+    };
+    let Some(fleet) = SshFleet::start_or_skip(1).await.unwrap() else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    let marker = state.path().join("pwned");
+    let template = format!("{{{{ lookup('pipe', 'touch {}') }}}}", marker.display());
+    let ansible = deployer(&bin, &fleet, state.path());
+    let target = ansible.targets().remove(0);
+    let (cx, _) = context();
+    let release = Release::new("v1").config("motd", template.clone());
+    let plan = ansible.plan(&release, &target, &cx).await.unwrap();
+    ansible.apply(&plan, &cx).await.unwrap();
+    assert!(
+        !marker.exists(),
+        "the release's template ran on the controller"
+    );
+    assert_eq!(config_of(&fleet.host(0).root)["motd"], template.as_str());
+}

@@ -1225,3 +1225,32 @@ async fn ssh_a_switched_but_never_restarted_host_is_not_live() {
     fx.assert_live(0, "v2");
     assert_eq!(d.current(&t).await.unwrap().unwrap().version, "v2");
 }
+
+/// Issue 10, case 3: a release name read back from a host goes into no
+/// command unless it passes the version rule: a host whose `current` points
+/// at `x;touch${IFS}marker` gets a typed error naming host and value, and
+/// nothing is switched or run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_a_hostile_name_read_back_from_a_host_is_refused() {
+    let Some(fx) = Fixture::start(1).await else {
+        return;
+    };
+    let d = fx.deployer();
+    let t = d.targets().remove(0);
+    let cx = DeployContext::detached("test");
+    let root = fx.root(0);
+    let evil = "x;touch${IFS}marker";
+    std::fs::create_dir_all(root.join("releases").join(evil)).unwrap();
+    std::os::unix::fs::symlink(format!("releases/{evil}"), root.join("current")).unwrap();
+    let plan = d.plan(&fx.release("v2"), &t, &cx).await.unwrap();
+    let err = d.apply(&plan, &cx).await.unwrap_err();
+    assert!(err.to_string().contains("x;touch"), "{err}");
+    assert_eq!(err.context("host"), Some(fx.fleet.host(0).name.as_str()));
+    assert_eq!(
+        fx.current_on_disk(0).as_deref(),
+        Some(format!("releases/{evil}").as_str()),
+        "nothing was switched"
+    );
+    assert!(!root.join("marker").exists());
+    assert!(fx.restarts(0).is_empty(), "nothing was restarted");
+}

@@ -445,9 +445,12 @@ impl Runner {
 
     /// Runs `pipeline` for `release`. Returns the report whether the run
     /// succeeded or not; returns `Err` only when the run could not be carried
-    /// out (the store failed, the environment lock was not obtained).
+    /// out (the store failed, the environment lock was not obtained), or
+    /// [`ErrorKind::Invalid`] before anything happens for a bad environment
+    /// name or release version ([`crate::types::validate_version`]).
     pub async fn run(&self, pipeline: &Pipeline, release: Release) -> Result<RunReport> {
         crate::types::validate_environment(&self.environment)?;
+        crate::types::validate_version(&release.version)?;
         let run_id = uuid::Uuid::new_v4().to_string();
         let run = RunRecord {
             id: run_id,

@@ -318,3 +318,41 @@ pub fn validate_environment(name: &str) -> crate::Result<()> {
         }
     }
 }
+
+/// Longest release version accepted, in bytes.
+pub const MAX_VERSION_LEN: usize = 128;
+
+/// The one rule every deployer applies to a release version (it becomes a
+/// directory name on hosts, a Terraform variable, an Ansible variable, a
+/// history key): 1 to [`MAX_VERSION_LEN`] bytes of ASCII letters, digits,
+/// `.`, `_`, `+`, `-`, not starting with `.` (so no `..`, no `/`, no
+/// spaces, no quotes, no `{{ }}`, no control characters). Semver with build
+/// metadata (`1.4.0+build.7`) and git hashes pass.
+///
+/// Returns [`crate::ErrorKind::Invalid`] naming the version (escaped,
+/// shortened to 64 characters) and the rule.
+///
+/// ```
+/// use cd_core::types::validate_version;
+/// assert!(validate_version("v1.2.3+build-4_x").is_ok());
+/// for bad in ["", ".hidden", "../../etc", "a b", "{{ x }}", "v1\n", "a/b"] {
+///     assert!(validate_version(bad).is_err(), "{bad:?}");
+/// }
+/// assert!(validate_version(&"x".repeat(5000)).is_err());
+/// ```
+pub fn validate_version(version: &str) -> crate::Result<()> {
+    let ok = !version.is_empty()
+        && version.len() <= MAX_VERSION_LEN
+        && !version.starts_with('.')
+        && version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '-'));
+    if ok {
+        return Ok(());
+    }
+    let shown: String = version.chars().take(64).collect();
+    Err(crate::Error::invalid(format!(
+        "release version {shown:?} is not valid: 1 to {MAX_VERSION_LEN} letters, digits, `.`, `_`, `+`, `-`, not starting with `.`"
+    ))
+    .with("version", shown.escape_debug().to_string()))
+}

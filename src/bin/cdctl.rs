@@ -40,6 +40,31 @@ fn main() {
     cli::main()
 }
 
+/// `s` with control characters (newlines, carriage returns, terminal
+/// escapes) and bidirectional overrides escaped, for a terminal: strings from
+/// the store (versions, messages, names, reasons) cannot forge table rows or
+/// send escape sequences.
+#[cfg(feature = "sqlite")]
+fn term_safe(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}') {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// `println!` through [`term_safe`]: the one way cdctl writes text lines.
+#[cfg(feature = "sqlite")]
+macro_rules! say {
+    ($($arg:tt)+) => {
+        println!("{}", $crate::term_safe(&format!($($arg)+)))
+    };
+}
+
 #[cfg(feature = "sqlite")]
 mod cli {
     use std::path::PathBuf;
@@ -169,12 +194,15 @@ mod cli {
         {
             Ok(rt) => rt,
             Err(e) => {
-                eprintln!("error: cannot start the runtime: {e}");
+                eprintln!(
+                    "error: cannot start the runtime: {}",
+                    crate::term_safe(&e.to_string())
+                );
                 std::process::exit(1);
             }
         };
         if let Err(e) = rt.block_on(run(cli)) {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", crate::term_safe(&e.to_string()));
             std::process::exit(match e.kind() {
                 ErrorKind::NotFound => 3,
                 ErrorKind::Invalid => 2,
@@ -255,7 +283,7 @@ mod cli {
             return print_json(&runs);
         }
         if runs.is_empty() {
-            println!("no runs");
+            say!("no runs");
             return Ok(());
         }
         let mut t = Table::new(&[
@@ -295,32 +323,30 @@ mod cli {
                 "events_total": total,
             }));
         }
-        println!("run       {}", run.id);
-        println!(
+        say!("run       {}", run.id);
+        say!(
             "pipeline  {} (definition {})",
             run.pipeline,
             short(&run.definition_hash, 12)
         );
-        println!("release   {}", run.release.version);
-        println!("env       {}", run.environment);
-        println!("status    {}", run.status);
-        println!("started   {} by {}", time(run.started_at), run.started_by);
+        say!("release   {}", run.release.version);
+        say!("env       {}", run.environment);
+        say!("status    {}", run.status);
+        say!("started   {} by {}", time(run.started_at), run.started_by);
         match run.finished_at {
-            Some(f) => println!(
+            Some(f) => say!(
                 "finished  {} (took {})",
                 time(f),
                 took(Some(run.started_at), Some(f))
             ),
             None if run.status == RunStatus::Running => {
-                println!(
-                    "finished  - (still running, or interrupted: resume it from the host binary)"
-                )
+                say!("finished  - (still running, or interrupted: resume it from the host binary)")
             }
-            None => println!("finished  -"),
+            None => say!("finished  -"),
         }
         println!();
         if nodes.is_empty() {
-            println!("no node records");
+            say!("no node records");
         } else {
             let mut t = Table::new(&["NODE", "STATUS", "ATTEMPTS", "STARTED", "TOOK", "DETAIL"]);
             for n in &nodes {
@@ -359,15 +385,15 @@ mod cli {
         }
         println!();
         if total > events.len() {
-            println!(
+            say!(
                 "events (last {} of {total}; --events N for more):",
                 events.len()
             );
         } else {
-            println!("events ({total}):");
+            say!("events ({total}):");
         }
         for e in &events {
-            println!("  {e}");
+            say!("  {e}");
         }
         Ok(())
     }
@@ -378,7 +404,7 @@ mod cli {
             return print_json(&releases);
         }
         if releases.is_empty() {
-            println!("no releases recorded for environment `{env}`");
+            say!("no releases recorded for environment `{env}`");
             return Ok(());
         }
         let mut t = Table::new(&["VERSION", "STATUS", "AT", "UPDATED", "BY", "RUN", "TARGETS"]);
@@ -417,7 +443,7 @@ mod cli {
         }
         let now = Utc::now();
         if leases.is_empty() {
-            println!("no environment is locked");
+            say!("no environment is locked");
         } else {
             let mut t = Table::new(&[
                 "ENV",
@@ -497,7 +523,7 @@ mod cli {
         if as_json {
             return print_json(&record);
         }
-        println!(
+        say!(
             "abandoned run {} ({} {} in `{}`); recorded as {actor}: {reason}{}",
             record.id,
             record.pipeline,
@@ -538,11 +564,12 @@ mod cli {
             }));
         }
         match broken {
-            Some(l) => println!(
+            Some(l) => say!(
                 "broke the lock on `{env}` held by {} ({}); recorded as {actor}: {reason}",
-                l.holder, l.message
+                l.holder,
+                l.message
             ),
-            None => println!("`{env}` was not locked; recorded as {actor}: {reason}"),
+            None => say!("`{env}` was not locked; recorded as {actor}: {reason}"),
         }
         Ok(())
     }
@@ -595,7 +622,7 @@ mod cli {
         if as_json {
             return print_json(&record);
         }
-        println!(
+        say!(
             "{} `{}` of run {} as {}; the gate takes it into account at its next check",
             match decision {
                 Decision::Approve => "approved",
@@ -684,7 +711,7 @@ mod cli {
                         out.push_str(&" ".repeat(width[i] - c.chars().count() + 2));
                     }
                 }
-                println!("{}", out.trim_end());
+                say!("{}", out.trim_end());
             };
             line(&self.head);
             for r in &self.rows {

@@ -363,6 +363,12 @@ impl AnsibleDeployer {
             .to_string()
     }
 
+    /// The extra variables of a run. Everything that comes from the release
+    /// (its version, config, artifact path, the rollback versions) is marked
+    /// unsafe for templating (`__ansible_unsafe`): a value such as
+    /// `{{ lookup('pipe', ...) }}` reaches the playbook as text and is never
+    /// executed. The deployer's own [`AnsibleDeployer::var`]s are code, and
+    /// templated as usual.
     fn extra_vars(&self, release: &Release, rollback: Option<(&str, Option<&str>)>) -> Value {
         let mut vars: serde_json::Map<String, Value> = self
             .vars
@@ -370,18 +376,24 @@ impl AnsibleDeployer {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for (k, v) in &release.config {
-            vars.insert(k.clone(), v.clone());
+            vars.insert(k.clone(), unsafe_for_templating(v));
         }
-        vars.insert("cd_release_version".into(), json!(release.version));
+        vars.insert(
+            "cd_release_version".into(),
+            unsafe_for_templating(&json!(release.version)),
+        );
         if let Some(a) = &release.artifact {
             vars.insert(
                 "cd_release_artifact".into(),
-                json!(a.path.display().to_string()),
+                unsafe_for_templating(&json!(a.path.display().to_string())),
             );
         }
         if let Some((from, to)) = rollback {
-            vars.insert("cd_rollback_from".into(), json!(from));
-            vars.insert("cd_rollback_to".into(), json!(to));
+            vars.insert(
+                "cd_rollback_from".into(),
+                unsafe_for_templating(&json!(from)),
+            );
+            vars.insert("cd_rollback_to".into(), unsafe_for_templating(&json!(to)));
         }
         Value::Object(vars)
     }
@@ -413,6 +425,11 @@ impl AnsibleDeployer {
         rollback: Option<(&str, Option<&str>)>,
         cx: &DeployContext,
     ) -> Result<(PlaybookReport, String)> {
+        // Every playbook run checks the version with the one shared rule
+        // (the removal of a first release runs with no version).
+        if !release.version.is_empty() {
+            cd_core::types::validate_version(&release.version)?;
+        }
         let playbook = playbook.unwrap_or(&self.playbook).to_path_buf();
         let run_id = uuid::Uuid::new_v4().simple().to_string();
         let run_dir = self.state_root().join("runs").join(&run_id);
@@ -769,6 +786,7 @@ impl AnsibleDeployer {
         target: &Target,
         cx: &DeployContext,
     ) -> Result<Plan> {
+        cd_core::types::validate_version(&release.version)?;
         let limit = Self::limit_of(target);
         let report = self
             .run_checked(None, release, Some(&limit), RunMode::Check, None, cx)
@@ -1112,6 +1130,23 @@ fn emit_line(events: &Emitter, l: &CallbackLine, mode: RunMode) {
 /// environment already named, then ansible's default directories (setting the
 /// variable replaces the configured path; playbook-adjacent
 /// `callback_plugins/` directories are still searched by ansible itself).
+/// `value` with every string in it wrapped as `{"__ansible_unsafe": s}`:
+/// ansible loads such strings as unsafe text, which its template engine
+/// never evaluates. Numbers, booleans and nulls stay as they are; object keys
+/// are kept (ansible does not template keys of extra variables).
+fn unsafe_for_templating(value: &Value) -> Value {
+    match value {
+        Value::String(s) => json!({ "__ansible_unsafe": s }),
+        Value::Array(items) => Value::Array(items.iter().map(unsafe_for_templating).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), unsafe_for_templating(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 fn callback_path(plugin_dir: &Path) -> OsString {
     let mut dirs: Vec<PathBuf> = vec![plugin_dir.to_path_buf()];
     if let Some(existing) = std::env::var_os("ANSIBLE_CALLBACK_PLUGINS") {

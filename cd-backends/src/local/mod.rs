@@ -747,6 +747,7 @@ impl Deployer for LocalProcessDeployer {
     }
 
     async fn plan(&self, release: &Release, target: &Target, _cx: &DeployContext) -> Result<Plan> {
+        cd_core::types::validate_version(&release.version)?;
         let slot = self.slot(&target.name)?;
         let (program, args, _) = self.command_for(release, &slot)?;
         let current = self.current(target).await?;
@@ -771,6 +772,7 @@ impl Deployer for LocalProcessDeployer {
     }
 
     async fn apply(&self, plan: &Plan, cx: &DeployContext) -> Result<Revision> {
+        cd_core::types::validate_version(&plan.release.version)?;
         let slot = self.slot(&plan.target.name)?;
         let lock = self.lock_for(&slot.name);
         let _guard = lock.lock().await;

@@ -26,6 +26,32 @@ pub enum SshError {
         value: String,
     },
 
+    /// A value read back from a host (the release it says is live) fails
+    /// the version rule: it is not put in any command, nothing is switched.
+    #[error("host {host} reports an invalid {what} {value:?}: {reason}")]
+    HostValue {
+        /// The host.
+        host: String,
+        /// What was read (`live release`).
+        what: &'static str,
+        /// The value, as read.
+        value: String,
+        /// Why it is refused.
+        reason: String,
+    },
+
+    /// A restart or health check failed and switching the host back failed
+    /// too: the host may be on neither release.
+    #[error("on {host}: {cause}; switching back failed too: {revert}")]
+    RevertFailed {
+        /// The host.
+        host: String,
+        /// Why the apply failed.
+        cause: Box<SshError>,
+        /// Why the revert failed.
+        revert: Box<SshError>,
+    },
+
     /// The target is not one of this deployer's hosts.
     #[error("unknown SSH target {0:?}")]
     UnknownTarget(String),
@@ -225,6 +251,7 @@ impl SshError {
             SshError::Config(_) | SshError::InvalidName { .. } | SshError::Key { .. } => {
                 ErrorKind::Invalid
             }
+            SshError::HostValue { .. } | SshError::RevertFailed { .. } => ErrorKind::Failed,
             SshError::Artifact { .. } | SshError::KnownHosts { .. } => ErrorKind::Invalid,
             SshError::UnknownTarget(_) | SshError::NoSuchRelease { .. } => ErrorKind::NotFound,
             SshError::Connect { .. } | SshError::Session { .. } => ErrorKind::Unavailable,
@@ -259,6 +286,8 @@ impl SshError {
             | SshError::ChecksumMismatch { host, .. }
             | SshError::Timeout { host, .. }
             | SshError::NoSuchRelease { host, .. }
+            | SshError::HostValue { host, .. }
+            | SshError::RevertFailed { host, .. }
             | SshError::Cancelled { host, .. } => Some(host),
             SshError::UnknownTarget(host) => Some(host),
             _ => None,

@@ -1158,6 +1158,19 @@ impl SshDeployer {
             None,
         );
         let state = parse_state(&out.stdout_str());
+        // What the host says was live goes into later commands (a revert):
+        // it must pass the version rule, or nothing is switched.
+        if let Some(old) = state.live() {
+            if let Err(e) = check_name("version", &old) {
+                let e = SshError::HostValue {
+                    host: host.name.clone(),
+                    what: "live release",
+                    value: old,
+                    reason: e.to_string(),
+                };
+                return Err(step_failed(cx, name, "check", started, e));
+            }
+        }
         let checked = Checked {
             old: state.live(),
             live: mark == "live",
@@ -1199,19 +1212,20 @@ impl SshDeployer {
         cleanup: bool,
     ) -> SshResult<()> {
         let root = sq(self.root_of(host));
+        let rel = sq(&format!("releases/{version}"));
         let ensure = if require_existing {
-            format!(
-                "[ -d releases/{version} ] || {{ echo 'release {version} is not on this host' >&2; exit 4; }}; "
-            )
+            format!("[ -d {rel} ] || {{ echo 'release is not on this host' >&2; exit 4; }}; ")
         } else {
-            format!("mkdir -p releases/{version}; ")
+            format!("mkdir -p {rel}; ")
         };
         let cleanup_cmd = if cleanup {
             format!(
                 "echo {MARK}switched; set +e; if ! ( cd releases && \
                  cur=$(readlink ../current 2>/dev/null); cur=${{cur##*/}}; \
                  prev=$(readlink ../previous 2>/dev/null); prev=${{prev##*/}}; n=0; \
-                 for d in $(ls -1t); do n=$((n+1)); [ $n -le {keep} ] && continue; \
+                 ls -1t | while IFS= read -r d; do \
+                 case \"$d\" in ''|.*|*[!A-Za-z0-9._+-]*) continue;; esac; \
+                 n=$((n+1)); [ $n -le {keep} ] && continue; \
                  [ \"$d\" = \"$cur\" ] || [ \"$d\" = \"$prev\" ] || rm -rf -- \"$d\"; done \
                  ) >/dev/null 2>&1; then echo cd:cleanup-failed; fi",
                 keep = self.inner.keep_releases
@@ -1219,9 +1233,10 @@ impl SshDeployer {
         } else {
             String::new()
         };
+        let rel = sq(&format!("releases/{version}"));
         let cmd = format!(
-            "set -e; cd {root}; {ensure}touch releases/{version}; \
-             ln -sfn releases/{version} .current.tmp.$$; mv -Tf .current.tmp.$$ current; {cleanup_cmd}"
+            "set -e; cd {root}; {ensure}touch {rel}; \
+             ln -sfn {rel} .current.tmp.$$; mv -Tf .current.tmp.$$ current; {cleanup_cmd}"
         );
         let started = Instant::now();
         let name = Some(host.name.as_str());
@@ -1485,7 +1500,19 @@ impl SshDeployer {
             if self.inner.revert_on_failure || cancelled {
                 let cleanup = cx.for_cleanup();
                 if let Err(revert_err) = self.revert(&cleanup, &conn, &host, old.as_deref()).await {
-                    tracing::error!(host = %host.name, error = %revert_err, "revert failed");
+                    // Not only logged: the host may be on neither release.
+                    cx.events.progress(
+                        Some(&host.name),
+                        "revert",
+                        "failed",
+                        None,
+                        Some(revert_err.to_string()),
+                    );
+                    return Err(SshError::RevertFailed {
+                        host: host.name.clone(),
+                        cause: Box::new(e),
+                        revert: Box::new(revert_err),
+                    });
                 }
             }
             return Err(e);
@@ -1777,9 +1804,11 @@ fn parse_state(text: &str) -> HostState {
 
 /// Versions and artifact names become directory and file names on the
 /// host: letters, digits, `.`, `_`, `+`, `-`; not starting with `.`.
+/// The rule is [`cd_core::types::validate_version`]'s (one rule for every
+/// deployer), applied to versions and artifact names alike.
 fn check_name(what: &'static str, value: &str) -> SshResult<()> {
     let ok = !value.is_empty()
-        && value.len() <= 200
+        && value.len() <= cd_core::types::MAX_VERSION_LEN
         && !value.starts_with('.')
         && value
             .chars()

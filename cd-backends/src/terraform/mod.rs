@@ -509,6 +509,7 @@ impl TerraformDeployer {
         target: &Target,
         cx: &DeployContext,
     ) -> Result<Plan> {
+        cd_core::types::validate_version(&release.version)?;
         let workspace = Self::workspace_of(target);
         self.init(cx).await?;
         self.ensure_workspace(&workspace, cx).await?;
@@ -1144,6 +1145,7 @@ impl Deployer for TerraformDeployer {
     }
 
     async fn apply(&self, plan: &Plan, cx: &DeployContext) -> Result<Revision> {
+        cd_core::types::validate_version(&plan.release.version)?;
         self.apply_plan(plan, cx, None).await?.ok_or_else(|| {
             TerraformError::InvalidPlan("a destroy plan leaves no revision".into()).into()
         })
