@@ -251,7 +251,11 @@ impl SshError {
             SshError::Config(_) | SshError::InvalidName { .. } | SshError::Key { .. } => {
                 ErrorKind::Invalid
             }
-            SshError::HostValue { .. } | SshError::RevertFailed { .. } => ErrorKind::Failed,
+            SshError::HostValue { .. } => ErrorKind::Failed,
+            SshError::RevertFailed { cause, .. } => match cause.kind() {
+                ErrorKind::Cancelled => ErrorKind::Failed,
+                kind => kind,
+            },
             SshError::Artifact { .. } | SshError::KnownHosts { .. } => ErrorKind::Invalid,
             SshError::UnknownTarget(_) | SshError::NoSuchRelease { .. } => ErrorKind::NotFound,
             SshError::Connect { .. } | SshError::Session { .. } => ErrorKind::Unavailable,
@@ -297,6 +301,7 @@ impl SshError {
     /// `host:port`, when the error is about one host.
     pub fn address(&self) -> Option<&str> {
         match self {
+            SshError::RevertFailed { cause, .. } => cause.address(),
             SshError::Connect { address, .. }
             | SshError::HostKeyChanged { address, .. }
             | SshError::HostKeyRevoked { address, .. }
@@ -311,9 +316,11 @@ impl SshError {
         }
     }
 
-    /// The step, when the error happened during one.
+    /// The step, when the error happened during one (for a failed revert:
+    /// the step that made the apply fail).
     pub fn step(&self) -> Option<&str> {
         match self {
+            SshError::RevertFailed { cause, .. } => cause.step(),
             SshError::Connect { .. } => Some("connect"),
             SshError::HostKeyChanged { .. }
             | SshError::HostKeyRevoked { .. }
