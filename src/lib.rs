@@ -33,11 +33,19 @@ pub use cd_backends as backends;
 pub use cd_core as core;
 pub use cd_stages as stages;
 
+/// The attribute the `Stage`, `Gate`, `Deployer`, `Monitor` and `Router`
+/// traits are written with: implement them as `#[cd::async_trait]`.
+pub use async_trait::async_trait;
+/// The cancellation token runs and deployers share
+/// ([`cd_core::Runner::cancel_token`], [`cd_core::DeployContext::cancel`]).
+pub use tokio_util::sync::CancellationToken;
+
 /// One import for pipeline authors: core types, built-in stages and the
 /// backends enabled by features.
 pub mod prelude {
+    pub use crate::{async_trait, CancellationToken};
     pub use cd_core::prelude::*;
-    pub use cd_stages::Deploy;
+    pub use cd_stages::{Deploy, Restore};
 
     #[cfg(feature = "ansible")]
     pub use cd_backends::ansible::AnsibleDeployer;

@@ -212,6 +212,7 @@ async fn node_records_are_replaced_and_ordered_like_memory_store() {
         kind: ErrorKind::Failed,
         message: "exit 1 (target=web1)".into(),
         retryable: false,
+        context: vec![("target".into(), "web1".into())],
     });
     deploy.recheck_at = Some(at(100));
     // Several records in one call (one transaction for SQLite).
@@ -251,6 +252,7 @@ async fn events_come_back_in_order_after_a_sequence_number() {
                 kind: ErrorKind::Unavailable,
                 message: "refused".into(),
                 retryable: true,
+                context: Vec::new(),
             },
         },
         EventKind::Custom {

@@ -1254,3 +1254,30 @@ async fn ssh_a_hostile_name_read_back_from_a_host_is_refused() {
     assert!(!root.join("marker").exists());
     assert!(fx.restarts(0).is_empty(), "nothing was restarted");
 }
+
+/// Issue 10, typed errors: the `SshError` behind a deployer error is its
+/// `source()`, so callers match on the type, not the text; the report's
+/// `ErrorInfo` keeps the context pairs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_errors_stay_typed() {
+    let Some(fx) = Fixture::start(1).await else {
+        return;
+    };
+    fx.fleet.stop_host(0).await.unwrap();
+    let d = fx.deployer();
+    let t = d.targets().remove(0);
+    let err = d.current(&t).await.unwrap_err();
+    let typed = std::error::Error::source(&err)
+        .and_then(|s| s.downcast_ref::<cd::backends::ssh::SshError>())
+        .expect("the SshError is the source");
+    assert!(
+        matches!(typed, cd::backends::ssh::SshError::Connect { .. }),
+        "{typed:?}"
+    );
+    let info = err.to_info();
+    assert!(info
+        .context
+        .iter()
+        .any(|(k, v)| k == "host" && v == &fx.fleet.host(0).name));
+    fx.fleet.start_host(0).await.unwrap();
+}

@@ -91,6 +91,9 @@ pub struct Error {
     retryable: bool,
     context: Vec<(String, String)>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    /// Whether `Display` appends the source (not when the message already
+    /// is the source's text: a converted backend error).
+    show_source: bool,
 }
 
 impl Error {
@@ -102,6 +105,7 @@ impl Error {
             retryable: kind.is_retryable_by_default(),
             context: Vec::new(),
             source: None,
+            show_source: false,
         }
     }
 
@@ -152,9 +156,35 @@ impl Error {
         self
     }
 
-    /// Attaches the underlying cause.
+    /// Attaches the underlying cause; `Display` appends its text.
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         self.source = Some(Box::new(source));
+        self.show_source = true;
+        self
+    }
+
+    /// Attaches the typed error this one was made from (a backend's
+    /// `SshError`, `TerraformError`, `AnsibleError`, `HttpError`, an
+    /// `std::io::Error`) as [`std::error::Error::source`], so callers can
+    /// `downcast_ref` it instead of matching text. Its text is already the
+    /// message, so `Display` does not repeat it.
+    ///
+    /// ```
+    /// use cd_core::Error;
+    /// let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
+    /// let err = Error::from(io);
+    /// let typed = std::error::Error::source(&err)
+    ///     .and_then(|s| s.downcast_ref::<std::io::Error>())
+    ///     .unwrap();
+    /// assert_eq!(typed.kind(), std::io::ErrorKind::NotFound);
+    /// assert_eq!(err.to_string(), "no such file");
+    /// ```
+    pub fn with_typed_source(
+        mut self,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        self.source = Some(Box::new(source));
+        self.show_source = false;
         self
     }
 
@@ -192,10 +222,12 @@ impl Error {
             kind: self.kind,
             message: self.to_string(),
             retryable: self.retryable,
+            context: self.context.clone(),
         }
     }
 
-    /// Rebuilds an error from a snapshot (used when restoring a run).
+    /// Rebuilds an error from a snapshot (used when restoring a run). The
+    /// message already holds the context.
     pub fn from_info(info: &ErrorInfo) -> Self {
         Error::new(info.kind, info.message.clone()).retryable(info.retryable)
     }
@@ -214,7 +246,7 @@ impl fmt::Display for Error {
             }
             f.write_str(")")?;
         }
-        if let Some(source) = &self.source {
+        if let (Some(source), true) = (&self.source, self.show_source) {
             write!(f, ": {source}")?;
         }
         Ok(())
@@ -247,6 +279,28 @@ impl From<crate::pipeline::PipelineError> for Error {
     }
 }
 
+/// An I/O error: `NotFound` stays not-found, time-outs time out, broken and
+/// refused connections are unavailable (retryable), the rest failed. The
+/// `io::Error` is the typed source.
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        use std::io::ErrorKind as Io;
+        let kind = match e.kind() {
+            Io::NotFound => ErrorKind::NotFound,
+            Io::TimedOut => ErrorKind::Timeout,
+            Io::ConnectionRefused
+            | Io::ConnectionReset
+            | Io::ConnectionAborted
+            | Io::BrokenPipe
+            | Io::Interrupted
+            | Io::WouldBlock => ErrorKind::Unavailable,
+            Io::PermissionDenied | Io::InvalidInput | Io::InvalidData => ErrorKind::Invalid,
+            _ => ErrorKind::Failed,
+        };
+        Error::new(kind, e.to_string()).with_typed_source(e)
+    }
+}
+
 impl From<serde_json::Error> for Error {
     fn from(e: serde_json::Error) -> Self {
         Error::invalid(format!("JSON: {e}"))
@@ -262,6 +316,9 @@ pub struct ErrorInfo {
     pub message: String,
     /// Whether it was retryable.
     pub retryable: bool,
+    /// The context pairs (`host`, `step`, `address`, `file`, ...), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub context: Vec<(String, String)>,
 }
 
 impl fmt::Display for ErrorInfo {

@@ -110,7 +110,9 @@ impl HttpError {
 impl From<HttpError> for cd_core::Error {
     fn from(e: HttpError) -> Self {
         let url = e.url().to_string();
-        cd_core::Error::new(e.kind(), e.to_string()).with("url", url)
+        cd_core::Error::new(e.kind(), e.to_string())
+            .with("url", url)
+            .with_typed_source(e)
     }
 }
 

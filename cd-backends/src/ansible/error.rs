@@ -92,9 +92,10 @@ impl AnsibleError {
 }
 
 impl From<AnsibleError> for Error {
+    /// The typed `AnsibleError` stays reachable as the error's `source()`.
     fn from(e: AnsibleError) -> Self {
         let message = e.to_string();
-        match e {
+        let err = match &e {
             AnsibleError::BinaryNotFound { binary, .. } => Error::new(ErrorKind::Invalid, message)
                 .with("tool", binary.display())
                 .with("setting", "AnsibleDeployer::binary / CD_ANSIBLE_PLAYBOOK"),
@@ -131,10 +132,9 @@ impl From<AnsibleError> for Error {
             AnsibleError::NoPreviousRelease { target } => {
                 Error::new(ErrorKind::NotFound, message).with("target", target)
             }
-            AnsibleError::Io { source, .. } => {
-                Error::new(ErrorKind::Failed, message).with_source(source)
-            }
+            AnsibleError::Io { .. } => Error::new(ErrorKind::Failed, message),
             AnsibleError::Cancelled => Error::cancelled().with("tool", "ansible-playbook"),
-        }
+        };
+        err.with_typed_source(e)
     }
 }

@@ -354,6 +354,6 @@ impl From<SshError> for Error {
                 err = err.with("stderr", stderr.trim());
             }
         }
-        err.with("backend", "ssh")
+        err.with("backend", "ssh").with_typed_source(e)
     }
 }

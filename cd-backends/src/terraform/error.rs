@@ -105,9 +105,10 @@ impl TerraformError {
 }
 
 impl From<TerraformError> for Error {
+    /// The typed `TerraformError` stays reachable as the error's `source()`.
     fn from(e: TerraformError) -> Self {
         let message = e.to_string();
-        match e {
+        let err = match &e {
             TerraformError::BinaryNotFound { binary, .. } => {
                 Error::new(ErrorKind::Invalid, message)
                     .with("tool", binary.display())
@@ -119,7 +120,7 @@ impl From<TerraformError> for Error {
                 others,
                 stderr,
             } => {
-                let kind = if is_invalid_configuration(&diagnostic) {
+                let kind = if is_invalid_configuration(diagnostic) {
                     ErrorKind::Invalid
                 } else {
                     ErrorKind::Failed
@@ -164,13 +165,12 @@ impl From<TerraformError> for Error {
             TerraformError::NoPreviousRelease { workspace } => {
                 Error::new(ErrorKind::NotFound, message).with("workspace", workspace)
             }
-            TerraformError::Io { source, .. } => {
-                Error::new(ErrorKind::Failed, message).with_source(source)
-            }
+            TerraformError::Io { .. } => Error::new(ErrorKind::Failed, message),
             TerraformError::Cancelled { command } => Error::cancelled()
                 .with("tool", "terraform")
                 .with("command", command),
-        }
+        };
+        err.with_typed_source(e)
     }
 }
 
