@@ -1281,3 +1281,33 @@ async fn ssh_errors_stay_typed() {
         .any(|(k, v)| k == "host" && v == &fx.fleet.host(0).name));
     fx.fleet.start_host(0).await.unwrap();
 }
+
+/// A rollback cut short after its switch leaves the host running v2 with
+/// `current` pointing at v1: deploying v2 through a strategy must not skip it
+/// as "already live" (found by the chaos test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_an_unsettled_host_is_not_skipped_as_already_live() {
+    use cd::core::{Rolling, Strategy};
+    let Some(fx) = Fixture::start(1).await else {
+        return;
+    };
+    let d = fx.deployer();
+    let cx = DeployContext::detached("test");
+    for v in ["v1", "v2"] {
+        Rolling::new()
+            .deploy(&d, &fx.release(v), &d.targets(), &cx)
+            .await
+            .unwrap();
+    }
+    let root = fx.root(0);
+    std::os::unix::fs::symlink("releases/v1", root.join(".crash")).unwrap();
+    std::fs::rename(root.join(".crash"), root.join("current")).unwrap();
+    let restarts = fx.restarts(0).len();
+    let report = Rolling::new()
+        .deploy(&d, &fx.release("v2"), &d.targets(), &cx)
+        .await
+        .unwrap();
+    assert_eq!(report.deployed[0].version, "v2");
+    assert_eq!(fx.restarts(0).len(), restarts + 1, "v2 restarted");
+    fx.assert_live(0, "v2");
+}

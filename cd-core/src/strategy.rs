@@ -187,8 +187,14 @@ async fn deploy_one(
         .current(target)
         .await
         .map_err(|e| e.with("target", &target.name).with("step", "current"))?;
+    let plan = deployer
+        .plan(release, target, cx)
+        .await
+        .map_err(|e| e.with("target", &target.name).with("step", "plan"))?;
+    // Skipped only when the deployer plans nothing: `current()` may name the
+    // release on a target an interrupted apply or rollback left unsettled.
     if let Some(p) = &previous {
-        if p.version == release.version {
+        if p.version == release.version && plan.is_noop() {
             cx.events.progress(
                 Some(&target.name),
                 "deploy",
@@ -199,10 +205,6 @@ async fn deploy_one(
             return Ok((previous.clone(), p.clone(), true));
         }
     }
-    let plan = deployer
-        .plan(release, target, cx)
-        .await
-        .map_err(|e| e.with("target", &target.name).with("step", "plan"))?;
     let t = std::time::Instant::now();
     let rev = match deployer.apply(&plan, cx).await {
         Ok(rev) => rev,

@@ -599,6 +599,17 @@ impl HostState {
             None => self.current.clone(),
         }
     }
+
+    /// Whether the symlink agrees with the applied marker. When not, an
+    /// apply or rollback was cut short between its switch and its restart:
+    /// the process runs the applied release, the next restart would start
+    /// the other one. Such a host is not settled on any release.
+    fn settled(&self) -> bool {
+        match &self.applied {
+            Some(applied) => *applied == self.current,
+            None => true,
+        }
+    }
 }
 
 type SshResult<T> = std::result::Result<T, SshError>;
@@ -1665,9 +1676,15 @@ impl Deployer for SshDeployer {
                 return Err(e.into());
             }
         };
+        let settled = state.settled();
         let rev = state.live().map(|v| {
             let mut rev = self.revision(&host, &v, None);
             rev.deployed_at = None;
+            if !settled {
+                // Planning this release again is not a no-op: the switch
+                // must be made to agree and the release restarted.
+                rev.detail["settled"] = json!(false);
+            }
             rev
         });
         self.inner
@@ -1698,7 +1715,11 @@ impl Deployer for SshDeployer {
         let root = self.root_of(&host).to_string();
         let mut plan = Plan::new(release.clone(), target.clone(), current.clone());
         plan.detail = json!({ "host": host.address(), "root": root });
-        if current.as_ref().map(|c| c.version.as_str()) == Some(release.version.as_str()) {
+        let settled = current
+            .as_ref()
+            .is_none_or(|c| c.detail.get("settled") != Some(&json!(false)));
+        if settled && current.as_ref().map(|c| c.version.as_str()) == Some(release.version.as_str())
+        {
             return Ok(plan.change(Change::new(ChangeAction::NoOp, format!("{root}/current"))));
         }
         let v = &release.version;
