@@ -992,3 +992,40 @@ async fn registered_secrets_never_reach_the_database_file() {
     // The check itself can see plain text in the file.
     assert!(file_contains(&db, "registry refused token"));
 }
+
+/// Release history is ordered by a sequence, not the wall clock: releases
+/// recorded in the same millisecond, or with a clock that stepped back,
+/// come back newest (last recorded) first, in both stores.
+#[tokio::test]
+async fn release_history_order_is_total_and_ignores_the_clock() {
+    let (_dir, sqlite) = open_temp().await;
+    let memory = MemoryStore::new();
+    for store in [&sqlite as &dyn Store, &memory] {
+        // Same instant for a and b; c's clock stepped back.
+        store
+            .put_release(&release("a", "prod", "v1", 10, ReleaseStatus::Superseded))
+            .await
+            .unwrap();
+        store
+            .put_release(&release("b", "prod", "v2", 10, ReleaseStatus::Superseded))
+            .await
+            .unwrap();
+        store
+            .put_release(&release("c", "prod", "v3", 5, ReleaseStatus::Live))
+            .await
+            .unwrap();
+        // Replacing a record keeps its place.
+        store
+            .put_release(&release("a", "prod", "v1", 10, ReleaseStatus::RolledBack))
+            .await
+            .unwrap();
+        let ids: Vec<String> = store
+            .release_history("prod", 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, ["c", "b", "a"]);
+    }
+}

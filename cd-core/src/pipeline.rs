@@ -90,6 +90,14 @@ impl NodeKind {
         }
     }
 
+    /// The stage's or gate's fingerprint (its behaviour-changing settings).
+    pub fn fingerprint(&self) -> String {
+        match self {
+            NodeKind::Stage(s) => s.fingerprint(),
+            NodeKind::Gate(g) => g.fingerprint(),
+        }
+    }
+
     /// Whether it is a gate.
     pub fn is_gate(&self) -> bool {
         matches!(self, NodeKind::Gate(_))
@@ -234,8 +242,10 @@ impl Pipeline {
         &self.0.topo
     }
 
-    /// A hash of the definition: names, kinds, edges and settings. A run is
-    /// only resumed with a pipeline of the same hash.
+    /// A hash of the definition: names, kinds, edges, node settings and each
+    /// node's [`crate::Stage::fingerprint`] (URLs, thresholds, strategy
+    /// steps, approvers). A run is only resumed with a pipeline of the same
+    /// hash.
     pub fn definition_hash(&self) -> &str {
         &self.0.hash
     }
@@ -569,6 +579,11 @@ fn definition_hash(name: &str, nodes: &[NodeSpec]) -> String {
         );
         // Settings added later hash only when set, so runs started before
         // they existed still resume.
+        let fingerprint = n.kind.fingerprint();
+        if fingerprint != n.kind.describe() {
+            h.update(b"|fp:");
+            h.update(fingerprint.as_bytes());
+        }
         if n.grace.is_some() || n.retry_on_timeout.is_some() {
             h.update(format!("|{:?}|{:?}", n.grace, n.retry_on_timeout).as_bytes());
         }

@@ -307,6 +307,14 @@ pub trait Stage: Send + Sync + 'static {
         Capabilities::default()
     }
 
+    /// What the stage does, for [`crate::Pipeline::definition_hash`]: every
+    /// setting that changes its behaviour (URLs, thresholds, strategy steps,
+    /// approvers), deterministic across processes. A run is resumed only
+    /// with a pipeline of the same hash. Default: [`Stage::kind`].
+    fn fingerprint(&self) -> String {
+        self.kind()
+    }
+
     /// Checks the stage's configuration; [`crate::Pipeline`]'s `build()`
     /// calls it and refuses the pipeline with
     /// [`crate::PipelineError::InvalidNode`] naming the node. Default: valid.
@@ -377,6 +385,12 @@ pub trait Gate: Send + Sync + 'static {
     /// A short description of what the gate is (`approval`, `policy`).
     fn kind(&self) -> String {
         "gate".to_string()
+    }
+
+    /// What the gate does, for the definition hash (see
+    /// [`Stage::fingerprint`]). Default: [`Gate::kind`].
+    fn fingerprint(&self) -> String {
+        self.kind()
     }
 
     /// Checks the gate's configuration at pipeline build time (see

@@ -387,7 +387,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Creates or replaces (by id) a release record.
     async fn put_release(&self, release: &ReleaseRecord) -> Result<()>;
-    /// An environment's releases, newest first.
+    /// An environment's releases, newest first: in the reverse of the order
+    /// their records were first put (a sequence, not the wall clock: two
+    /// releases recorded in the same millisecond, or after the clock stepped
+    /// back, still come back newest first). Replacing a record by id keeps
+    /// its place.
     async fn release_history(&self, environment: &str, limit: usize) -> Result<Vec<ReleaseRecord>>;
 }
 
@@ -658,14 +662,13 @@ impl Store for MemoryStore {
 
     async fn release_history(&self, environment: &str, limit: usize) -> Result<Vec<ReleaseRecord>> {
         let g = self.lock();
-        let mut v: Vec<_> = g
-            .releases
+        // `releases` is in the order records were first put.
+        Ok(g.releases
             .iter()
+            .rev()
             .filter(|r| r.environment == environment)
+            .take(limit)
             .cloned()
-            .collect();
-        v.sort_by_key(|r| std::cmp::Reverse(r.at));
-        v.truncate(limit);
-        Ok(v)
+            .collect())
     }
 }

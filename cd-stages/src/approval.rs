@@ -168,6 +168,10 @@ impl Gate for ApprovalGate {
         "approval".into()
     }
 
+    fn fingerprint(&self) -> String {
+        format!("{self:?}")
+    }
+
     async fn evaluate(&self, cx: &StageContext) -> Result<Verdict> {
         let records = cx.store().approvals(cx.run_id(), cx.node()).await?;
         let verdict = self.decide(&records, cx.run_id(), cx.node());

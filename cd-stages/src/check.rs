@@ -275,6 +275,10 @@ impl Stage for HttpCheck {
         "http-check".into()
     }
 
+    fn fingerprint(&self) -> String {
+        format!("{self:?}")
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             rollback: false,

@@ -581,6 +581,29 @@ impl Stage for Deploy {
         format!("deploy({} {s})", self.deployer.name())
     }
 
+    fn fingerprint(&self) -> String {
+        let choice = match &self.choice {
+            Choice::Rolling {
+                batch,
+                max_failures,
+            } => format!("rolling batch={batch} max_failures={max_failures}"),
+            Choice::Canary(steps) => format!("canary {steps:?}"),
+            Choice::BlueGreen(_) => "blue-green".to_string(),
+            Choice::Custom(s) => format!("strategy {}", s.name()),
+        };
+        let judge = self
+            .judge
+            .as_ref()
+            .map(|(m, a)| format!("{} {a:?}", m.name()))
+            .unwrap_or_default();
+        let targets: Vec<String> = self.target_list().into_iter().map(|t| t.name).collect();
+        format!(
+            "deploy({}) {choice} judge={judge} env={:?} targets={targets:?}",
+            self.deployer.name(),
+            self.environment
+        )
+    }
+
     fn validate(&self) -> Result<()> {
         if let Some(env) = &self.environment {
             validate_environment(env)?;

@@ -388,6 +388,10 @@ impl Stage for LoadTest {
         "load-test".into()
     }
 
+    fn fingerprint(&self) -> String {
+        format!("{self:?}")
+    }
+
     fn capabilities(&self) -> Capabilities {
         Capabilities {
             rollback: false,

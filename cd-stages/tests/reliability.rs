@@ -401,3 +401,32 @@ async fn a_partial_rollback_is_recorded_as_partial() {
         ["t1", "t2"]
     );
 }
+
+/// Issue 10: the definition hash covers what a node does, so resume refuses
+/// a pipeline whose canary steps or approvers changed.
+#[test]
+fn the_definition_hash_covers_behaviour_changing_settings() {
+    let fleet = Arc::new(MemoryDeployer::new(["t1", "t2"]));
+    let hash = |steps: Vec<u32>, approvers: Vec<&str>| {
+        Pipeline::builder("web")
+            .stage(
+                "deploy",
+                Deploy::shared(fleet.clone())
+                    .canary(steps)
+                    .judge(AlwaysFailing(Default::default()), fast(2)),
+            )
+            .gate("approval", cd_stages::ApprovalGate::any_of(approvers))
+            .build()
+            .unwrap()
+            .definition_hash()
+            .to_string()
+    };
+    let base = hash(vec![10, 50, 100], vec!["alice"]);
+    assert_eq!(
+        base,
+        hash(vec![10, 50, 100], vec!["alice"]),
+        "deterministic"
+    );
+    assert_ne!(base, hash(vec![25, 100], vec!["alice"]), "canary steps");
+    assert_ne!(base, hash(vec![10, 50, 100], vec!["mallory"]), "approvers");
+}

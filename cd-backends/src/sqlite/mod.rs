@@ -1058,7 +1058,7 @@ impl Store for SqliteStore {
         self.engine
             .read(move |c| {
                 let sql = format!(
-                    "SELECT {} FROM releases WHERE environment = ?1 ORDER BY at DESC, rowid ASC LIMIT ?2",
+                    "SELECT {} FROM releases WHERE environment = ?1 ORDER BY rowid DESC LIMIT ?2",
                     rows::RELEASE_COLUMNS
                 );
                 let mut stmt = c.prepare_cached(&sql).map_err(|e| sql_err(&path, e))?;
