@@ -15,6 +15,8 @@
 
 #[cfg(feature = "ansible")]
 pub mod ansible;
+#[cfg(test)]
+mod fuzz;
 #[cfg(feature = "local")]
 pub mod local;
 #[cfg(any(feature = "terraform", feature = "ansible"))]

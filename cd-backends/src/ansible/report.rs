@@ -356,3 +356,25 @@ mod tests {
         assert_eq!(e.context("task"), Some("restart"));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any line the callback plugin (or anything else on stdout) prints:
+        /// parsed or ignored, and absorbing it into a report never panics.
+        #[test]
+        fn callback_lines_never_panic(lines in prop::collection::vec(crate::fuzz::line(), 0..20)) {
+            let mut report = PlaybookReport::default();
+            for line in &lines {
+                if let Some(l) = CallbackLine::parse(line) {
+                    report.absorb(&l);
+                }
+            }
+            let _ = report.error("");
+            let _ = report.succeeded();
+        }
+    }
+}

@@ -1859,6 +1859,42 @@ fn expand_home(path: &Path) -> PathBuf {
 }
 
 #[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a host prints for its state, parsing does not panic, and
+        /// a release name taken from it is either refused by the version
+        /// rule or safe to put in a command.
+        #[test]
+        fn host_state_parses_without_panic(text in "(\\PC{0,40}\n){0,6}|(current=|previous=|applied=)\\PC{0,40}") {
+            let state = parse_state(&text);
+            let _ = state.settled();
+            if let Some(v) = state.live() {
+                if check_name("version", &v).is_ok() {
+                    prop_assert!(v.chars().all(|c| c.is_ascii_alphanumeric() || "._+-".contains(c)));
+                }
+            }
+        }
+
+        /// Any known_hosts text, any host name: a verdict, never a panic.
+        #[test]
+        fn known_hosts_never_panics(
+            text in prop::collection::vec("(@revoked |@cert-authority |#)?\\PC{0,30}( ssh-ed25519 \\PC{0,20})?", 0..8),
+            host in "\\PC{0,20}",
+            port in any::<u16>(),
+        ) {
+            let key = russh::keys::parse_public_key_base64(
+                "AAAAC3NzaC1lZDI1NTE5AAAAIEmu7z8L69NUj6ZW4swq5yI3z5JWYMaBG58KbPfEVkI7",
+            )
+            .unwrap();
+            let _ = known_hosts::check(&text.join("\n"), &host, port, &key);
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

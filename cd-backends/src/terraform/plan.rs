@@ -435,3 +435,19 @@ mod tests {
         assert_eq!(action_from_list(&l(&["update"])), ChangeAction::Update);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any `terraform show -json` output: a plan or a typed error.
+        #[test]
+        fn plan_json_never_panics(doc in crate::fuzz::json(), text in "\\PC{0,100}") {
+            let _ = TerraformPlan::from_value(&doc);
+            let _ = TerraformPlan::parse(&doc.to_string());
+            let _ = TerraformPlan::parse(&text);
+        }
+    }
+}

@@ -324,3 +324,19 @@ mod tests {
         assert_eq!(m.diagnostic.unwrap().range.unwrap().start.line, 2);
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any line terraform streams (`-json` UI lines or text): a message
+        /// or nothing, never a panic; diagnostics text likewise.
+        #[test]
+        fn ui_lines_never_panic(line in crate::fuzz::line()) {
+            let _ = UiMessage::parse(&line);
+            let _ = parse_human_diagnostics(&line);
+        }
+    }
+}
