@@ -1029,3 +1029,23 @@ async fn release_history_order_is_total_and_ignores_the_clock() {
         assert_eq!(ids, ["c", "b", "a"]);
     }
 }
+
+/// Issue 10: a state database the store creates is the owner's only: the
+/// file and its -wal/-shm 0600, the directories it creates 0700.
+#[tokio::test]
+async fn a_new_database_and_its_directory_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state").join("cd.db");
+    let store = SqliteStore::open(&db).await.unwrap();
+    store.create_run(&run("r1", "production", 1)).await.unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.path().join("state")), 0o700);
+    assert_eq!(mode(&db), 0o600);
+    for suffix in ["-wal", "-shm"] {
+        let p = std::path::PathBuf::from(format!("{}{suffix}", db.display()));
+        if p.exists() {
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+    }
+}

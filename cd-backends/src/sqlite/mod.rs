@@ -198,7 +198,8 @@ fn clamp_i64(n: u64) -> i64 {
 impl SqliteStore {
     /// Opens (or creates) the store at `path` with default settings.
     ///
-    /// Creates the parent directory, switches the file to WAL, sets a busy
+    /// Creates the parent directory (0700) and the file (0600) when missing,
+    /// switches the file to WAL, sets a busy
     /// timeout and applies the migrations this build carries. Fails with an
     /// [`ErrorKind::Store`] error naming the file (context `file`) when the
     /// path cannot be created or written, when the file is not a SQLite
@@ -221,13 +222,40 @@ impl SqliteStore {
             return Err(Error::invalid("the state database path is empty"));
         }
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| {
-                Error::store(format!(
-                    "cannot create the directory `{}` for the state database: {e}",
-                    parent.display()
-                ))
-                .with("file", path.display())
-            })?;
+            // Directories the store creates are the owner's only (0700).
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(|e| {
+                    Error::store(format!(
+                        "cannot create the directory `{}` for the state database: {e}",
+                        parent.display()
+                    ))
+                    .with("file", path.display())
+                })?;
+        }
+        // A new database file is the owner's only (0600) from its first
+        // byte; SQLite gives its -wal and -shm files the database's mode.
+        // An existing file keeps the mode its owner chose.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(
+                        Error::store(format!("cannot create the state database: {e}"))
+                            .with("file", path.display()),
+                    )
+                }
+            }
         }
         schema::check_header(&path)?;
         let mut conn = schema::connect(&path, options.busy_timeout, options.durability)?;
