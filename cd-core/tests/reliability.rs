@@ -85,8 +85,7 @@ async fn dropping_the_run_future_cancels_the_run_and_frees_the_lease() {
         .unwrap();
     let report = runner.run(&quick, Release::new("v2")).await.unwrap();
     assert_eq!(report.status, RunStatus::Succeeded);
-    // Nothing renews a lease any more.
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    // Released at the end, as any run's: nothing of the dropped run holds it.
     assert!(store.locks().await.unwrap().is_empty());
 }
 

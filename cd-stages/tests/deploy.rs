@@ -1,7 +1,6 @@
 //! The Deploy stage: release history, compensation, restore to known-good.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use cd_core::*;
 use cd_stages::{Deploy, Restore};
@@ -39,7 +38,6 @@ async fn history_records_live_superseded_and_rolled_back() {
         .await
         .unwrap();
     assert_eq!(r1.status, RunStatus::Succeeded);
-    tokio::time::sleep(Duration::from_millis(5)).await;
     let r2 = runner
         .run(&pipeline(false), Release::new("v2"))
         .await
@@ -52,7 +50,6 @@ async fn history_records_live_superseded_and_rolled_back() {
             ("v1".into(), ReleaseStatus::Superseded)
         ]
     );
-    tokio::time::sleep(Duration::from_millis(5)).await;
     let r3 = runner
         .run(&pipeline(true), Release::new("v3"))
         .await

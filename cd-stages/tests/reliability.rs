@@ -255,7 +255,6 @@ async fn restore_takes_the_lock_and_walks_back_through_history() {
     for v in ["v0", "v1", "v2"] {
         let r = runner.run(&plain, Release::new(v)).await.unwrap();
         assert_eq!(r.status, RunStatus::Succeeded);
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
     // A run holds production, waiting at its approval gate.
@@ -303,7 +302,6 @@ async fn restore_takes_the_lock_and_walks_back_through_history() {
         let report = deploy.restore(&store, &restore, &cx).await.unwrap();
         assert!(!report.noop, "restore to {expected} changed something");
         assert_eq!(fleet.versions(), [expected; 2]);
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let err = deploy.restore(&store, &restore, &cx).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
