@@ -51,20 +51,16 @@ pub fn holder_name(actor: &str, run_id: &str) -> String {
 /// A held environment lease, renewed by a heartbeat until released or
 /// dropped.
 pub struct EnvironmentLease {
-    store: Arc<dyn Store>,
-    environment: String,
-    holder: String,
+    release: ReleaseOnDrop,
     heartbeat: Option<tokio::task::JoinHandle<()>>,
     lost: CancellationToken,
-    released: bool,
 }
 
 impl std::fmt::Debug for EnvironmentLease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EnvironmentLease")
-            .field("environment", &self.environment)
-            .field("holder", &self.holder)
-            .field("released", &self.released)
+            .field("environment", &self.release.environment)
+            .field("holder", &self.release.holder)
             .finish()
     }
 }
@@ -92,7 +88,7 @@ impl EnvironmentLease {
         let mut announced = false;
         // Dropped while waiting (the caller's own timeout): leave no waiter
         // row behind to make everyone else wait for "an earlier waiter".
-        let mut waiting = Forget {
+        let release = ReleaseOnDrop {
             store: Some(store.clone()),
             environment: env.clone(),
             holder: holder.clone(),
@@ -128,7 +124,7 @@ impl EnvironmentLease {
                         announced = true;
                     }
                     if Instant::now() >= deadline {
-                        let _ = store.release_lock(&env, &holder).await;
+                        release.now().await;
                         return Err(Error::new(
                             ErrorKind::Locked,
                             format!(
@@ -141,14 +137,13 @@ impl EnvironmentLease {
                     tokio::select! {
                         _ = tokio::time::sleep(settings.poll_interval) => {}
                         _ = cancel.cancelled() => {
-                            let _ = store.release_lock(&env, &holder).await;
+                            release.now().await;
                             return Err(Error::cancelled().with("environment", &env));
                         }
                     }
                 }
             }
         }
-        waiting.store = None;
         let lost = CancellationToken::new();
         let heartbeat = {
             let store = store.clone();
@@ -185,12 +180,9 @@ impl EnvironmentLease {
             })
         };
         Ok(EnvironmentLease {
-            store,
-            environment: env,
-            holder,
+            release,
             heartbeat: Some(heartbeat),
             lost,
-            released: false,
         })
     }
 
@@ -202,12 +194,12 @@ impl EnvironmentLease {
 
     /// The environment.
     pub fn environment(&self) -> &str {
-        &self.environment
+        &self.release.environment
     }
 
     /// The holder's name.
     pub fn holder(&self) -> &str {
-        &self.holder
+        &self.release.holder
     }
 
     /// Stops the heartbeat and releases the lease. Returns whether this
@@ -216,42 +208,44 @@ impl EnvironmentLease {
         if let Some(h) = self.heartbeat.take() {
             h.abort();
         }
-        self.released = true;
-        self.store
-            .release_lock(&self.environment, &self.holder)
+        let Some(store) = self.release.store.take() else {
+            return Ok(false);
+        };
+        store
+            .release_lock(&self.release.environment, &self.release.holder)
             .await
     }
 }
 
 impl Drop for EnvironmentLease {
     fn drop(&mut self) {
+        // The heartbeat stops at once; `release` (a field) frees the lease.
         if let Some(h) = self.heartbeat.take() {
             h.abort();
-        }
-        if self.released {
-            return;
-        }
-        // Dropped without release: free the lease in the background where a
-        // runtime still runs; otherwise it lapses at its ttl.
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let store = self.store.clone();
-            let (env, holder) = (self.environment.clone(), self.holder.clone());
-            rt.spawn(async move {
-                let _ = store.release_lock(&env, &holder).await;
-            });
         }
     }
 }
 
-/// Withdraws a waiting request when dropped (unless disarmed by taking
-/// `store`).
-struct Forget {
+/// Withdraws a request or frees a lease when dropped: in the background
+/// where a runtime still runs (otherwise the lease lapses at its ttl). Held
+/// while waiting (a dropped waiter leaves no waiter row behind) and then by
+/// the lease itself.
+struct ReleaseOnDrop {
     store: Option<Arc<dyn Store>>,
     environment: String,
     holder: String,
 }
 
-impl Drop for Forget {
+impl ReleaseOnDrop {
+    /// Releases now (awaiting it) instead of on drop.
+    async fn now(mut self) {
+        if let Some(store) = self.store.take() {
+            let _ = store.release_lock(&self.environment, &self.holder).await;
+        }
+    }
+}
+
+impl Drop for ReleaseOnDrop {
     fn drop(&mut self) {
         let Some(store) = self.store.take() else {
             return;

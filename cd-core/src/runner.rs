@@ -178,18 +178,11 @@ async fn bounded<T>(
         biased;
         r = &mut work => return (None, Some(r)),
         _ = parent.cancelled() => Stop::Cancelled,
-        _ = sleep_opt(timeout) => Stop::Timeout(timeout.unwrap_or_default()),
+        _ = sleep_until_opt(timeout.map(clock::tokio_after)) => Stop::Timeout(timeout.unwrap_or_default()),
     };
     own.cancel();
     let settled = tokio::time::timeout(grace, &mut work).await.ok();
     (Some(stop), settled)
-}
-
-async fn sleep_opt(d: Option<Duration>) {
-    match d {
-        Some(d) => tokio::time::sleep(d).await,
-        None => futures::future::pending().await,
-    }
 }
 
 #[derive(Clone)]

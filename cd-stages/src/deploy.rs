@@ -499,27 +499,24 @@ impl Restore {
 }
 
 /// What the environment ran before the release record `mine` (a run's own
-/// deploy), per target: the live release other than `mine`; if there is
+/// deploy), per target, from its history (newest first): the live release other than `mine`; if there is
 /// none (a crash between marking the old one superseded and `mine` live),
 /// the newest superseded one.
-async fn baseline_revisions(
-    store: &dyn Store,
-    env: &str,
+fn baseline_revisions(
+    history: &[ReleaseRecord],
     mine: &str,
-) -> Result<std::collections::BTreeMap<String, Revision>> {
-    let history = store.release_history(env, HISTORY_LIMIT).await?;
+) -> std::collections::BTreeMap<String, Revision> {
     let others = || history.iter().filter(|r| r.id != mine);
     let base = others()
         .find(|r| r.status == ReleaseStatus::Live)
         .or_else(|| others().find(|r| r.status == ReleaseStatus::Superseded));
-    Ok(base
-        .map(|r| {
-            r.revisions
-                .iter()
-                .map(|rev| (rev.target.clone(), rev.clone()))
-                .collect()
-        })
-        .unwrap_or_default())
+    base.map(|r| {
+        r.revisions
+            .iter()
+            .map(|rev| (rev.target.clone(), rev.clone()))
+            .collect()
+    })
+    .unwrap_or_default()
 }
 
 /// How many history records restore and compensation read (newest first).
@@ -696,7 +693,8 @@ impl Stage for Deploy {
                 // before them is the environment's release before this run,
                 // not the release they run now, or compensation would leave
                 // them on it.
-                let baseline = baseline_revisions(store.as_ref(), &env, &record.id).await?;
+                let history = store.release_history(&env, HISTORY_LIMIT).await?;
+                let baseline = baseline_revisions(&history, &record.id);
                 for rev in &report.deployed {
                     let here = report.previous.get(&rev.target).cloned().flatten();
                     let already = here.as_ref().is_some_and(|p| p.version == rev.version);
@@ -710,7 +708,7 @@ impl Stage for Deploy {
                 }
                 report.noop = report.already_live_everywhere();
                 let now = Utc::now();
-                for mut r in store.release_history(&env, HISTORY_LIMIT).await? {
+                for mut r in history {
                     if r.status == ReleaseStatus::Live && r.id != record.id {
                         r.status = ReleaseStatus::Superseded;
                         r.updated_at = now;
