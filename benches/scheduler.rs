@@ -113,6 +113,22 @@ impl Store for NullStore {
     async fn release_history(&self, e: &str, n: usize) -> cd::core::Result<Vec<ReleaseRecord>> {
         self.0.release_history(e, n).await
     }
+    async fn append_target_record(
+        &self,
+        scope: &str,
+        target: &str,
+        entry: &serde_json::Value,
+    ) -> cd::core::Result<u64> {
+        self.0.append_target_record(scope, target, entry).await
+    }
+    async fn target_records(
+        &self,
+        scope: &str,
+        target: &str,
+        limit: usize,
+    ) -> cd::core::Result<Vec<cd::core::TargetRecord>> {
+        self.0.target_records(scope, target, limit).await
+    }
 }
 
 async fn run_pipeline(p: &Pipeline) -> Duration {

@@ -391,24 +391,31 @@ async fn cancelling_a_run_interrupts_ansible_playbook() {
     let state = tempfile::tempdir().unwrap();
     let ansible = deployer_for("slow.yml", &bin, &fleet, state.path());
     let target = ansible.group_target("all");
-    let (cx, _) = context();
+    let (cx, sink) = context();
     // Check mode skips `command`, so plan in check mode first, then apply.
     let plan = ansible
         .plan_in(&Release::new("v1"), &target, &cx)
         .await
         .unwrap();
+    // Interrupt once the 60 s task has started on the host (a condition,
+    // not a guess at timing).
     let cancel = cx.cancel.clone();
+    let watching = sink.clone();
+    let host = fleet.host(0).name.clone();
     tokio::spawn(async move {
-        tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+        while !statuses(&watching.events(), &host, "wait a long time").contains(&"started") {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         cancel.cancel();
     });
-    let started = std::time::Instant::now();
     let err = ansible.apply(&plan, &cx).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Cancelled, "{err}");
+    // The interrupt cut the task short: it never finished on the host.
+    let events = sink.events();
+    let task = statuses(&events, &fleet.host(0).name, "wait a long time");
     assert!(
-        started.elapsed() < std::time::Duration::from_secs(30),
-        "ansible-playbook went on after the interrupt ({:?})",
-        started.elapsed()
+        !task.contains(&"ok") && !task.contains(&"changed"),
+        "the task ran to its end despite the interrupt: {task:?}"
     );
     assert!(ansible.current(&target).await.unwrap().is_none());
 }
@@ -570,4 +577,111 @@ async fn release_values_are_never_templated() {
         "the release's template ran on the controller"
     );
     assert_eq!(config_of(&fleet.host(0).root)["motd"], template.as_str());
+}
+
+/// Issue 10, case 1 and secrets in releases: a release secret reaches the
+/// host verbatim (never templated), a `no_log` task's output and diff are
+/// withheld, another task's diff shows `***` in its place, and no event nor
+/// file of the deployer holds it; the history keeps its name only.
+#[tokio::test]
+async fn secrets_reach_the_host_and_no_event_or_file_keeps_them() {
+    let Some(bin) = ansible_playbook() else {
+        return;
+    };
+    let Some(fleet) = SshFleet::start_or_skip(1).await.unwrap() else {
+        return;
+    };
+    let state = tempfile::tempdir().unwrap();
+    const PW: &str = "pa\"ss{{ 7 * 7 }}w0rd-91c2";
+    let json_pw = serde_json::to_string(PW).unwrap();
+    let json_pw = json_pw[1..json_pw.len() - 1].to_string();
+    let ansible = deployer_for("secret.yml", &bin, &fleet, state.path());
+    let target = ansible.targets().remove(0);
+    let (cx, sink) = context();
+    let release = Release::new("v1").secret("db_password", cd_core::Secret::new(PW.to_string()));
+    let plan = ansible.plan_in(&release, &target, &cx).await.unwrap();
+    ansible.apply(&plan, &cx).await.unwrap();
+
+    let root = &fleet.host(0).root;
+    assert_eq!(
+        std::fs::read_to_string(root.join("app/password")).unwrap(),
+        PW
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("app/dsn")).unwrap(),
+        format!("postgres://app:{PW}@db/v1\n")
+    );
+    let events = serde_json::to_string(&sink.events()).unwrap();
+    for needle in [PW, json_pw.as_str(), "w0rd-91c2"] {
+        assert!(!events.contains(needle), "an event holds {needle:?}");
+    }
+    assert!(
+        events.contains("postgres://app:***@db/v1"),
+        "the dsn diff is shown with the secret scrubbed"
+    );
+    let no_log: Vec<String> = sink
+        .events()
+        .iter()
+        .map(|e| serde_json::to_string(e).unwrap())
+        .filter(|text| text.contains("write the password file"))
+        .collect();
+    assert!(!no_log.is_empty(), "the no_log task reports its status");
+    for text in &no_log {
+        assert!(
+            !text.contains("before") && !text.contains("after"),
+            "a no_log task's diff was emitted: {text}"
+        );
+    }
+    let history = ansible.history(&target).await.unwrap();
+    assert_eq!(history[0].secrets, ["db_password"]);
+    assert!(history[0].config.is_empty());
+    let left = cd_testkit::files_holding(state.path(), "w0rd-91c2", &[]);
+    assert!(left.is_empty(), "the secret is in {left:?}");
+}
+
+/// Issue 10, one home for durable state: two controllers with their own
+/// state directories over one SQLite store agree on what is live, and one
+/// rolls back what the other applied.
+#[tokio::test]
+async fn two_controllers_sharing_a_store_agree_on_current_and_rollback() {
+    let Some(bin) = ansible_playbook() else {
+        return;
+    };
+    let Some(fleet) = SshFleet::start_or_skip(1).await.unwrap() else {
+        return;
+    };
+    let shared = tempfile::tempdir().unwrap();
+    let store: Arc<dyn cd_core::Store> = Arc::new(
+        cd_backends::sqlite::SqliteStore::open(shared.path().join("state.db"))
+            .await
+            .unwrap(),
+    );
+    let (state_a, state_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = deployer(&bin, &fleet, state_a.path()).store(store.clone(), "web");
+    let b = deployer(&bin, &fleet, state_b.path()).store(store.clone(), "web");
+    let target = a.targets().remove(0);
+    let (cx, _) = context();
+    let plan = a
+        .plan(&Release::new("v1").config("color", "blue"), &target, &cx)
+        .await
+        .unwrap();
+    a.apply(&plan, &cx).await.unwrap();
+    let plan = b
+        .plan(&Release::new("v2").config("color", "green"), &target, &cx)
+        .await
+        .unwrap();
+    b.apply(&plan, &cx).await.unwrap();
+    for d in [&a, &b] {
+        assert_eq!(d.current(&target).await.unwrap().unwrap().version, "v2");
+    }
+    let back = a.rollback(&target, None, &cx).await.unwrap().unwrap();
+    assert_eq!(back.version, "v1");
+    assert_eq!(config_of(&fleet.host(0).root)["color"], "blue");
+    for d in [&a, &b] {
+        assert_eq!(d.current(&target).await.unwrap().unwrap().version, "v1");
+        assert_eq!(d.history(&target).await.unwrap().len(), 3);
+    }
+    for s in [&state_a, &state_b] {
+        assert!(!s.path().join("history").exists());
+    }
 }

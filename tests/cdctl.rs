@@ -257,3 +257,67 @@ fn cdctl_explains_a_missing_database_and_rollback() {
         assert!(help.contains(cmd), "{cmd} missing from --help");
     }
 }
+
+mod fuzz {
+    //! Issue 10: cdctl's arguments are outside input too. Whatever argv it
+    //! gets, it ends with a usage error (2) or a typed error (1) on stderr,
+    //! or succeeds — never a panic, never a hang on a huge number.
+    use super::*;
+    use proptest::prelude::*;
+
+    fn word() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("runs".to_string()),
+            Just("run".to_string()),
+            Just("show".to_string()),
+            Just("abandon".to_string()),
+            Just("history".to_string()),
+            Just("locks".to_string()),
+            Just("unlock".to_string()),
+            Just("approve".to_string()),
+            Just("reject".to_string()),
+            Just("--json".to_string()),
+            Just("--limit".to_string()),
+            Just("--events".to_string()),
+            Just("--force".to_string()),
+            Just("--reason".to_string()),
+            Just("--as".to_string()),
+            Just("--env".to_string()),
+            Just(RUN.to_string()),
+            Just("7f".to_string()),
+            Just("production".to_string()),
+            Just(u64::MAX.to_string()),
+            Just("-1".to_string()),
+            Just("99999999999999999999999".to_string()),
+            Just(String::new()),
+            "[a-z0-9-]{1,12}",
+            "\\PC{0,40}",
+            "[\\x00-\\x1f\\x7f\u{202e}a-z]{1,12}",
+        ]
+        .prop_filter("argv holds no NUL", |s| !s.contains('\0'))
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_arguments_end_in_a_result_or_a_typed_error(
+            args in proptest::collection::vec(word(), 0..7)
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let db = dir.path().join("state.db");
+            tokio::runtime::Runtime::new().unwrap().block_on(populate(&db));
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = cdctl(&db, &refs);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            prop_assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+            let code = out.status.code();
+            prop_assert!(matches!(code, Some(0..=2)), "{args:?}: exit {code:?}: {stderr}");
+            if code != Some(0) {
+                prop_assert!(!stderr.trim().is_empty(), "{args:?}: failed silently");
+            }
+            // Whatever was printed cannot carry a terminal escape from argv.
+            prop_assert!(!out.stdout.contains(&0x1b), "{args:?}");
+        }
+    }
+}

@@ -1113,13 +1113,9 @@ async fn ssh_timeout_and_cancellation_are_typed() {
         )
         .await
         .unwrap();
-    let started = std::time::Instant::now();
+    // Without the step timeout the restart would finish (after 30 s) and
+    // the apply succeed: the error kind is the logical check.
     let err = hanging.apply(&plan, &cx).await.unwrap_err();
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
     assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
     assert!(err.is_retryable());
     assert_eq!(err.context("host"), Some("host1"));

@@ -17,6 +17,8 @@
 pub mod ansible;
 #[cfg(test)]
 mod fuzz;
+#[cfg(any(feature = "terraform", feature = "ansible"))]
+mod history;
 #[cfg(feature = "local")]
 pub mod local;
 #[cfg(any(feature = "terraform", feature = "ansible"))]

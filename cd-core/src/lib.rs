@@ -72,10 +72,10 @@ pub use stage::{
 };
 pub use store::{
     ApprovalRecord, Decision, Lease, LockAttempt, LockRequest, MemoryStore, NodeRecord, NodeStatus,
-    ReleaseRecord, ReleaseStatus, RunRecord, Store,
+    ReleaseRecord, ReleaseStatus, RunRecord, Store, TargetRecord,
 };
 pub use strategy::{BlueGreen, Canary, Rolling, RolloutReport, Strategy};
-pub use types::{Artifact, Change, ChangeAction, Plan, Release, Revision, Target};
+pub use types::{Artifact, Change, ChangeAction, Plan, Release, ReleaseSecrets, Revision, Target};
 
 /// Everything a pipeline author usually needs, in one import.
 pub mod prelude {

@@ -444,6 +444,7 @@ impl Runner {
     pub async fn run(&self, pipeline: &Pipeline, release: Release) -> Result<RunReport> {
         crate::types::validate_environment(&self.environment)?;
         crate::types::validate_version(&release.version)?;
+        let release = self.seal(release)?;
         let run_id = uuid::Uuid::new_v4().to_string();
         let run = RunRecord {
             id: run_id,
@@ -474,10 +475,91 @@ impl Runner {
     /// over at once. Resume a run from one process at a time: stages and
     /// deployers must keep the idempotency contract ([`crate::Stage`]), as an
     /// interrupted node runs again.
+    ///
+    /// Errors: [`ErrorKind::NotFound`] for an unknown run,
+    /// [`ErrorKind::Conflict`] for a changed pipeline, [`ErrorKind::Invalid`]
+    /// for a finished run or for a release with secret values (the store
+    /// keeps only their names: use [`Runner::resume_with_release`]).
     pub async fn resume(&self, run_id: &str, pipeline: &Pipeline) -> Result<RunReport> {
-        let run = self.store.get_run(run_id).await?.ok_or_else(|| {
+        self.resume_inner(run_id, pipeline, None).await
+    }
+
+    /// Resumes a run whose release has secret values ([`Release::secret`], or
+    /// configuration holding a registered secret): the store never held
+    /// them, so the caller gives the release again. It must be the run's
+    /// release (same version, artifact, configuration and secret names) or
+    /// the call fails with [`ErrorKind::Conflict`]; otherwise as
+    /// [`Runner::resume`].
+    pub async fn resume_with_release(
+        &self,
+        run_id: &str,
+        pipeline: &Pipeline,
+        release: Release,
+    ) -> Result<RunReport> {
+        self.resume_inner(run_id, pipeline, Some(release)).await
+    }
+
+    /// Registers a release's secret values with the redactor and moves
+    /// configuration holding a registered secret into its secrets
+    /// ([`Release::seal`]); refuses a version that holds a secret.
+    fn seal(&self, mut release: Release) -> Result<Release> {
+        release.secrets.register(&self.redactor);
+        let moved = release.seal(&self.redactor);
+        if !moved.is_empty() {
+            tracing::debug!(keys = ?moved, "release configuration holding secrets is kept out of the store");
+        }
+        if self.redactor.finds(&release.version) {
+            return Err(Error::invalid(
+                "release version holds a registered secret; refusing to store it",
+            ));
+        }
+        Ok(release)
+    }
+
+    async fn resume_inner(
+        &self,
+        run_id: &str,
+        pipeline: &Pipeline,
+        release: Option<Release>,
+    ) -> Result<RunReport> {
+        let mut run = self.store.get_run(run_id).await?.ok_or_else(|| {
             Error::new(ErrorKind::NotFound, format!("no run with id {run_id}")).with("run", run_id)
         })?;
+        match release {
+            Some(given) => {
+                let given = self.seal(given)?;
+                let same = serde_json::to_value(&given)? == serde_json::to_value(&run.release)?;
+                if !same {
+                    return Err(Error::new(
+                        ErrorKind::Conflict,
+                        format!(
+                            "the release given ({}) is not run {run_id}'s release ({}): \
+                             version, artifact, configuration or secret names differ",
+                            given.version, run.release.version
+                        ),
+                    )
+                    .with("run", run_id));
+                }
+                if let Some(missing) = given.secrets.missing().first() {
+                    return Err(Error::invalid(format!(
+                        "the release given for run {run_id} has no value for secret `{missing}`"
+                    ))
+                    .with("run", run_id));
+                }
+                run.release = given;
+            }
+            None => {
+                let missing = run.release.secrets.missing();
+                if !missing.is_empty() {
+                    return Err(Error::invalid(format!(
+                        "run {run_id}'s release has secret values ({}), which are never \
+                         stored; resume it with Runner::resume_with_release",
+                        missing.join(", ")
+                    ))
+                    .with("run", run_id));
+                }
+            }
+        }
         if run.definition_hash != pipeline.definition_hash() {
             return Err(Error::new(
                 ErrorKind::Conflict,
@@ -803,8 +885,12 @@ impl Runner {
                     checks: st.checks,
                     waited: st.waited,
                     duration,
-                    error: st.error.clone(),
-                    output: st.output.as_ref().map(|o| o.0.clone()),
+                    error: st.error.clone().map(|e| scrub_error(&self.redactor, e)),
+                    output: st.output.as_ref().map(|o| {
+                        let mut v = o.0.clone();
+                        self.redactor.scrub_json(&mut v);
+                        v
+                    }),
                     finally: spec.finally,
                 }
             })
@@ -915,12 +1001,7 @@ impl Execution<'_> {
             redactor.scrub_json(&mut v);
             v
         });
-        let error = st.error.clone().map(|mut e| {
-            if !redactor.is_empty() {
-                e.message = redactor.scrub(&e.message);
-            }
-            e
-        });
+        let error = st.error.clone().map(|e| scrub_error(redactor, e));
         NodeRecord {
             run_id: self.ids.0.clone(),
             node: self.names[i].clone(),
@@ -1547,4 +1628,17 @@ fn stopped(
             )),
         },
     }
+}
+
+/// An error as it may be shown or stored: every registered secret scrubbed
+/// from its message and its context values.
+fn scrub_error(redactor: &Redactor, mut e: ErrorInfo) -> ErrorInfo {
+    if !redactor.is_empty() {
+        e.message = redactor.scrub(&e.message);
+        for (k, v) in &mut e.context {
+            *k = redactor.scrub(k);
+            *v = redactor.scrub(v);
+        }
+    }
+    e
 }

@@ -304,6 +304,29 @@ pub struct ReleaseRecord {
     pub restored_from: Option<String>,
 }
 
+/// One entry of a deployer's own history on one target: what it applied
+/// there, as the deployer needs it to answer `current()` and to roll back
+/// (Terraform's variables and configuration hash, Ansible's extra vars).
+///
+/// Kept in the [`Store`] so every machine sharing the store agrees on what is
+/// live; a deployer's local files are caches. Entries are keyed by a *scope*
+/// (the deployer and what it deploys, e.g. `terraform:infra/production`,
+/// the same on every machine) and a target name, and ordered by a sequence
+/// the store assigns.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetRecord {
+    /// The store's sequence number: larger is newer, unique per store.
+    pub seq: u64,
+    /// The deployer's scope.
+    pub scope: String,
+    /// The target.
+    pub target: String,
+    /// The deployer's entry (its own JSON shape; no secret values).
+    pub entry: serde_json::Value,
+    /// When it was appended.
+    pub at: DateTime<Utc>,
+}
+
 /// Durable state of runs. Implementations must be safe to share between
 /// tasks; a method that returns `Ok` has made its write durable.
 #[async_trait]
@@ -393,6 +416,24 @@ pub trait Store: Send + Sync + 'static {
     /// back, still come back newest first). Replacing a record by id keeps
     /// its place.
     async fn release_history(&self, environment: &str, limit: usize) -> Result<Vec<ReleaseRecord>>;
+
+    /// Appends an entry to a deployer's history of one target
+    /// ([`TargetRecord`]); returns its sequence number.
+    async fn append_target_record(
+        &self,
+        scope: &str,
+        target: &str,
+        entry: &serde_json::Value,
+    ) -> Result<u64>;
+
+    /// A deployer's history of one target, newest first (by sequence), at
+    /// most `limit` entries.
+    async fn target_records(
+        &self,
+        scope: &str,
+        target: &str,
+        limit: usize,
+    ) -> Result<Vec<TargetRecord>>;
 }
 
 /// A store in memory: fast, shared between tasks, gone with the process.
@@ -425,6 +466,7 @@ struct MemoryInner {
     // environment -> waiting holders with the time they last asked
     waiters: HashMap<String, Vec<Waiter>>,
     releases: Vec<ReleaseRecord>,
+    target_records: Vec<TargetRecord>,
 }
 
 impl fmt::Debug for MemoryStore {
@@ -667,6 +709,41 @@ impl Store for MemoryStore {
             .iter()
             .rev()
             .filter(|r| r.environment == environment)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn append_target_record(
+        &self,
+        scope: &str,
+        target: &str,
+        entry: &serde_json::Value,
+    ) -> Result<u64> {
+        let mut g = self.lock();
+        let seq = g.target_records.last().map(|r| r.seq + 1).unwrap_or(1);
+        g.target_records.push(TargetRecord {
+            seq,
+            scope: scope.to_string(),
+            target: target.to_string(),
+            entry: entry.clone(),
+            at: Utc::now(),
+        });
+        Ok(seq)
+    }
+
+    async fn target_records(
+        &self,
+        scope: &str,
+        target: &str,
+        limit: usize,
+    ) -> Result<Vec<TargetRecord>> {
+        Ok(self
+            .lock()
+            .target_records
+            .iter()
+            .rev()
+            .filter(|r| r.scope == scope && r.target == target)
             .take(limit)
             .cloned()
             .collect())

@@ -7,13 +7,29 @@ use std::path::PathBuf;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-/// What is being delivered: a version, an optional artifact and configuration.
+/// What is being delivered: a version, an optional artifact, configuration
+/// and secret values.
+///
+/// Configuration is durable: it is kept in the store with the run and the
+/// release history. Secret values ([`Release::secret`]) reach the deployers
+/// (Terraform as `TF_VAR_*` environment variables, Ansible as extra vars from
+/// an owner-only file removed after the run) but nothing durable holds them:
+/// the store keeps only their names, `Debug` prints `***`, and the runner
+/// scrubs their text from events, errors, outputs and the report.
 ///
 /// ```
-/// use cd_core::Release;
-/// let r = Release::new("v42").artifact("target/app.tar.gz").config("replicas", 3);
+/// use cd_core::{Release, Secret};
+/// let r = Release::new("v42")
+///     .artifact("target/app.tar.gz")
+///     .config("replicas", 3)
+///     .secret("db_password", Secret::new("hunter2".to_string()));
 /// assert_eq!(r.version, "v42");
 /// assert_eq!(r.config["replicas"], 3);
+/// assert_eq!(r.secrets.get("db_password").unwrap(), "hunter2");
+/// // What is stored: the names of the secrets, never their values.
+/// let stored = serde_json::to_string(&r).unwrap();
+/// assert!(stored.contains("db_password") && !stored.contains("hunter2"));
+/// assert!(!format!("{r:?}").contains("hunter2"));
 /// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Release {
@@ -24,6 +40,9 @@ pub struct Release {
     /// Free-form configuration passed to deployers (Terraform variables,
     /// Ansible extra vars, environment variables, ...).
     pub config: BTreeMap<String, serde_json::Value>,
+    /// Sensitive values passed to deployers like configuration, never stored.
+    #[serde(default, skip_serializing_if = "ReleaseSecrets::is_empty")]
+    pub secrets: ReleaseSecrets,
 }
 
 impl Release {
@@ -33,7 +52,51 @@ impl Release {
             version: version.into(),
             artifact: None,
             config: BTreeMap::new(),
+            secrets: ReleaseSecrets::default(),
         }
+    }
+
+    /// Adds a secret value: passed to deployers under `key` like a
+    /// configuration value, never stored (see [`ReleaseSecrets`]).
+    pub fn secret(mut self, key: impl Into<String>, value: crate::Secret<String>) -> Self {
+        self.secrets
+            .insert(key.into(), serde_json::Value::String(value.into_inner()));
+        self
+    }
+
+    /// The configuration and the secret values together, as deployers pass
+    /// them on (a secret wins over a configuration value of the same key).
+    /// Secrets whose values are missing (a release read back from the store)
+    /// are left out: see [`ReleaseSecrets::missing`].
+    pub fn values(&self) -> BTreeMap<String, serde_json::Value> {
+        let mut all = self.config.clone();
+        for (k, v) in self.secrets.iter() {
+            all.insert(k.to_string(), v.clone());
+        }
+        all
+    }
+
+    /// Moves every configuration value that holds a secret `redactor` knows
+    /// (in a string or a key, in any encoding it scrubs) into
+    /// [`Release::secrets`], so the stored release never holds it. The runner
+    /// seals every release before it stores the run; deployers see the same
+    /// values through [`Release::values`]. Returns the keys moved.
+    pub fn seal(&mut self, redactor: &crate::Redactor) -> Vec<String> {
+        if redactor.is_empty() {
+            return Vec::new();
+        }
+        let moved: Vec<String> = self
+            .config
+            .iter()
+            .filter(|(k, v)| redactor.finds(k) || redactor.finds_in_json(v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &moved {
+            if let Some(v) = self.config.remove(k) {
+                self.secrets.insert(k.clone(), v);
+            }
+        }
+        moved
     }
 
     /// Sets the artifact file.
@@ -68,6 +131,96 @@ impl Release {
 impl fmt::Display for Release {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.version)
+    }
+}
+
+/// The secret values of a [`Release`], by key.
+///
+/// Serialized as the sorted list of keys only (`["db_password"]`): a release
+/// read back from the store knows which secrets it had but not their values
+/// ([`ReleaseSecrets::missing`]); resuming such a run needs the release again
+/// (`Runner::resume_with_release`). `Debug` prints `***` for every value.
+#[derive(Clone, Default, PartialEq)]
+pub struct ReleaseSecrets(BTreeMap<String, Option<crate::Secret<serde_json::Value>>>);
+
+impl ReleaseSecrets {
+    /// Whether the release has no secret (present or missing).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Sets a secret value.
+    pub fn insert(&mut self, key: String, value: serde_json::Value) {
+        self.0.insert(key, Some(crate::Secret::new(value)));
+    }
+
+    /// A secret value; `None` when unknown or missing.
+    pub fn get(&self, key: &str) -> Option<&serde_json::Value> {
+        self.0.get(key)?.as_ref().map(|s| s.expose())
+    }
+
+    /// Every secret's key, present or missing.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+
+    /// The secrets whose values are known, by key.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &serde_json::Value)> {
+        self.0
+            .iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| (k.as_str(), v.expose())))
+    }
+
+    /// The keys whose values are not known (the release was read back from
+    /// the store, which keeps names only).
+    pub fn missing(&self) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k.as_str())
+            .collect()
+    }
+
+    /// Registers every string inside every known value with `redactor`.
+    pub fn register(&self, redactor: &crate::Redactor) {
+        fn walk(r: &crate::Redactor, v: &serde_json::Value) {
+            match v {
+                serde_json::Value::String(s) => r.register(s.clone()),
+                serde_json::Value::Array(a) => a.iter().for_each(|x| walk(r, x)),
+                serde_json::Value::Object(o) => o.values().for_each(|x| walk(r, x)),
+                _ => {}
+            }
+        }
+        for (_, v) in self.iter() {
+            walk(redactor, v);
+        }
+    }
+}
+
+impl fmt::Debug for ReleaseSecrets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(
+                self.0
+                    .iter()
+                    .map(|(k, v)| (k, if v.is_some() { "***" } else { "(missing)" })),
+            )
+            .finish()
+    }
+}
+
+impl Serialize for ReleaseSecrets {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.keys())
+    }
+}
+
+impl<'de> Deserialize<'de> for ReleaseSecrets {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let keys = Vec::<String>::deserialize(d)?;
+        Ok(ReleaseSecrets(
+            keys.into_iter().map(|k| (k, None)).collect(),
+        ))
     }
 }
 

@@ -293,6 +293,12 @@ impl Deploy {
     /// the caller gave. A restore that fails leaves a `failed` record (the
     /// rollout's own revert has run) and changes no other record.
     ///
+    /// Secrets: the history keeps a release's secret *names* only
+    /// ([`cd_core::Release::secret`]); a restored release that had secrets
+    /// gets their values from the deployer (`TerraformDeployer::secret_var`,
+    /// `AnsibleDeployer::secret_var`), else the deployer fails with
+    /// [`ErrorKind::Invalid`] naming the secret.
+    ///
     /// Errors: [`ErrorKind::Invalid`] for a bad environment name;
     /// [`ErrorKind::NotFound`] when the version never went live there or
     /// nothing older exists; [`ErrorKind::Locked`] when a run (or another

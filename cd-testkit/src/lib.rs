@@ -944,6 +944,32 @@ pub async fn wait_until_gone(needle: &str, deadline: std::time::Duration) -> Vec
     }
 }
 
+/// Every file under `root` (recursively, skipping directories named in
+/// `skip`, such as terraform's `providers`) whose bytes contain `needle`:
+/// for tests that a secret was left nowhere on disk.
+pub fn files_holding(root: &Path, needle: &str, skip: &[&str]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                if !skip.iter().any(|s| entry.file_name() == *s) {
+                    stack.push(path);
+                }
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                if bytes
+                    .windows(needle.len().max(1))
+                    .any(|w| w == needle.as_bytes())
+                {
+                    found.push(path);
+                }
+            }
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

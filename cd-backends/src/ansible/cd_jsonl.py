@@ -35,11 +35,23 @@ def _task(result):
     return getattr(result, "task", None) or getattr(result, "_task", None)
 
 
+NO_LOG_MESSAGE = "output hidden: the task is no_log"
+
+
 def _res(result):
     r = getattr(result, "result", None)
     if r is None:
         r = getattr(result, "_result", None)
     return r if isinstance(r, dict) else {}
+
+
+def _no_log(result):
+    # A task marked `no_log` (or whose result says so): its output, messages
+    # and diff are never emitted, as ansible's own callbacks censor them.
+    task = getattr(result, "_task", None)
+    if task is not None and getattr(task, "no_log", False):
+        return True
+    return bool(_res(result).get("_ansible_no_log", False))
 
 
 def _message(res):
@@ -94,20 +106,21 @@ class CallbackModule(CallbackBase):
         host = _host(result)
         res = _res(result)
         fields = self._task_fields(task)
+        hidden = _no_log(result)
         fields.update(
             host=host,
             status=status,
             changed=bool(res.get("changed", False)),
             duration_s=self._duration(host, task),
-            msg=_message(res),
+            msg=NO_LOG_MESSAGE if hidden else _message(res),
         )
         if "rc" in res:
             fields["rc"] = res.get("rc")
-        if status == "failed":
+        if status == "failed" and not hidden:
             for key in ("stdout", "stderr"):
                 if res.get(key):
                     fields[key] = str(res.get(key))[-4000:]
-        if res.get("diff"):
+        if res.get("diff") and not hidden:
             fields["diff"] = res.get("diff")
         fields.update(extra)
         self._emit("runner_" + status, **fields)
@@ -191,15 +204,15 @@ class CallbackModule(CallbackBase):
             host=_host(result),
             status=status,
             changed=bool(res.get("changed", False)),
-            item=str(res.get("item", res.get("_ansible_item_label", ""))),
-            msg=_message(res),
+            item="(hidden)" if _no_log(result) else str(res.get("item", res.get("_ansible_item_label", ""))),
+            msg=NO_LOG_MESSAGE if _no_log(result) else _message(res),
         )
         self._emit("item_" + status, **fields)
 
     def v2_on_file_diff(self, result):
         res = _res(result)
         diff = res.get("diff")
-        if diff:
+        if diff and not _no_log(result):
             fields = self._task_fields(_task(result))
             fields.update(host=_host(result), diff=diff)
             self._emit("diff", **fields)

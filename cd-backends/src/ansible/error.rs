@@ -68,6 +68,20 @@ pub enum AnsibleError {
         /// The target.
         target: String,
     },
+    /// A release's secret value is needed (a rollback to it) but only its
+    /// name is known: secret values are never stored.
+    #[error(
+        "target `{target}`: release {version} needs secret `{name}`, whose value is never \
+         stored; give it with AnsibleDeployer::secret_var"
+    )]
+    MissingSecret {
+        /// The target.
+        target: String,
+        /// The release version.
+        version: String,
+        /// The secret's name.
+        name: String,
+    },
     /// Reading or writing the deployer's own files failed.
     #[error("{what}: {source}")]
     Io {
@@ -132,6 +146,14 @@ impl From<AnsibleError> for Error {
             AnsibleError::NoPreviousRelease { target } => {
                 Error::new(ErrorKind::NotFound, message).with("target", target)
             }
+            AnsibleError::MissingSecret {
+                target,
+                version,
+                name,
+            } => Error::new(ErrorKind::Invalid, message)
+                .with("target", target)
+                .with("version", version)
+                .with("secret", name),
             AnsibleError::Io { .. } => Error::new(ErrorKind::Failed, message),
             AnsibleError::Cancelled => Error::cancelled().with("tool", "ansible-playbook"),
         };

@@ -20,9 +20,17 @@
 //! A [`Target`] is one host (`--limit <host>`), or a group made with
 //! [`AnsibleDeployer::group_target`] (`--limit <group>`): rollout strategies
 //! go host by host, a plain deploy runs the whole group in one playbook run.
-//! Each target keeps its own release history
-//! (`<state dir>/history/<target>.json`), which `current()` and `rollback`
-//! read.
+//! Each target keeps its own release history, which `current()` and
+//! `rollback` read: in the store with [`AnsibleDeployer::store`] (every
+//! controller sharing the store agrees on what is live), else in
+//! `<state dir>/history/<target>.json` (this machine only).
+//!
+//! **Secrets**: a release's secret values ([`Release::secret`]) and
+//! [`AnsibleDeployer::secret_var`]s are extra vars like the rest, marked
+//! unsafe for templating, in an owner-only file removed when the run ends
+//! (whatever the outcome); their text is scrubbed from events, and the
+//! history keeps their names only. Tasks marked `no_log` have their output,
+//! messages and `--diff` withheld by the callback plugin.
 //!
 //! ```no_run
 //! use cd_backends::ansible::{AnsibleDeployer, AnsibleHost};
@@ -45,6 +53,7 @@
 
 mod error;
 
+use crate::history::{write_private as write_private_io, HistoryHome, RemoveOnDrop, SecretMemory};
 use crate::process_group::{drive, GroupGuard};
 mod inventory;
 mod report;
@@ -59,7 +68,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use cd_core::{
     Change, ChangeAction, DeployContext, Deployer, DeployerCapabilities, Emitter, LogLevel, Plan,
-    Release, Result, Revision, Target,
+    Release, Result, Revision, Secret, Store, Target,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -158,6 +167,10 @@ pub struct AppliedRelease {
     pub version: String,
     /// The release configuration (the extra vars).
     pub config: BTreeMap<String, Value>,
+    /// The names of the release's secret values (extra vars never
+    /// stored): a rollback to this release needs them again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
     /// The artifact path, if the release had one.
     #[serde(default)]
     pub artifact: Option<PathBuf>,
@@ -192,12 +205,17 @@ pub struct AnsibleDeployer {
     timeout: Option<u32>,
     extra_args: Vec<String>,
     state_dir: Option<PathBuf>,
+    history_home: Option<HistoryHome>,
+    secret_vars: BTreeMap<String, Secret<Value>>,
     shared: Arc<Shared>,
 }
 
 #[derive(Debug, Default)]
 struct Shared {
     history: Mutex<()>,
+    /// Secret values of releases applied in this process, by target and
+    /// version, for a rollback to them (never written anywhere durable).
+    secrets: SecretMemory,
 }
 
 impl AnsibleDeployer {
@@ -220,6 +238,8 @@ impl AnsibleDeployer {
             timeout: None,
             extra_args: Vec::new(),
             state_dir: None,
+            history_home: None,
+            secret_vars: BTreeMap::new(),
             shared: Arc::new(Shared::default()),
         }
     }
@@ -261,6 +281,30 @@ impl AnsibleDeployer {
     /// A variable for every run (all hosts); the release's configuration wins.
     pub fn var(mut self, name: impl Into<String>, value: impl Into<Value>) -> Self {
         self.vars.insert(name.into(), value.into());
+        self
+    }
+
+    /// A secret extra var for every release: passed like
+    /// [`AnsibleDeployer::var`] but marked unsafe for templating, scrubbed
+    /// from events and never stored (the release's own secrets,
+    /// [`Release::secret`], win). A rollback to a release whose secrets this
+    /// process did not see takes their values from here.
+    pub fn secret_var(mut self, name: impl Into<String>, value: Secret<String>) -> Self {
+        self.secret_vars
+            .insert(name.into(), Secret::new(Value::String(value.into_inner())));
+        self
+    }
+
+    /// Keeps the release history in `store` under `scope` (a name for what
+    /// this playbook deploys, the same on every controller: `web-fleet`),
+    /// instead of in files under the state directory. Every deployer
+    /// sharing the store and scope agrees on `current()` and rolls back to
+    /// the same release, whichever machine applied it.
+    pub fn store(mut self, store: Arc<dyn Store>, scope: impl Into<String>) -> Self {
+        self.history_home = Some(HistoryHome::Store {
+            store,
+            scope: format!("ansible:{}", scope.into()),
+        });
         self
     }
 
@@ -375,7 +419,10 @@ impl AnsibleDeployer {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        for (k, v) in &release.config {
+        for (k, v) in &self.secret_vars {
+            vars.insert(k.clone(), unsafe_for_templating(v.expose()));
+        }
+        for (k, v) in &release.values() {
             vars.insert(k.clone(), unsafe_for_templating(v));
         }
         vars.insert(
@@ -430,9 +477,33 @@ impl AnsibleDeployer {
         if !release.version.is_empty() {
             cd_core::types::validate_version(&release.version)?;
         }
+        // A release read back from the store (a restore) knows its secrets'
+        // names only: their values must come from the deployer.
+        if let Some(name) = release
+            .secrets
+            .missing()
+            .into_iter()
+            .find(|k| !self.secret_vars.contains_key(*k))
+        {
+            return Err(AnsibleError::MissingSecret {
+                target: limit.unwrap_or("all").to_string(),
+                version: release.version.clone(),
+                name: name.to_string(),
+            }
+            .into());
+        }
+        release.secrets.register(cx.events.redactor());
+        for v in self.secret_vars.values() {
+            if let Value::String(s) = v.expose() {
+                cx.events.redactor().register(s.clone());
+            }
+        }
         let playbook = playbook.unwrap_or(&self.playbook).to_path_buf();
         let run_id = uuid::Uuid::new_v4().simple().to_string();
         let run_dir = self.state_root().join("runs").join(&run_id);
+        // The run's files (the extra vars hold release values, secrets
+        // included) go on every way out, a dropped future too.
+        let _run_files = RemoveOnDrop::dir(run_dir.clone());
         let plugin_dir = run_dir.join("callback_plugins");
         std::fs::create_dir_all(&plugin_dir)
             .map_err(|e| AnsibleError::io(format!("creating {}", plugin_dir.display()), e))?;
@@ -458,7 +529,6 @@ impl AnsibleDeployer {
             self.stop_on_hosts(&run_dir, &plugin_dir, release, limit, &markers, cx)
                 .await;
         }
-        let _ = std::fs::remove_dir_all(&run_dir);
         result
     }
 
@@ -810,48 +880,49 @@ impl AnsibleDeployer {
         Ok(plan)
     }
 
-    fn history_file(&self, target: &Target) -> PathBuf {
-        let safe: String = target
-            .name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        self.state_root()
-            .join("history")
-            .join(format!("{safe}.json"))
+    /// Where the release history lives: the store given with
+    /// [`AnsibleDeployer::store`], else files under the state directory.
+    fn history_home(&self) -> HistoryHome {
+        self.history_home
+            .clone()
+            .unwrap_or_else(|| HistoryHome::Files(self.state_root().join("history")))
     }
 
-    /// The releases applied to a target, oldest first.
+    /// The releases applied to a target, oldest first (the newest 100).
     pub async fn history(&self, target: &Target) -> Result<Vec<AppliedRelease>> {
         let _g = self.shared.history.lock().await;
-        self.read_history(target)
-    }
-
-    fn read_history(&self, target: &Target) -> Result<Vec<AppliedRelease>> {
-        let path = self.history_file(target);
-        match std::fs::read(&path) {
-            Ok(b) => Ok(serde_json::from_slice(&b)?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(AnsibleError::io(format!("reading {}", path.display()), e).into()),
-        }
+        self.history_home().read(&target.name).await
     }
 
     async fn record(&self, target: &Target, entry: AppliedRelease) -> Result<()> {
         let _g = self.shared.history.lock().await;
-        let mut h = self.read_history(target)?;
-        h.push(entry);
-        if h.len() > 100 {
-            let n = h.len() - 100;
-            h.drain(..n);
-        }
-        let path = self.history_file(target);
-        write_private(&path, &serde_json::to_vec_pretty(&h)?)
+        self.history_home().append(&target.name, &entry).await
+    }
+
+    /// The release a history entry was applied with, for a rollback: its
+    /// configuration and artifact, and its secret values from this
+    /// process's memory or the deployer's [`Self::secret_var`]s.
+    fn release_of(&self, entry: &AppliedRelease, target: &Target) -> Result<Release> {
+        let mut release = Release::new(entry.version.clone());
+        release.config = entry.config.clone();
+        release.artifact = entry.artifact.clone().map(|p| cd_core::Artifact {
+            path: p,
+            sha256: None,
+        });
+        self.shared
+            .secrets
+            .complete(
+                &target.name,
+                &mut release,
+                entry.secrets.iter().map(String::as_str),
+                &self.secret_vars,
+            )
+            .map_err(|name| AnsibleError::MissingSecret {
+                target: target.name.clone(),
+                version: entry.version.clone(),
+                name,
+            })?;
+        Ok(release)
     }
 
     fn revision(&self, target: &Target, e: &AppliedRelease) -> Revision {
@@ -862,6 +933,7 @@ impl AnsibleDeployer {
         )
         .detail(json!({
             "config": e.config,
+            "secrets": e.secrets,
             "changed": e.changed,
             "rollback_of": e.rollback_of,
         }));
@@ -892,9 +964,11 @@ impl AnsibleDeployer {
         for r in report.changed() {
             *changed.entry(r.host.clone()).or_insert(0) += 1;
         }
+        self.shared.secrets.remember(&target.name, release);
         let entry = AppliedRelease {
             version: release.version.clone(),
             config: release.config.clone(),
+            secrets: release.secrets.keys().map(str::to_string).collect(),
             artifact: release.artifact.as_ref().map(|a| a.path.clone()),
             changed,
             at: Utc::now(),
@@ -968,37 +1042,37 @@ impl Deployer for AnsibleDeployer {
                 let found = history
                     .iter()
                     .rev()
-                    .find(|e| e.version == rev.version && !e.removed);
-                let config = match found {
-                    Some(e) => Some(e.config.clone()),
-                    None => rev
-                        .detail
-                        .get("config")
-                        .cloned()
-                        .and_then(|c| serde_json::from_value(c).ok()),
+                    .find(|e| e.version == rev.version && !e.removed)
+                    .cloned();
+                let entry = match found {
+                    Some(e) => e,
+                    None => {
+                        // A revision from elsewhere (the store's release
+                        // history): its detail carries the configuration.
+                        let field = |name: &str| rev.detail.get(name).cloned();
+                        let config = field("config")
+                            .and_then(|c| serde_json::from_value(c).ok())
+                            .ok_or_else(|| AnsibleError::NoPreviousRelease {
+                                target: target.name.clone(),
+                            })?;
+                        AppliedRelease {
+                            version: rev.version.clone(),
+                            config,
+                            secrets: field("secrets")
+                                .and_then(|c| serde_json::from_value(c).ok())
+                                .unwrap_or_default(),
+                            artifact: None,
+                            changed: BTreeMap::new(),
+                            at: Utc::now(),
+                            rollback_of: None,
+                            removed: false,
+                        }
+                    }
                 };
-                let config = config.ok_or_else(|| AnsibleError::NoPreviousRelease {
-                    target: target.name.clone(),
-                })?;
-                let mut r = Release::new(rev.version.clone());
-                r.config = config;
-                r.artifact = found
-                    .and_then(|e| e.artifact.clone())
-                    .map(|p| cd_core::Artifact {
-                        path: p,
-                        sha256: None,
-                    });
-                Some(r)
+                Some(self.release_of(&entry, target)?)
             }
             None if history.len() >= 2 => {
-                let e = &history[history.len() - 2];
-                let mut r = Release::new(e.version.clone());
-                r.config = e.config.clone();
-                r.artifact = e.artifact.clone().map(|p| cd_core::Artifact {
-                    path: p,
-                    sha256: None,
-                });
-                Some(r)
+                Some(self.release_of(&history[history.len() - 2], target)?)
             }
             None => None,
         };
@@ -1035,13 +1109,10 @@ impl Deployer for AnsibleDeployer {
                 Ok(Some(self.revision(target, &entry)))
             }
             None if playbook.is_some() => {
-                let release = current
-                    .map(|c| {
-                        let mut r = Release::new(c.version);
-                        r.config = c.config;
-                        r
-                    })
-                    .unwrap_or_else(|| Release::new(""));
+                let release = match &current {
+                    Some(c) => self.release_of(c, target)?,
+                    None => Release::new(""),
+                };
                 let (_, mut entry) = self
                     .apply_release(&release, target, playbook, Some((&from, None)), cx)
                     .await?;
@@ -1161,24 +1232,7 @@ fn callback_path(plugin_dir: &Path) -> OsString {
 
 /// Writes a file readable by the owner only (extra vars may hold secrets).
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| AnsibleError::io(format!("creating {}", parent.display()), e))?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| AnsibleError::io(format!("writing {}", tmp.display()), e))?;
-    f.write_all(bytes)
-        .map_err(|e| AnsibleError::io(format!("writing {}", tmp.display()), e))?;
-    drop(f);
-    std::fs::rename(&tmp, path)
+    write_private_io(path, bytes)
         .map_err(|e| AnsibleError::io(format!("writing {}", path.display()), e).into())
 }
 

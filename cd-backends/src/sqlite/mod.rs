@@ -54,7 +54,7 @@ use serde::{Deserialize, Serialize};
 
 use cd_core::{
     ApprovalRecord, Error, ErrorKind, Event, Lease, LockAttempt, LockRequest, NodeRecord,
-    ReleaseRecord, Result, RunRecord, RunStatus, Store,
+    ReleaseRecord, Result, RunRecord, RunStatus, Store, TargetRecord,
 };
 
 use engine::Engine;
@@ -1092,6 +1092,56 @@ impl Store for SqliteStore {
                 let mut stmt = c.prepare_cached(&sql).map_err(|e| sql_err(&path, e))?;
                 let v = stmt
                     .query_map(params![env, clamp_i64(limit as u64)], rows::release)
+                    .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
+                    .map_err(|e| sql_err(&path, e))?;
+                Ok(v)
+            })
+            .await
+    }
+
+    async fn append_target_record(
+        &self,
+        scope: &str,
+        target: &str,
+        entry: &serde_json::Value,
+    ) -> Result<u64> {
+        let path = self.p();
+        let (scope, target) = (scope.to_string(), target.to_string());
+        let entry = to_json(entry)?;
+        let at = rows::ts(Utc::now());
+        self.engine
+            .write(move |c| {
+                c.prepare_cached(
+                    "INSERT INTO target_records (scope, target, entry, at) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .and_then(|mut s| s.execute(params![scope, target, entry, at]))
+                .map_err(|e| sql_err(&path, e))?;
+                Ok(c.last_insert_rowid() as u64)
+            })
+            .await
+    }
+
+    async fn target_records(
+        &self,
+        scope: &str,
+        target: &str,
+        limit: usize,
+    ) -> Result<Vec<TargetRecord>> {
+        let path = self.p();
+        let (scope, target) = (scope.to_string(), target.to_string());
+        self.engine
+            .read(move |c| {
+                let mut stmt = c
+                    .prepare_cached(
+                        "SELECT seq, scope, target, entry, at FROM target_records
+                         WHERE scope = ?1 AND target = ?2 ORDER BY seq DESC LIMIT ?3",
+                    )
+                    .map_err(|e| sql_err(&path, e))?;
+                let v = stmt
+                    .query_map(
+                        params![scope, target, clamp_i64(limit as u64)],
+                        rows::target_record,
+                    )
                     .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
                     .map_err(|e| sql_err(&path, e))?;
                 Ok(v)

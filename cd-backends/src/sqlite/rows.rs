@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 
 use cd_core::{
     ApprovalRecord, Decision, Event, EventKind, Lease, NodeRecord, NodeStatus, ReleaseRecord,
-    ReleaseStatus, RunRecord, RunStatus,
+    ReleaseStatus, RunRecord, RunStatus, TargetRecord,
 };
 
 use super::{LockAuditRecord, LockWaiter};
@@ -227,5 +227,17 @@ pub(crate) fn audit(row: &Row<'_>) -> rusqlite::Result<LockAuditRecord> {
         actor: row.get(5)?,
         reason: row.get(6)?,
         at: time(row, 7)?,
+    })
+}
+
+/// A `target_records` row (`seq, scope, target, entry, at`).
+pub(crate) fn target_record(row: &Row<'_>) -> rusqlite::Result<TargetRecord> {
+    let seq: i64 = row.get(0)?;
+    Ok(TargetRecord {
+        seq: seq.max(0) as u64,
+        scope: row.get(1)?,
+        target: row.get(2)?,
+        entry: json(row, 3)?,
+        at: time(row, 4)?,
     })
 }

@@ -47,6 +47,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "lease_owner",
         sql: include_str!("migrations/0004_lease_owner.sql"),
     },
+    Migration {
+        version: 5,
+        name: "target_records",
+        sql: include_str!("migrations/0005_target_records.sql"),
+    },
 ];
 
 /// The schema version this build writes.

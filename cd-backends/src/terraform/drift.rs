@@ -79,11 +79,7 @@ impl TerraformDriftGate {
         d.ensure_workspace(&workspace, cx).await?;
         let history = d.history(&self.target).await?;
         let release = match history.last().filter(|e| !e.destroyed) {
-            Some(live) => {
-                let mut r = Release::new(live.version.clone());
-                r.config = live.config.clone();
-                r
-            }
+            Some(live) => d.release_of(live, &workspace)?,
             None => fallback.clone(),
         };
         let (_, var_file) = d.plan_paths(&workspace, &format!("drift-{}", release.version));
@@ -113,8 +109,9 @@ impl TerraformDriftGate {
             .progress(Some(&workspace), "drift check", "started", None, None);
         let events = cx.events.clone();
         let mut changes = Vec::new();
-        let result = d
-            .cli()
+        let mut cli = d.cli();
+        cli.env.extend(d.secret_env(&release, &workspace)?);
+        let result = cli
             .run(
                 &args,
                 Some(&workspace),

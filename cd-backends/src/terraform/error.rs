@@ -70,6 +70,21 @@ pub enum TerraformError {
         /// The workspace.
         workspace: String,
     },
+    /// A release's secret value is needed (a rollback to it, a plan of a
+    /// release read back from the store) but only its name is known: secret
+    /// values are never stored.
+    #[error(
+        "workspace `{workspace}`: release {version} needs secret variable `{name}`, whose value \
+         is never stored; give it with TerraformDeployer::secret_var or plan the release itself"
+    )]
+    MissingSecret {
+        /// The workspace.
+        workspace: String,
+        /// The release version.
+        version: String,
+        /// The secret's name.
+        name: String,
+    },
     /// Reading or writing the deployer's own files failed.
     #[error("{what}: {source}")]
     Io {
@@ -165,6 +180,14 @@ impl From<TerraformError> for Error {
             TerraformError::NoPreviousRelease { workspace } => {
                 Error::new(ErrorKind::NotFound, message).with("workspace", workspace)
             }
+            TerraformError::MissingSecret {
+                workspace,
+                version,
+                name,
+            } => Error::new(ErrorKind::Invalid, message)
+                .with("workspace", workspace)
+                .with("version", version)
+                .with("secret", name),
             TerraformError::Io { .. } => Error::new(ErrorKind::Failed, message),
             TerraformError::Cancelled { command } => Error::cancelled()
                 .with("tool", "terraform")

@@ -21,13 +21,24 @@
 //! - **drift**: [`TerraformDriftGate`] (`plan -detailed-exitcode`, or
 //!   refresh-only) as a pipeline gate.
 //! - **rollback**: re-applies the configuration and variables of the previous
-//!   release. The variables are kept in the deployer's release history
-//!   (`.terraform/cd/history/<workspace>.json`) and in each revision; every
+//!   release. The variables are kept in the deployer's release history (in
+//!   the store with [`TerraformDeployer::store`], so every machine sharing it
+//!   agrees on what is live; else `.terraform/cd/history/<workspace>.json`,
+//!   this machine only) and in each revision; every
 //!   plan keeps a copy of the configuration files (`*.tf`, `*.tfvars`, the
 //!   lock file, local modules) under `.terraform/cd/configs/<sha256>/`. When
 //!   the files changed since, rollback plans and applies from that copy (in a
 //!   working directory sharing `.terraform` and the local states); your files
 //!   are left as they are.
+//! - **secrets**: a release's secret values ([`Release::secret`]) and
+//!   [`TerraformDeployer::secret_var`]s are passed as `TF_VAR_<name>` in
+//!   terraform's environment, never in a variable file; the saved plan (which
+//!   holds every variable's value) is removed as soon as it is applied,
+//!   failed or cancelled, at once when it changes nothing, and a plan never
+//!   applied at the workspace's next plan (files 0600 in a 0700 directory).
+//!   The history keeps secret names only. Terraform itself writes a
+//!   sensitive value into the state when a resource attribute holds it:
+//!   protect the state as you protect the secret.
 //! - **locking**: terraform's own state lock with `-lock-timeout`; a lock held
 //!   elsewhere is [`cd_core::ErrorKind::Locked`].
 //! - **errors**: [`TerraformError`] carries the diagnostic's summary, detail,
@@ -66,7 +77,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use cd_core::{
     DeployContext, Deployer, DeployerCapabilities, Emitter, LogLevel, Plan, Release, Result,
-    Revision, Target,
+    Revision, Secret, Store, Target,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -83,6 +94,7 @@ pub use ui::{
     ResourceAddr, SourcePos, SourceRange, UiMessage,
 };
 
+use crate::history::{write_private, HistoryHome, RemoveOnDrop, SecretMemory};
 use cli::{Cli, Finished};
 
 /// The environment variable naming the terraform binary when
@@ -102,6 +114,10 @@ pub struct AppliedRelease {
     pub version: String,
     /// The release configuration that became terraform variables.
     pub config: BTreeMap<String, Value>,
+    /// The names of the release's secret values (passed as `TF_VAR_*`,
+    /// never stored): a rollback to this release needs them again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
     /// The outputs after apply (sensitive ones masked).
     pub outputs: BTreeMap<String, Value>,
     /// The state serial after apply, when the state is local.
@@ -140,6 +156,8 @@ pub struct TerraformDeployer {
     destroy_when_no_previous: bool,
     show_plan: bool,
     interrupt_grace: Duration,
+    history_home: Option<HistoryHome>,
+    secret_vars: BTreeMap<String, Secret<Value>>,
     shared: Arc<Shared>,
 }
 
@@ -149,6 +167,9 @@ struct Shared {
     initialized: Mutex<Option<String>>,
     workspaces: Mutex<HashSet<String>>,
     history: Mutex<()>,
+    /// Secret values of releases planned in this process, by workspace and
+    /// version, for a rollback to them (never written anywhere).
+    secrets: SecretMemory,
 }
 
 impl TerraformDeployer {
@@ -173,6 +194,8 @@ impl TerraformDeployer {
             destroy_when_no_previous: false,
             show_plan: true,
             interrupt_grace: Duration::from_secs(25),
+            history_home: None,
+            secret_vars: BTreeMap::new(),
             shared: Arc::new(Shared::default()),
         }
     }
@@ -233,6 +256,31 @@ impl TerraformDeployer {
     /// A variable set for every release (the release's configuration wins).
     pub fn var(mut self, name: impl Into<String>, value: impl Into<Value>) -> Self {
         self.vars.insert(name.into(), value.into());
+        self
+    }
+
+    /// A secret variable set for every release, passed as `TF_VAR_<name>` in
+    /// terraform's environment, never written to a file or the store (the
+    /// release's own secrets, [`Release::secret`], win). A rollback to a
+    /// release whose secrets this process did not see takes their values
+    /// from here.
+    pub fn secret_var(mut self, name: impl Into<String>, value: Secret<String>) -> Self {
+        self.secret_vars
+            .insert(name.into(), Secret::new(Value::String(value.into_inner())));
+        self
+    }
+
+    /// Keeps the release history in `store` under `scope` (a name for what
+    /// this configuration deploys, the same on every machine:
+    /// `payments-infra`), instead of in files under the state directory.
+    /// Every deployer sharing the store and scope agrees on `current()` and
+    /// rolls back to the same release, whichever machine applied it. Plan
+    /// files and configuration snapshots stay local.
+    pub fn store(mut self, store: Arc<dyn Store>, scope: impl Into<String>) -> Self {
+        self.history_home = Some(HistoryHome::Store {
+            store,
+            scope: format!("{}:{}", self.name, scope.into()),
+        });
         self
     }
 
@@ -467,18 +515,89 @@ impl TerraformDeployer {
     fn variables(&self, release: &Release) -> BTreeMap<String, Value> {
         let mut vars = self.vars.clone();
         for (k, v) in &release.config {
-            let keep = match &self.config_filter {
-                Some(names) => names.iter().any(|x| x == k),
-                None => true,
-            };
-            if keep {
+            if self.passes(k) {
                 vars.insert(k.clone(), v.clone());
             }
         }
         if let Some(name) = &self.version_var {
             vars.insert(name.clone(), Value::String(release.version.clone()));
         }
+        for k in release
+            .secrets
+            .keys()
+            .chain(self.secret_vars.keys().map(String::as_str))
+        {
+            vars.remove(k);
+        }
         vars
+    }
+
+    /// Whether a release key is passed as a variable ([`Self::only_vars`]).
+    fn passes(&self, key: &str) -> bool {
+        match &self.config_filter {
+            Some(names) => names.iter().any(|x| x == key),
+            None => true,
+        }
+    }
+
+    /// The secret variables as `TF_VAR_*` environment variables: the
+    /// deployer's, then the release's. Fails naming the first secret of the
+    /// release whose value is unknown (a release read back from the store).
+    fn secret_env(&self, release: &Release, workspace: &str) -> Result<Vec<(String, String)>> {
+        let mut release = release.clone();
+        let missing: Vec<String> = release
+            .secrets
+            .missing()
+            .into_iter()
+            .filter(|k| self.passes(k))
+            .map(str::to_string)
+            .collect();
+        self.complete_secrets(&mut release, workspace, &missing)?;
+        self.shared.secrets.remember(workspace, &release);
+        let mut values: BTreeMap<String, Value> = self
+            .secret_vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.expose().clone()))
+            .collect();
+        for (k, v) in release.secrets.iter().filter(|(k, _)| self.passes(k)) {
+            values.insert(k.to_string(), v.clone());
+        }
+        Ok(values
+            .into_iter()
+            .map(|(k, v)| {
+                let text = match v {
+                    Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                (format!("TF_VAR_{k}"), text)
+            })
+            .collect())
+    }
+
+    /// Fills in the values of `names` the release lacks (see
+    /// [`SecretMemory::complete`]), else [`TerraformError::MissingSecret`].
+    fn complete_secrets(
+        &self,
+        release: &mut Release,
+        workspace: &str,
+        names: &[String],
+    ) -> Result<()> {
+        self.shared
+            .secrets
+            .complete(
+                workspace,
+                release,
+                names.iter().map(String::as_str),
+                &self.secret_vars,
+            )
+            .map_err(|name| {
+                TerraformError::MissingSecret {
+                    workspace: workspace.to_string(),
+                    version: release.version.clone(),
+                    name,
+                }
+                .into()
+            })
     }
 
     fn plan_paths(&self, workspace: &str, version: &str) -> (PathBuf, PathBuf) {
@@ -510,6 +629,7 @@ impl TerraformDeployer {
         cx: &DeployContext,
     ) -> Result<Plan> {
         cd_core::types::validate_version(&release.version)?;
+        release.secrets.register(cx.events.redactor());
         let workspace = Self::workspace_of(target);
         self.init(cx).await?;
         self.ensure_workspace(&workspace, cx).await?;
@@ -568,8 +688,9 @@ impl TerraformDeployer {
         args.push(os_flag("-var-file=", var_file));
         let events = cx.events.clone();
         let mut streamed: Vec<PlannedChange> = Vec::new();
-        let finished = self
-            .cli()
+        let mut cli = self.cli();
+        cli.env.extend(self.secret_env(release, workspace)?);
+        let finished = cli
             .run(
                 &args,
                 Some(workspace),
@@ -614,6 +735,12 @@ impl TerraformDeployer {
         let current = self.current(target).await?;
         let mut plan = Plan::new(release.clone(), target.clone(), current);
         plan.changes = typed.changes();
+        if plan.is_noop() && !destroy && !typed.partial {
+            // Nothing to apply: the saved plan (which holds every variable's
+            // value, secrets included) is not needed.
+            let _ = std::fs::remove_file(plan_file);
+            let _ = std::fs::remove_file(var_file);
+        }
         plan.detail = json!({
             "backend": self.name,
             "workspace": workspace,
@@ -702,23 +829,27 @@ impl TerraformDeployer {
             .get("destroy")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        if !plan_file.is_file() {
+        let partial = detail
+            .pointer("/terraform_plan/partial")
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let skip = plan.is_noop() && !destroy && !partial;
+        if !skip && !plan_file.is_file() {
             return Err(TerraformError::InvalidPlan(format!(
                 "plan file {} is gone (already applied?)",
                 plan_file.display()
             ))
             .into());
         }
+        // The plan's files hold variable values (the saved plan, secrets
+        // included): removed on every way out of here, a dropped future too.
+        let _files = RemoveOnDrop::files([plan_file.clone()].into_iter().chain(var_file.clone()));
         self.init(cx).await?;
         self.ensure_workspace(&workspace, cx).await?;
         let started = Instant::now();
         let mut outputs: Option<BTreeMap<String, OutputValue>> = None;
         let mut interrupted = false;
-        let partial = detail
-            .pointer("/terraform_plan/partial")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-        if plan.is_noop() && !destroy && !partial {
+        if skip {
             cx.events.progress(
                 Some(&workspace),
                 "terraform apply",
@@ -770,7 +901,6 @@ impl TerraformDeployer {
                     Some(started.elapsed()),
                     Some("interrupted; operations in flight were finished".into()),
                 );
-                let _ = std::fs::remove_file(&plan_file);
                 return Err(TerraformError::Cancelled {
                     command: "apply".into(),
                 }
@@ -792,7 +922,6 @@ impl TerraformDeployer {
                     Some(started.elapsed()),
                     None,
                 );
-                let _ = std::fs::remove_file(&plan_file);
                 return Err(finished.into_error("apply").into());
             }
             cx.events.progress(
@@ -803,10 +932,7 @@ impl TerraformDeployer {
                 None,
             );
         }
-        let _ = std::fs::remove_file(&plan_file);
-        if let Some(v) = &var_file {
-            let _ = std::fs::remove_file(v);
-        }
+        drop(_files);
         let outputs = match outputs {
             Some(o) => o,
             None if destroy || interrupted => BTreeMap::new(),
@@ -825,6 +951,7 @@ impl TerraformDeployer {
         let entry = AppliedRelease {
             version: plan.release.version.clone(),
             config: plan.release.config.clone(),
+            secrets: plan.release.secrets.keys().map(str::to_string).collect(),
             outputs: shown,
             serial,
             config_hash: detail
@@ -852,6 +979,7 @@ impl TerraformDeployer {
             "workspace": workspace,
             "outputs": entry.outputs,
             "config": entry.config,
+            "secrets": entry.secrets,
             "serial": entry.serial,
             "config_hash": entry.config_hash,
         }));
@@ -859,45 +987,33 @@ impl TerraformDeployer {
         rev
     }
 
-    fn history_file(&self, workspace: &str) -> PathBuf {
-        self.state_root()
-            .join("history")
-            .join(format!("{workspace}.json"))
+    /// The release a history entry was applied with, for a rollback: its
+    /// configuration, and its secret values from this process's memory or
+    /// the deployer's [`Self::secret_var`]s.
+    fn release_of(&self, entry: &AppliedRelease, workspace: &str) -> Result<Release> {
+        let mut release = Release::new(entry.version.clone());
+        release.config = entry.config.clone();
+        self.complete_secrets(&mut release, workspace, &entry.secrets)?;
+        Ok(release)
     }
 
-    /// The releases applied to a workspace by this deployer, oldest first.
+    /// Where the release history lives: the store given with
+    /// [`TerraformDeployer::store`], else files under the state directory.
+    fn history_home(&self) -> HistoryHome {
+        self.history_home
+            .clone()
+            .unwrap_or_else(|| HistoryHome::Files(self.state_root().join("history")))
+    }
+
+    /// The releases applied to a workspace, oldest first (the newest 100).
     pub async fn history(&self, target: &Target) -> Result<Vec<AppliedRelease>> {
         let _guard = self.shared.history.lock().await;
-        self.read_history(&Self::workspace_of(target))
-    }
-
-    fn read_history(&self, workspace: &str) -> Result<Vec<AppliedRelease>> {
-        let path = self.history_file(workspace);
-        match std::fs::read(&path) {
-            Ok(bytes) => Ok(
-                serde_json::from_slice(&bytes).map_err(|e| TerraformError::Parse {
-                    command: format!("history file {}", path.display()),
-                    message: e.to_string(),
-                })?,
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(TerraformError::io(format!("reading {}", path.display()), e).into()),
-        }
+        self.history_home().read(&Self::workspace_of(target)).await
     }
 
     async fn record(&self, workspace: &str, entry: AppliedRelease) -> Result<()> {
         let _guard = self.shared.history.lock().await;
-        let mut history = self.read_history(workspace)?;
-        history.push(entry);
-        // Keep the history bounded.
-        if history.len() > 100 {
-            let drop = history.len() - 100;
-            history.drain(..drop);
-        }
-        write_json(
-            &self.history_file(workspace),
-            &serde_json::to_value(&history)?,
-        )
+        self.history_home().append(workspace, &entry).await
     }
 
     /// The serial of a local state file, if the backend is local.
@@ -1005,9 +1121,16 @@ impl TerraformDeployer {
                             .ok_or_else(|| TerraformError::NoPreviousRelease {
                                 workspace: workspace.clone(),
                             })?;
+                        let secrets = rev
+                            .detail
+                            .get("secrets")
+                            .cloned()
+                            .and_then(|c| serde_json::from_value(c).ok())
+                            .unwrap_or_default();
                         Some(AppliedRelease {
                             version: rev.version.clone(),
                             config,
+                            secrets,
                             outputs: BTreeMap::new(),
                             serial: None,
                             config_hash: String::new(),
@@ -1037,8 +1160,7 @@ impl TerraformDeployer {
         });
         match previous {
             Some(prev) => {
-                let mut release = Release::new(prev.version.clone());
-                release.config = prev.config.clone();
+                let release = self.release_of(&prev, &workspace)?;
                 let changed =
                     !prev.config_hash.is_empty() && prev.config_hash != self.config_hash();
                 let work = if changed {
@@ -1085,9 +1207,11 @@ impl TerraformDeployer {
             }
             None if self.destroy_when_no_previous && current.is_some() => {
                 // Destroying needs the variables the resources were made with.
-                let mut release =
-                    Release::new(format!("{}-destroyed", from.clone().unwrap_or_default()));
-                release.config = current.map(|c| c.config).unwrap_or_default();
+                let Some(current) = current else {
+                    return Err(TerraformError::NoPreviousRelease { workspace }.into());
+                };
+                let mut release = self.release_of(&current, &workspace)?;
+                release.version = format!("{}-destroyed", current.version);
                 self.init(cx).await?;
                 self.ensure_workspace(&workspace, cx).await?;
                 let (plan_file, var_file) = self.plan_paths(&workspace, &release.version);
@@ -1254,31 +1378,10 @@ fn register_secrets(redactor: &cd_core::Redactor, v: &Value) {
     }
 }
 
+/// Writes a variable file owner-only (`*.tfvars.json` hold release
+/// configuration; terraform writes the plan files next to them).
 fn write_json(path: &Path, value: &Value) -> Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| TerraformError::io(format!("creating {}", parent.display()), e))?;
-        // Plan files (written by terraform next to the variable files) hold
-        // variable values too.
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700));
-    }
-    // Owner-only: variable files and the history hold release configuration,
-    // which may include secrets.
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| TerraformError::io(format!("writing {}", tmp.display()), e))?;
-    f.write_all(&serde_json::to_vec_pretty(value)?)
-        .map_err(|e| TerraformError::io(format!("writing {}", tmp.display()), e))?;
-    drop(f);
-    std::fs::rename(&tmp, path)
+    write_private(path, &serde_json::to_vec_pretty(value)?)
         .map_err(|e| TerraformError::io(format!("writing {}", path.display()), e).into())
 }
 
