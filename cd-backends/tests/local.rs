@@ -150,7 +150,7 @@ fn alive(pid: u64) -> bool {
 }
 
 async fn body(url: &str) -> String {
-    let client = HttpClient::builder().keep_alive(false).build();
+    let client = HttpClient::builder().keep_alive(false).build().unwrap();
     let resp = client.get(url).await.unwrap();
     resp.text().into_owned()
 }

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::http::{HttpClient, Method, Request};
 use crate::source::UrlSource;
+use crate::tls::TlsOptions;
 
 /// One request and what its response must look like.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,6 +133,8 @@ pub struct HttpCheck {
     base: UrlSource,
     probes: Vec<HttpProbe>,
     timeout: Duration,
+    tls: TlsOptions,
+    redirects: usize,
 }
 
 impl HttpCheck {
@@ -154,7 +157,23 @@ impl HttpCheck {
             base,
             probes: Vec::new(),
             timeout: Duration::from_secs(5),
+            tls: TlsOptions::default(),
+            redirects: 0,
         }
+    }
+
+    /// TLS trust and client certificate for `https://` (default: the
+    /// system's roots).
+    pub fn tls(mut self, tls: TlsOptions) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// Follows up to `n` redirects (default 0: a probe sees the redirect
+    /// itself, so `expect(path, 301)` works).
+    pub fn redirects(mut self, n: usize) -> Self {
+        self.redirects = n;
+        self
     }
 
     /// `GET path` must answer 200.
@@ -192,7 +211,12 @@ impl HttpCheck {
     /// Runs every probe and summarizes, without failing on a mismatch.
     pub async fn check(&self, cx: &StageContext) -> Result<HttpCheckSummary> {
         let base = self.base.resolve(cx)?;
-        let client = HttpClient::builder().timeout(self.timeout).build();
+        let client = HttpClient::builder()
+            .timeout(self.timeout)
+            .tls(self.tls.clone())
+            .redirects(self.redirects)
+            .build()
+            .map_err(|e| Error::from(e).with("node", cx.node()))?;
         let mut checks = Vec::with_capacity(self.probes.len());
         for probe in &self.probes {
             let url = base
@@ -437,10 +461,7 @@ mod tests {
 
     #[tokio::test]
     async fn connection_failures_are_retryable() {
-        let port = {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let (_held, port) = crate::test_server::refused_port();
         let err = HttpCheck::base_url(format!("http://127.0.0.1:{port}"))
             .get("/health")
             .run(&cx())
@@ -462,5 +483,16 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Invalid);
+    }
+
+    #[tokio::test]
+    async fn checks_an_https_service_with_its_ca() {
+        let pki = crate::test_server::TestPki::new();
+        let server = TestServer::start_tls(|_| TestResponse::ok("ok"), pki.server.clone()).await;
+        let check = HttpCheck::base_url(server.base()).get("/health");
+        let err = check.run(&cx()).await.unwrap_err();
+        assert!(err.to_string().contains("TLS handshake failed"), "{err}");
+        let check = check.tls(crate::tls::TlsOptions::new().ca_pem(pki.ca_pem.clone()));
+        check.run(&cx()).await.unwrap();
     }
 }

@@ -1,9 +1,15 @@
-//! A small, fast HTTP/1.1 client over tokio TCP for `http://` URLs.
+//! HTTP for delivery checks, monitors and health waits: hyper (through
+//! reqwest) over rustls with the ring provider.
 //!
-//! It does what delivery checks and the load generator need and no more:
-//! `GET`/`POST`/`PUT`/`DELETE`/`HEAD`, keep-alive with a per-host pool,
-//! `Content-Length`, chunked and read-to-close bodies, a per-request deadline
-//! and a connect deadline. No TLS, no redirects, no compression.
+//! `http://` and `https://` (system roots or a given CA bundle, optional
+//! client certificate: [`crate::tls::TlsOptions`]), HTTP/1.1 and HTTP/2
+//! (negotiated by ALPN), keep-alive with a per-host pool, proxies from the
+//! environment (`HTTP_PROXY`, `HTTPS_PROXY`, `NO_PROXY`), redirects off by
+//! default (a check should see the redirect, not its target). Every request
+//! has a total deadline (connect, send, the whole body), response bodies are
+//! read up to a cap ([`HttpClientBuilder::max_body_bytes`], default 4 MiB),
+//! and header names and values are validated before anything is sent (no
+//! CR/LF injection).
 //!
 //! Every error names the URL it was about:
 //!
@@ -19,26 +25,19 @@
 //! ```
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use crate::tls::TlsOptions;
 
-/// Maximum size of a response head (status line and headers).
-const MAX_HEAD: usize = 64 * 1024;
-/// Maximum number of response headers.
-const MAX_HEADERS: usize = 64;
-
-/// What went wrong with a request. Every variant names the URL.
+/// What went wrong with a request. Every variant names the URL (or, for a
+/// client configuration error, the file at fault).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum HttpError {
-    /// The URL could not be parsed or is not `http://`.
+    /// The URL could not be parsed or is not `http://` or `https://`.
     #[error("invalid URL `{url}`: {reason}")]
     InvalidUrl {
         /// The URL as given.
@@ -46,7 +45,18 @@ pub enum HttpError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The TCP connection could not be made.
+    /// A header name or value that may not be sent (CR, LF, NUL, a
+    /// non-token name): refused before anything is sent.
+    #[error("{url}: header `{name}` refused: {reason}")]
+    InvalidHeader {
+        /// The URL.
+        url: String,
+        /// The header's name (as given, escaped).
+        name: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The connection could not be made.
     #[error("cannot connect to {url}: {source}")]
     Connect {
         /// The URL.
@@ -54,6 +64,15 @@ pub enum HttpError {
         /// The socket error.
         #[source]
         source: io::Error,
+    },
+    /// The TLS handshake failed (an untrusted or expired certificate, a
+    /// name mismatch, a protocol the peer does not speak).
+    #[error("{url}: TLS handshake failed: {reason}")]
+    Tls {
+        /// The URL.
+        url: String,
+        /// rustls' reason.
+        reason: String,
     },
     /// No complete response before the deadline.
     #[error("{url}: no response within {} ms", after.as_millis())]
@@ -72,7 +91,7 @@ pub enum HttpError {
         #[source]
         source: io::Error,
     },
-    /// The peer sent something that is not HTTP/1.x.
+    /// The peer sent something that is not HTTP.
     #[error("{url}: malformed response: {reason}")]
     Protocol {
         /// The URL.
@@ -80,187 +99,193 @@ pub enum HttpError {
         /// What was wrong.
         reason: String,
     },
+    /// The response body is larger than the client reads.
+    #[error("{url}: response body larger than {limit} bytes")]
+    BodyTooLarge {
+        /// The URL.
+        url: String,
+        /// The cap, in bytes.
+        limit: usize,
+    },
+    /// The client could not be configured (a CA bundle or client
+    /// certificate that cannot be read or used).
+    #[error("HTTP client configuration: {what}: {reason}")]
+    Config {
+        /// The file (or setting) at fault.
+        what: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl HttpError {
-    /// The URL the error is about.
+    /// The URL the error is about (for [`HttpError::Config`], the file).
     pub fn url(&self) -> &str {
         match self {
             HttpError::InvalidUrl { url, .. }
+            | HttpError::InvalidHeader { url, .. }
             | HttpError::Connect { url, .. }
+            | HttpError::Tls { url, .. }
             | HttpError::Timeout { url, .. }
             | HttpError::Io { url, .. }
-            | HttpError::Protocol { url, .. } => url,
+            | HttpError::Protocol { url, .. }
+            | HttpError::BodyTooLarge { url, .. } => url,
+            HttpError::Config { what, .. } => what,
         }
     }
 
     /// The [`cd_core::ErrorKind`] this error maps to: connection and I/O
-    /// failures are `Unavailable` (retryable), deadlines `Timeout`, a bad URL
-    /// `Invalid`, a malformed response `Failed`.
+    /// failures are `Unavailable` (retryable), deadlines `Timeout`, a bad
+    /// URL, header or configuration `Invalid`; a TLS failure, a malformed
+    /// or oversized response `Failed`.
     pub fn kind(&self) -> cd_core::ErrorKind {
         match self {
-            HttpError::InvalidUrl { .. } => cd_core::ErrorKind::Invalid,
+            HttpError::InvalidUrl { .. }
+            | HttpError::InvalidHeader { .. }
+            | HttpError::Config { .. } => cd_core::ErrorKind::Invalid,
             HttpError::Connect { .. } | HttpError::Io { .. } => cd_core::ErrorKind::Unavailable,
             HttpError::Timeout { .. } => cd_core::ErrorKind::Timeout,
-            HttpError::Protocol { .. } => cd_core::ErrorKind::Failed,
+            HttpError::Tls { .. } | HttpError::Protocol { .. } | HttpError::BodyTooLarge { .. } => {
+                cd_core::ErrorKind::Failed
+            }
         }
     }
 }
 
 impl From<HttpError> for cd_core::Error {
     fn from(e: HttpError) -> Self {
+        let key = if matches!(e, HttpError::Config { .. }) {
+            "file"
+        } else {
+            "url"
+        };
         let url = e.url().to_string();
         cd_core::Error::new(e.kind(), e.to_string())
-            .with("url", url)
+            .with(key, url)
             .with_typed_source(e)
     }
 }
 
-/// A parsed `http://` URL: host, port and path with query.
+/// A parsed `http://` or `https://` URL.
 ///
 /// ```
 /// use cd_stages::http::Url;
 /// let u: Url = "http://127.0.0.1:8080/api?x=1".parse().unwrap();
 /// assert_eq!((u.host(), u.port(), u.path()), ("127.0.0.1", 8080, "/api?x=1"));
 /// assert_eq!(u.join("/health").unwrap().to_string(), "http://127.0.0.1:8080/api/health");
+/// let s: Url = "https://example.com/x".parse().unwrap();
+/// assert_eq!((s.scheme(), s.port()), ("https", 443));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Url {
-    host: String,
-    port: u16,
-    path: String,
-}
+pub struct Url(reqwest::Url);
 
 impl Url {
-    /// Parses an `http://host[:port][/path][?query]` URL. A missing scheme
-    /// is taken as `http://`; `https://` is refused (no TLS yet).
+    /// Parses an `http(s)://host[:port][/path][?query]` URL. A missing
+    /// scheme is taken as `http://`; the fragment is dropped; user
+    /// information (`user:pass@`) is refused (credentials go in headers,
+    /// where they are not logged with the URL).
     pub fn parse(s: &str) -> Result<Url, HttpError> {
         let invalid = |reason: &str| HttpError::InvalidUrl {
             url: s.to_string(),
             reason: reason.to_string(),
         };
         let trimmed = s.trim();
-        let rest = if let Some(i) = trimmed.find("://") {
-            let scheme = &trimmed[..i];
-            if scheme.eq_ignore_ascii_case("https") {
-                return Err(invalid("https is not supported (no TLS); use http://"));
-            }
-            if !scheme.eq_ignore_ascii_case("http") {
-                return Err(invalid("only http:// URLs are supported"));
-            }
-            &trimmed[i + 3..]
+        let full = if trimmed.contains("://") {
+            trimmed.to_string()
         } else {
-            trimmed
+            format!("http://{trimmed}")
         };
-        let rest = rest.split('#').next().unwrap_or_default();
-        let split = rest.find(['/', '?']).unwrap_or(rest.len());
-        let (authority, path) = rest.split_at(split);
-        if authority.is_empty() {
+        if full
+            .split_once("://")
+            .is_some_and(|(_, rest)| rest.is_empty() || rest.starts_with(['/', '?', '#']))
+        {
             return Err(invalid("no host"));
         }
-        if authority.contains('@') {
+        let mut url = reqwest::Url::parse(&full).map_err(|e| invalid(&e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(invalid("only http:// and https:// URLs are supported"));
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(invalid("no host"));
+        }
+        if !url.username().is_empty() || url.password().is_some() {
             return Err(invalid("user information in URLs is not supported"));
         }
-        let (host, port) = if let Some(stripped) = authority.strip_prefix('[') {
-            let end = stripped
-                .find(']')
-                .ok_or_else(|| invalid("unclosed `[` in IPv6 host"))?;
-            let host = &stripped[..end];
-            let after = &stripped[end + 1..];
-            let port = match after.strip_prefix(':') {
-                Some(p) => Some(p),
-                None if after.is_empty() => None,
-                None => return Err(invalid("unexpected text after IPv6 host")),
-            };
-            (host.to_string(), port)
-        } else {
-            match authority.rsplit_once(':') {
-                Some((h, p)) => (h.to_string(), Some(p)),
-                None => (authority.to_string(), None),
-            }
-        };
-        if host.is_empty() {
-            return Err(invalid("no host"));
-        }
-        let port = match port {
-            Some(p) => p
-                .parse::<u16>()
-                .map_err(|_| invalid(&format!("bad port `{p}`")))?,
-            None => 80,
-        };
-        let path = if path.is_empty() {
-            "/".to_string()
-        } else if path.starts_with('?') {
-            format!("/{path}")
-        } else {
-            path.to_string()
-        };
-        Ok(Url { host, port, path })
+        url.set_fragment(None);
+        Ok(Url(url))
+    }
+
+    /// `http` or `https`.
+    pub fn scheme(&self) -> &str {
+        self.0.scheme()
     }
 
     /// The host name or address (IPv6 without brackets).
     pub fn host(&self) -> &str {
-        &self.host
+        let h = self.0.host_str().unwrap_or_default();
+        h.strip_prefix('[')
+            .and_then(|x| x.strip_suffix(']'))
+            .unwrap_or(h)
     }
 
-    /// The port (80 when the URL gives none).
+    /// The port (80 or 443 when the URL gives none).
     pub fn port(&self) -> u16 {
-        self.port
+        self.0.port_or_known_default().unwrap_or(80)
     }
 
     /// The path with the query, starting with `/`.
     pub fn path(&self) -> &str {
-        &self.path
+        &self.0[url::Position::BeforePath..url::Position::AfterQuery]
     }
 
     /// `host:port`, as used to connect (IPv6 in brackets).
     pub fn authority(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
+        if self.host().contains(':') {
+            format!("[{}]:{}", self.host(), self.port())
         } else {
-            format!("{}:{}", self.host, self.port)
+            format!("{}:{}", self.host(), self.port())
         }
     }
 
-    /// The value of the `Host` header (the port only when it is not 80).
+    /// The value of the `Host` header (the port only when it is not the
+    /// scheme's default).
     pub fn host_header(&self) -> String {
-        if self.port == 80 {
-            if self.host.contains(':') {
-                format!("[{}]", self.host)
-            } else {
-                self.host.clone()
-            }
-        } else {
-            self.authority()
+        let h = self.0.host_str().unwrap_or_default();
+        match self.0.port() {
+            Some(p) => format!("{h}:{p}"),
+            None => h.to_string(),
         }
     }
 
-    /// Resolves `path_or_url` against this URL: a full `http://` URL is
-    /// parsed as is; anything else is a path appended to this URL's path
+    /// Resolves `path_or_url` against this URL: a full URL is parsed as is;
+    /// anything else is a path appended to this URL's path
     /// (`http://h/api` joined with `/health` is `http://h/api/health`).
     pub fn join(&self, path_or_url: &str) -> Result<Url, HttpError> {
         if path_or_url.contains("://") {
             return Url::parse(path_or_url);
         }
-        let base = self.path.split('?').next().unwrap_or("/");
-        let base = base.trim_end_matches('/');
+        let base = self.0.path().trim_end_matches('/');
         let rel = path_or_url.trim_start_matches('/');
-        let path = if rel.is_empty() && base.is_empty() {
-            "/".to_string()
-        } else {
-            format!("{base}/{rel}")
+        let mut joined = self.0.clone();
+        joined.set_query(None);
+        let (path, query) = match rel.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (rel, None),
         };
-        Ok(Url {
-            host: self.host.clone(),
-            port: self.port,
-            path,
-        })
+        joined.set_path(&format!("{base}/{path}"));
+        joined.set_query(query);
+        Ok(Url(joined))
+    }
+
+    /// The URL as reqwest takes it.
+    pub fn as_reqwest(&self) -> &reqwest::Url {
+        &self.0
     }
 }
 
 impl fmt::Display for Url {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "http://{}{}", self.host_header(), self.path)
+        f.write_str(self.0.as_str())
     }
 }
 
@@ -298,10 +323,20 @@ impl Method {
         }
     }
 
-    /// Whether sending it twice has the effect of sending it once (such
-    /// requests are resent once when a pooled connection turns out closed).
+    /// Whether sending it twice has the effect of sending it once.
     pub fn is_idempotent(self) -> bool {
         !matches!(self, Method::Post)
+    }
+
+    /// The `http` crate's method.
+    pub fn to_http(self) -> http::Method {
+        match self {
+            Method::Get => http::Method::GET,
+            Method::Head => http::Method::HEAD,
+            Method::Post => http::Method::POST,
+            Method::Put => http::Method::PUT,
+            Method::Delete => http::Method::DELETE,
+        }
     }
 }
 
@@ -318,7 +353,7 @@ pub struct Request {
     pub method: Method,
     /// Where.
     pub url: Url,
-    /// Extra headers (`Host`, `Content-Length` and `Connection` are set by the client).
+    /// Extra headers (`Host` and `Content-Length` are set by the client).
     pub headers: Vec<(String, String)>,
     /// The body (empty for none).
     pub body: Vec<u8>,
@@ -345,7 +380,7 @@ impl Request {
         Self::new(Method::Post, url).body(body)
     }
 
-    /// Adds a header.
+    /// Adds a header (validated when the request is sent).
     pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.push((name.into(), value.into()));
         self
@@ -357,49 +392,38 @@ impl Request {
         self
     }
 
-    /// Writes the request as HTTP/1.1 bytes into `out`.
-    fn encode(&self, keep_alive: bool, out: &mut Vec<u8>) {
-        use std::io::Write;
-        out.clear();
-        let _ = write!(
-            out,
-            "{} {} HTTP/1.1\r\nHost: {}\r\n",
-            self.method,
-            self.url.path(),
-            self.url.host_header()
-        );
-        let has = |name: &str| {
-            self.headers
-                .iter()
-                .any(|(k, _)| k.eq_ignore_ascii_case(name))
-        };
-        if !has("user-agent") {
-            out.extend_from_slice(b"User-Agent: cd/0.1\r\n");
-        }
-        if !self.body.is_empty() || matches!(self.method, Method::Post | Method::Put) {
-            let _ = write!(out, "Content-Length: {}\r\n", self.body.len());
-        }
-        if !keep_alive {
-            out.extend_from_slice(b"Connection: close\r\n");
-        }
+    /// The headers as the `http` crate's map.
+    ///
+    /// Errors: [`HttpError::InvalidHeader`] naming the first header whose
+    /// name is not a token or whose value holds CR, LF or NUL.
+    pub fn header_map(&self) -> Result<http::HeaderMap, HttpError> {
+        let mut map = http::HeaderMap::with_capacity(self.headers.len());
         for (k, v) in &self.headers {
-            let _ = write!(out, "{k}: {v}\r\n");
+            let refused = |reason: &str| HttpError::InvalidHeader {
+                url: self.url.to_string(),
+                name: k.escape_debug().to_string(),
+                reason: reason.to_string(),
+            };
+            let name = http::HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| refused("not a valid header name"))?;
+            let value = http::HeaderValue::from_str(v)
+                .map_err(|_| refused("the value holds a control character (CR, LF, NUL)"))?;
+            map.append(name, value);
         }
-        out.extend_from_slice(b"\r\n");
-        out.extend_from_slice(&self.body);
+        Ok(map)
     }
 }
 
-/// A response, body read in full.
+/// A response, body read in full (up to the client's cap).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
     /// The status code.
     pub status: u16,
-    /// The reason phrase.
+    /// The reason phrase (the standard one for the status).
     pub reason: String,
-    /// The headers, in order, names as sent.
+    /// The headers, in order.
     pub headers: Vec<(String, String)>,
-    /// The body, de-chunked.
+    /// The body, decoded from its transfer framing.
     pub body: Vec<u8>,
 }
 
@@ -423,325 +447,33 @@ impl Response {
     }
 }
 
-/// How a response body is delimited.
-enum Framing {
-    None,
-    Length(usize),
-    Chunked,
-    UntilClose,
-}
-
-/// One HTTP/1.1 connection. The load generator drives these directly, one
-/// per worker; [`HttpClient`] pools them.
-pub struct HttpConnection {
-    stream: TcpStream,
-    last_url: Option<Url>,
-    url_for_errors: String,
-    buf: Vec<u8>,
-    pos: usize,
-    out: Vec<u8>,
-    reusable: bool,
-    /// Whether the last failed request had received any response byte.
-    got_bytes: bool,
-}
-
-impl fmt::Debug for HttpConnection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HttpConnection")
-            .field("peer", &self.stream.peer_addr().ok())
-            .field("reusable", &self.reusable)
-            .finish()
-    }
-}
-
-impl HttpConnection {
-    /// Connects to the URL's host and port within `timeout`.
-    pub async fn connect(url: &Url, timeout: Duration) -> Result<Self, HttpError> {
-        let authority = url.authority();
-        let stream = match tokio::time::timeout(timeout, TcpStream::connect(&authority)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => {
-                return Err(HttpError::Connect {
-                    url: url.to_string(),
-                    source,
-                })
-            }
-            Err(_) => {
-                return Err(HttpError::Connect {
-                    url: url.to_string(),
-                    source: io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("connect timed out after {} ms", timeout.as_millis()),
-                    ),
-                })
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        Ok(HttpConnection {
-            stream,
-            last_url: Some(url.clone()),
-            url_for_errors: url.to_string(),
-            buf: Vec::with_capacity(8 * 1024),
-            pos: 0,
-            out: Vec::with_capacity(512),
-            reusable: true,
-            got_bytes: false,
-        })
-    }
-
-    /// Whether the connection can carry another request (the peer did not
-    /// ask to close it and the last body was delimited).
-    pub fn is_reusable(&self) -> bool {
-        self.reusable
-    }
-
-    /// Sends a request and reads the whole response. No deadline: wrap the
-    /// call in `tokio::time::timeout` (as [`HttpClient`] does).
-    pub async fn send(&mut self, req: &Request) -> Result<Response, HttpError> {
-        self.send_with(req, true).await
-    }
-
-    async fn send_with(&mut self, req: &Request, keep_alive: bool) -> Result<Response, HttpError> {
-        if self.last_url.as_ref() != Some(&req.url) {
-            self.url_for_errors = req.url.to_string();
-            self.last_url = Some(req.url.clone());
-        }
-        self.got_bytes = false;
-        let mut out = std::mem::take(&mut self.out);
-        req.encode(keep_alive, &mut out);
-        let written = self.stream.write_all(&out).await;
-        self.out = out;
-        if let Err(source) = written {
-            self.reusable = false;
-            return Err(self.io_err(source));
-        }
-        let result = self.read_response(req.method == Method::Head).await;
-        if result.is_err() || !keep_alive {
-            self.reusable = false;
-        }
-        result
-    }
-
-    fn io_err(&self, source: io::Error) -> HttpError {
-        HttpError::Io {
-            url: self.url_for_errors.clone(),
-            source,
-        }
-    }
-
-    fn protocol(&self, reason: impl Into<String>) -> HttpError {
-        HttpError::Protocol {
-            url: self.url_for_errors.clone(),
-            reason: reason.into(),
-        }
-    }
-
-    /// Reads more bytes into the buffer; `Ok(0)` at end of stream.
-    async fn fill(&mut self) -> Result<usize, HttpError> {
-        if self.pos > 0 {
-            self.buf.drain(..self.pos);
-            self.pos = 0;
-        }
-        self.buf.reserve(8 * 1024);
-        let n = self
-            .stream
-            .read_buf(&mut self.buf)
-            .await
-            .map_err(|e| self.io_err(e))?;
-        if n > 0 {
-            self.got_bytes = true;
-        }
-        Ok(n)
-    }
-
-    fn available(&self) -> &[u8] {
-        &self.buf[self.pos..]
-    }
-
-    async fn read_response(&mut self, head_request: bool) -> Result<Response, HttpError> {
-        // Status line and headers.
-        let (status, reason, headers, version) = loop {
-            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut parsed = httparse::Response::new(&mut slots);
-            match parsed.parse(self.available()) {
-                Ok(httparse::Status::Complete(n)) => {
-                    let status = parsed.code.unwrap_or(0);
-                    let reason = parsed.reason.unwrap_or("").to_string();
-                    let version = parsed.version.unwrap_or(1);
-                    let headers: Vec<(String, String)> = parsed
-                        .headers
-                        .iter()
-                        .map(|h| {
-                            (
-                                h.name.to_string(),
-                                String::from_utf8_lossy(h.value).trim().to_string(),
-                            )
-                        })
-                        .collect();
-                    self.pos += n;
-                    // 1xx interim responses carry no body; skip them.
-                    if (100..200).contains(&status) && status != 101 {
-                        continue;
-                    }
-                    break (status, reason, headers, version);
-                }
-                Ok(httparse::Status::Partial) => {
-                    if self.available().len() > MAX_HEAD {
-                        return Err(self.protocol("response head larger than 64 KiB"));
-                    }
-                    if self.fill().await? == 0 {
-                        let reason = if self.got_bytes {
-                            "connection closed in the middle of the response head"
-                        } else {
-                            "connection closed before any response"
-                        };
-                        return Err(
-                            self.io_err(io::Error::new(io::ErrorKind::UnexpectedEof, reason))
-                        );
-                    }
-                }
-                Err(e) => return Err(self.protocol(format!("bad response head: {e}"))),
-            }
-        };
-
-        let header = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
-        };
-        let connection = header("connection").unwrap_or("").to_ascii_lowercase();
-        let mut reusable = if version == 0 {
-            connection.contains("keep-alive")
-        } else {
-            !connection.contains("close")
-        };
-        let framing = if head_request || status == 204 || status == 304 {
-            Framing::None
-        } else if header("transfer-encoding")
-            .map(|v| v.to_ascii_lowercase().contains("chunked"))
-            .unwrap_or(false)
-        {
-            Framing::Chunked
-        } else if let Some(len) = header("content-length") {
-            let len = len
-                .parse::<usize>()
-                .map_err(|_| self.protocol(format!("bad Content-Length `{len}`")))?;
-            Framing::Length(len)
-        } else {
-            reusable = false;
-            Framing::UntilClose
-        };
-
-        let body = match framing {
-            Framing::None => Vec::new(),
-            Framing::Length(len) => self.read_exact_body(len).await?,
-            Framing::Chunked => self.read_chunked_body().await?,
-            Framing::UntilClose => {
-                while self.fill().await? > 0 {}
-                let body = self.available().to_vec();
-                self.pos = self.buf.len();
-                body
-            }
-        };
-        self.reusable = reusable;
-        Ok(Response {
-            status,
-            reason,
-            headers,
-            body,
-        })
-    }
-
-    async fn read_exact_body(&mut self, len: usize) -> Result<Vec<u8>, HttpError> {
-        while self.available().len() < len {
-            if self.fill().await? == 0 {
-                return Err(self.io_err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "connection closed after {} of {len} body bytes",
-                        self.available().len()
-                    ),
-                )));
-            }
-        }
-        let body = self.buf[self.pos..self.pos + len].to_vec();
-        self.pos += len;
-        Ok(body)
-    }
-
-    /// A CRLF-terminated line, without the CRLF.
-    async fn read_line(&mut self) -> Result<String, HttpError> {
-        loop {
-            if let Some(i) = self.available().windows(2).position(|w| w == b"\r\n") {
-                let line = String::from_utf8_lossy(&self.available()[..i]).into_owned();
-                self.pos += i + 2;
-                return Ok(line);
-            }
-            if self.available().len() > MAX_HEAD {
-                return Err(self.protocol("chunk line too long"));
-            }
-            if self.fill().await? == 0 {
-                return Err(self.io_err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "connection closed inside a chunked body",
-                )));
-            }
-        }
-    }
-
-    async fn read_chunked_body(&mut self) -> Result<Vec<u8>, HttpError> {
-        let mut body = Vec::new();
-        loop {
-            let line = self.read_line().await?;
-            let size_hex = line.split(';').next().unwrap_or("").trim();
-            let size = usize::from_str_radix(size_hex, 16)
-                .map_err(|_| self.protocol(format!("bad chunk size `{size_hex}`")))?;
-            if size == 0 {
-                // Trailers, up to an empty line.
-                while !self.read_line().await?.is_empty() {}
-                return Ok(body);
-            }
-            let chunk = self.read_exact_body(size).await?;
-            body.extend_from_slice(&chunk);
-            if !self.read_line().await?.is_empty() {
-                return Err(self.protocol("chunk not followed by CRLF"));
-            }
-        }
-    }
-}
-
-/// An HTTP/1.1 client with a keep-alive pool. Cheap to clone (clones share
-/// the pool).
+/// An HTTP client: cheap to clone (clones share the connection pool).
 ///
 /// ```no_run
 /// use std::time::Duration;
 /// use cd_stages::http::HttpClient;
+/// use cd_stages::tls::TlsOptions;
 /// # async fn demo() -> Result<(), cd_stages::http::HttpError> {
-/// let client = HttpClient::builder().timeout(Duration::from_secs(2)).build();
-/// let resp = client.get("http://127.0.0.1:8080/health").await?;
+/// let client = HttpClient::builder()
+///     .timeout(Duration::from_secs(2))
+///     .tls(TlsOptions::new().ca_file("/etc/cd/internal-ca.pem"))
+///     .build()?;
+/// let resp = client.get("https://app.internal:8443/health").await?;
 /// assert!(resp.is_success());
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]
 pub struct HttpClient {
-    inner: Arc<ClientInner>,
-}
-
-struct ClientInner {
+    inner: reqwest::Client,
     timeout: Duration,
-    connect_timeout: Duration,
-    keep_alive: bool,
-    max_idle_per_host: usize,
-    pool: Mutex<HashMap<String, Vec<HttpConnection>>>,
+    max_body: usize,
 }
 
 impl fmt::Debug for HttpClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HttpClient")
-            .field("timeout", &self.inner.timeout)
-            .field("connect_timeout", &self.inner.connect_timeout)
-            .field("keep_alive", &self.inner.keep_alive)
+            .field("timeout", &self.timeout)
+            .field("max_body", &self.max_body)
             .finish()
     }
 }
@@ -759,10 +491,19 @@ pub struct HttpClientBuilder {
     connect_timeout: Duration,
     keep_alive: bool,
     max_idle_per_host: usize,
+    max_body: usize,
+    redirects: usize,
+    proxy_from_env: bool,
+    http2: bool,
+    tls: TlsOptions,
 }
 
+/// The default cap on a response body: 4 MiB.
+pub const DEFAULT_MAX_BODY: usize = 4 << 20;
+
 impl HttpClientBuilder {
-    /// Deadline for a whole request, connect included (default 10 s).
+    /// Deadline for a whole request: connect, TLS, send and the whole body
+    /// (default 10 s).
     pub fn timeout(mut self, d: Duration) -> Self {
         self.timeout = d;
         self
@@ -775,37 +516,98 @@ impl HttpClientBuilder {
     }
 
     /// Whether connections are kept open and reused (default yes). Without
-    /// keep-alive every request opens a new connection and sends
-    /// `Connection: close` (what a health monitor behind a router wants).
+    /// keep-alive every request opens a new connection (what a health
+    /// monitor behind a router wants).
     pub fn keep_alive(mut self, on: bool) -> Self {
         self.keep_alive = on;
         self
     }
 
-    /// Idle connections kept per `host:port` (default 32).
+    /// Idle connections kept per host (default 32).
     pub fn max_idle_per_host(mut self, n: usize) -> Self {
         self.max_idle_per_host = n;
         self
     }
 
+    /// The largest response body read, in bytes (default 4 MiB); a larger
+    /// one is [`HttpError::BodyTooLarge`].
+    pub fn max_body_bytes(mut self, n: usize) -> Self {
+        self.max_body = n;
+        self
+    }
+
+    /// Follows up to `n` redirects (default 0: a redirect is the response).
+    pub fn redirects(mut self, n: usize) -> Self {
+        self.redirects = n;
+        self
+    }
+
+    /// Whether `HTTP_PROXY`, `HTTPS_PROXY` and `NO_PROXY` apply (default yes).
+    pub fn proxy_from_env(mut self, on: bool) -> Self {
+        self.proxy_from_env = on;
+        self
+    }
+
+    /// Whether HTTP/2 is offered by ALPN on `https://` (default yes).
+    pub fn http2(mut self, on: bool) -> Self {
+        self.http2 = on;
+        self
+    }
+
+    /// Where TLS trust and the client certificate come from (default: the
+    /// system's roots).
+    pub fn tls(mut self, tls: TlsOptions) -> Self {
+        self.tls = tls;
+        self
+    }
+
     /// The client.
-    pub fn build(self) -> HttpClient {
-        HttpClient {
-            inner: Arc::new(ClientInner {
-                timeout: self.timeout,
-                connect_timeout: self.connect_timeout,
-                keep_alive: self.keep_alive,
-                max_idle_per_host: self.max_idle_per_host,
-                pool: Mutex::new(HashMap::new()),
-            }),
+    ///
+    /// Errors: [`HttpError::Config`] for a CA bundle or client certificate
+    /// that cannot be read or used.
+    pub fn build(self) -> Result<HttpClient, HttpError> {
+        let tls = self.tls.client_config(self.http2)?;
+        let mut b = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(self.timeout)
+            .connect_timeout(self.connect_timeout)
+            .pool_max_idle_per_host(if self.keep_alive {
+                self.max_idle_per_host
+            } else {
+                0
+            })
+            .tcp_nodelay(true)
+            .user_agent(concat!("cd/", env!("CARGO_PKG_VERSION")))
+            .redirect(if self.redirects == 0 {
+                reqwest::redirect::Policy::none()
+            } else {
+                reqwest::redirect::Policy::limited(self.redirects)
+            });
+        if !self.proxy_from_env {
+            b = b.no_proxy();
         }
+        if !self.http2 {
+            b = b.http1_only();
+        }
+        let inner = b.build().map_err(|e| HttpError::Config {
+            what: "HTTP client".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(HttpClient {
+            inner,
+            timeout: self.timeout,
+            max_body: self.max_body,
+        })
     }
 }
 
 impl HttpClient {
-    /// A client with the defaults: 10 s per request, 3 s to connect, keep-alive.
+    /// A client with the defaults: 10 s per request, 3 s to connect,
+    /// keep-alive, system roots, bodies up to 4 MiB, no redirects.
     pub fn new() -> Self {
-        Self::builder().build()
+        Self::builder()
+            .build()
+            .expect("the default HTTP client needs no files")
     }
 
     /// A builder.
@@ -815,12 +617,17 @@ impl HttpClient {
             connect_timeout: Duration::from_secs(3),
             keep_alive: true,
             max_idle_per_host: 32,
+            max_body: DEFAULT_MAX_BODY,
+            redirects: 0,
+            proxy_from_env: true,
+            http2: true,
+            tls: TlsOptions::default(),
         }
     }
 
     /// The per-request deadline.
     pub fn timeout(&self) -> Duration {
-        self.inner.timeout
+        self.timeout
     }
 
     /// `GET url`.
@@ -839,65 +646,123 @@ impl HttpClient {
         self.send(&req).await
     }
 
-    /// Sends a request within the client's deadline, reusing a pooled
-    /// connection when there is one.
+    /// Sends a request and reads the response within the client's deadline.
+    ///
+    /// Errors: every [`HttpError`] but `Config`, naming the URL.
     pub async fn send(&self, req: &Request) -> Result<Response, HttpError> {
-        let deadline = self.inner.timeout;
-        match tokio::time::timeout(deadline, self.send_inner(req)).await {
+        let headers = req.header_map()?;
+        let url = req.url.to_string();
+        let deadline = self.timeout;
+        let work = async {
+            let mut builder = self
+                .inner
+                .request(req.method.to_http(), req.url.0.clone())
+                .headers(headers);
+            if !req.body.is_empty() || matches!(req.method, Method::Post | Method::Put) {
+                builder = builder.body(req.body.clone());
+            }
+            let mut resp = builder
+                .send()
+                .await
+                .map_err(|e| from_reqwest(&url, deadline, e))?;
+            let status = resp.status();
+            let headers: Vec<(String, String)> = resp
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect();
+            let mut body = Vec::new();
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| from_reqwest(&url, deadline, e))?
+            {
+                if body.len() + chunk.len() > self.max_body {
+                    return Err(HttpError::BodyTooLarge {
+                        url: url.clone(),
+                        limit: self.max_body,
+                    });
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(Response {
+                status: status.as_u16(),
+                reason: status.canonical_reason().unwrap_or_default().to_string(),
+                headers,
+                body,
+            })
+        };
+        match tokio::time::timeout(deadline, work).await {
             Ok(r) => r,
             Err(_) => Err(HttpError::Timeout {
-                url: req.url.to_string(),
+                url,
                 after: deadline,
             }),
         }
     }
+}
 
-    async fn send_inner(&self, req: &Request) -> Result<Response, HttpError> {
-        let key = req.url.authority();
-        let keep_alive = self.inner.keep_alive;
-        if keep_alive {
-            if let Some(mut conn) = self.take_idle(&key) {
-                match conn.send_with(req, true).await {
-                    Ok(resp) => {
-                        self.put_idle(key, conn);
-                        return Ok(resp);
-                    }
-                    // A pooled connection the peer had closed: send again on a
-                    // fresh one, when that is safe.
-                    Err(HttpError::Io { .. }) if !conn.got_bytes && req.method.is_idempotent() => {}
-                    Err(e) => return Err(e),
-                }
-            }
-        }
-        let mut conn = HttpConnection::connect(&req.url, self.inner.connect_timeout).await?;
-        let resp = conn.send_with(req, keep_alive).await?;
-        if keep_alive {
-            self.put_idle(key, conn);
-        }
-        Ok(resp)
+/// Maps reqwest's error to ours, by what failed: the deadline, TLS, the
+/// connection, or the response.
+fn from_reqwest(url: &str, after: Duration, e: reqwest::Error) -> HttpError {
+    let url = url.to_string();
+    if e.is_timeout() {
+        return HttpError::Timeout { url, after };
     }
-
-    fn take_idle(&self, key: &str) -> Option<HttpConnection> {
-        let mut pool = self.inner.pool.lock().unwrap_or_else(|p| p.into_inner());
-        pool.get_mut(key).and_then(Vec::pop)
+    if let Some(reason) = crate::tls::tls_failure(&e) {
+        return HttpError::Tls { url, reason };
     }
-
-    fn put_idle(&self, key: String, conn: HttpConnection) {
-        if !conn.is_reusable() {
-            return;
-        }
-        let mut pool = self.inner.pool.lock().unwrap_or_else(|p| p.into_inner());
-        let idle = pool.entry(key).or_default();
-        if idle.len() < self.inner.max_idle_per_host {
-            idle.push(conn);
+    let io_kind = io_kind_in(&e);
+    if e.is_connect() {
+        return HttpError::Connect {
+            url,
+            source: io::Error::new(io_kind.unwrap_or(io::ErrorKind::Other), innermost(&e)),
+        };
+    }
+    if let Some(h) = hyper_in(&e) {
+        if h.is_parse() || h.is_parse_status() {
+            return HttpError::Protocol {
+                url,
+                reason: innermost(&e),
+            };
         }
     }
+    HttpError::Io {
+        url,
+        source: io::Error::new(io_kind.unwrap_or(io::ErrorKind::Other), innermost(&e)),
+    }
+}
+
+fn chain<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> impl Iterator<Item = &'a (dyn std::error::Error + 'static)> {
+    crate::tls::causes(e)
+}
+
+fn io_kind_in(e: &(dyn std::error::Error + 'static)) -> Option<io::ErrorKind> {
+    chain(e).find_map(|x| x.downcast_ref::<io::Error>().map(io::Error::kind))
+}
+
+fn hyper_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a hyper::Error> {
+    chain(e).find_map(|x| x.downcast_ref::<hyper::Error>())
+}
+
+/// The deepest cause's text (reqwest's own message only says "error
+/// sending request").
+fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    chain(e).last().map(|x| x.to_string()).unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_server::{TestResponse, TestServer};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn parses_urls() {
@@ -913,8 +778,13 @@ mod tests {
         );
         let u = Url::parse("http://h:1?q").unwrap();
         assert_eq!(u.path(), "/?q");
+        let u = Url::parse("https://x/").unwrap();
+        assert_eq!(
+            (u.scheme(), u.port(), u.host_header()),
+            ("https", 443, "x".to_string())
+        );
         assert!(matches!(
-            Url::parse("https://x/"),
+            Url::parse("http://user:pw@x/"),
             Err(HttpError::InvalidUrl { .. })
         ));
         assert!(matches!(
@@ -1019,7 +889,7 @@ mod tests {
     #[tokio::test]
     async fn without_keep_alive_each_request_connects() {
         let server = TestServer::start(|_| TestResponse::ok("x")).await;
-        let client = HttpClient::builder().keep_alive(false).build();
+        let client = HttpClient::builder().keep_alive(false).build().unwrap();
         for _ in 0..3 {
             assert_eq!(client.get(&server.url("/")).await.unwrap().status, 200);
         }
@@ -1032,7 +902,8 @@ mod tests {
             TestServer::start(|_| TestResponse::ok("late").delay(Duration::from_secs(5))).await;
         let client = HttpClient::builder()
             .timeout(Duration::from_millis(100))
-            .build();
+            .build()
+            .unwrap();
         let url = server.url("/slow");
         let err = client.get(&url).await.unwrap_err();
         assert!(matches!(err, HttpError::Timeout { .. }), "{err}");
@@ -1044,11 +915,7 @@ mod tests {
 
     #[tokio::test]
     async fn connection_refused_is_unavailable() {
-        // Bind then drop a listener: the port is (very likely) closed now.
-        let port = {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let (_held, port) = crate::test_server::refused_port();
         let url = format!("http://127.0.0.1:{port}/health");
         let err = HttpClient::new().get(&url).await.unwrap_err();
         assert!(matches!(err, HttpError::Connect { .. }), "{err}");
@@ -1073,5 +940,99 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, HttpError::Protocol { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn https_passes_with_the_ca_given_and_is_a_tls_error_without() {
+        let pki = crate::test_server::TestPki::new();
+        let server =
+            TestServer::start_tls(|_| TestResponse::ok("secure"), pki.server.clone()).await;
+        let url = server.url("/health");
+        assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+        let trusted = HttpClient::builder()
+            .tls(TlsOptions::new().ca_pem(pki.ca_pem.clone()))
+            .build()
+            .unwrap();
+        let r = trusted.get(&url).await.unwrap();
+        assert_eq!((r.status, r.text().as_ref()), (200, "secure"));
+        // The system's roots do not know the test CA.
+        let err = HttpClient::new().get(&url).await.unwrap_err();
+        assert!(matches!(err, HttpError::Tls { .. }), "{err}");
+        assert!(err.to_string().contains(&url), "{err}");
+        let core: cd_core::Error = err.into();
+        assert_eq!(core.kind(), cd_core::ErrorKind::Failed);
+        assert!(!core.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_ca_file_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing-ca.pem");
+        let err = HttpClient::builder()
+            .tls(TlsOptions::new().ca_file(&missing))
+            .build()
+            .unwrap_err();
+        assert!(matches!(err, HttpError::Config { .. }), "{err}");
+        assert!(err.to_string().contains("missing-ca.pem"), "{err}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate").unwrap();
+        let err = HttpClient::builder()
+            .tls(TlsOptions::new().ca_file(&empty))
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("holds no certificate"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn crlf_in_a_header_is_refused_before_anything_is_sent() {
+        let server = TestServer::start(|_| TestResponse::ok("x")).await;
+        let url = Url::parse(&server.url("/")).unwrap();
+        for (name, value) in [
+            ("X-Note", "a\r\nX-Injected: 1"),
+            ("X-Note", "a\nb"),
+            ("X-Bad\r\nName", "v"),
+            ("", "v"),
+        ] {
+            let req = Request::get(url.clone()).header(name, value);
+            let err = HttpClient::new().send(&req).await.unwrap_err();
+            assert!(
+                matches!(err, HttpError::InvalidHeader { .. }),
+                "{name:?}: {err}"
+            );
+            assert_eq!(
+                cd_core::Error::from(err).kind(),
+                cd_core::ErrorKind::Invalid
+            );
+        }
+        assert_eq!(server.connections(), 0, "nothing reached the server");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_cap_is_refused() {
+        let server = TestServer::start(|_| TestResponse::ok(vec![b'x'; 100_000])).await;
+        let client = HttpClient::builder().max_body_bytes(1000).build().unwrap();
+        let err = client.get(&server.url("/big")).await.unwrap_err();
+        assert!(
+            matches!(err, HttpError::BodyTooLarge { limit: 1000, .. }),
+            "{err}"
+        );
+        let chunked =
+            TestServer::start(|_| TestResponse::ok("").chunked(vec!["0123456789"; 200])).await;
+        let err = client.get(&chunked.url("/")).await.unwrap_err();
+        assert!(matches!(err, HttpError::BodyTooLarge { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn redirects_are_responses_unless_followed() {
+        let server = TestServer::start(|req| match req.path.as_str() {
+            "/old" => TestResponse::new(301, "").header("Location", "/new"),
+            _ => TestResponse::ok("new place"),
+        })
+        .await;
+        let r = HttpClient::new().get(&server.url("/old")).await.unwrap();
+        assert_eq!(r.status, 301);
+        let follow = HttpClient::builder().redirects(3).build().unwrap();
+        let r = follow.get(&server.url("/old")).await.unwrap();
+        assert_eq!((r.status, r.text().as_ref()), (200, "new place"));
     }
 }

@@ -48,9 +48,11 @@ pub mod check;
 pub mod compliance;
 pub mod deploy;
 pub mod http;
+pub mod junit;
 pub mod load;
 pub mod monitor;
 pub mod source;
+pub mod tls;
 
 #[cfg(test)]
 pub(crate) mod test_server;

@@ -1,32 +1,56 @@
-//! `LoadTest`: a short performance check with a built-in HTTP load generator.
+//! `LoadTest`: a performance check with a built-in HTTP load generator on
+//! hyper (HTTP/1.1 keep-alive, `http://` and `https://`), latencies in an
+//! HdrHistogram.
+//!
+//! Two models, as the field names them:
+//! - **closed** (like `wrk`): `concurrency` connections, each sending its
+//!   next request when the last response is in;
+//! - **open** (like `wrk2`, k6's constant-arrival-rate): requests are due at
+//!   a constant rate whatever the responses do, and each latency is measured
+//!   from the moment its request was *due*, not sent, which corrects
+//!   coordinated omission: a server that stalls shows the stall in its
+//!   percentiles instead of slowing the load down.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cd_core::{Capabilities, Error, Result, Stage, StageContext, StageOutput};
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 
-use crate::http::{HttpConnection, Method, Request, Url};
+use crate::http::{HttpError, Method, Request, Url};
 use crate::source::UrlSource;
+use crate::tls::TlsOptions;
 
-/// How much load to generate.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// How much load to generate, and how.
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoadOptions {
     /// Total requests (`None`: until `duration` ends).
     pub requests: Option<u64>,
-    /// Requests in flight at once (one keep-alive connection each).
+    /// Connections (closed model: requests in flight at once; open model:
+    /// the cap on requests in flight).
     pub concurrency: usize,
     /// Stop after this long, whatever the count.
     pub duration: Option<Duration>,
-    /// Deadline per request.
+    /// Deadline per request; a request past it counts as a `timeout` error
+    /// and its connection is replaced.
     pub timeout: Duration,
-    /// Open loop: start requests at this rate (per second) whatever the
-    /// responses do, and measure each latency from the moment its request
-    /// was due (so a stalled server shows in the percentiles instead of
-    /// slowing the load down). `None`: closed loop, back to back.
+    /// Open model: requests are due at this rate (per second) and latency is
+    /// measured from when each was due. `None`: closed model.
     pub rate: Option<f64>,
+    /// Requests that complete (closed) or are due (open) within this long of
+    /// the start are sent but not measured (default 0).
+    pub warmup: Duration,
+    /// TLS for `https://` targets.
+    pub tls: TlsOptions,
 }
 
 impl Default for LoadOptions {
@@ -37,42 +61,67 @@ impl Default for LoadOptions {
             duration: None,
             timeout: Duration::from_secs(5),
             rate: None,
+            warmup: Duration::ZERO,
+            tls: TlsOptions::default(),
         }
     }
 }
 
-/// What a load run measured. Latencies are in milliseconds, over every
-/// request that got a response (whatever its status).
+/// What a load run measured. Latencies are in milliseconds (three
+/// significant digits, HdrHistogram), over every measured request that got
+/// a response, whatever its status; `rps` counts measured requests per
+/// second of the measured window (warm-up excluded).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoadReport {
     /// The URL loaded.
     pub url: String,
-    /// Requests attempted.
+    /// `closed` or `open`.
+    #[serde(default)]
+    pub model: String,
+    /// Measured requests (warm-up excluded).
     pub requests: u64,
     /// Responses with a 2xx or 3xx status.
     pub ok: u64,
     /// Responses with a 4xx or 5xx status.
     pub non_success: u64,
-    /// Requests that got no response (connection failure, timeout, malformed).
+    /// Requests that got no response (connection failure, timeout, reset,
+    /// malformed response).
     pub errors: u64,
-    /// `(non_success + errors) / requests`.
+    /// `(non_success + errors) / requests`, 0.0–1.0.
     pub error_rate: f64,
-    /// Concurrency used.
+    /// Connections used.
     pub concurrency: usize,
-    /// Wall time of the run.
+    /// The measured window's wall time (warm-up excluded).
     pub duration_ms: f64,
-    /// Requests per second.
+    /// Measured requests per second.
     pub rps: f64,
     /// Median latency.
     pub p50_ms: f64,
+    /// 90th percentile latency.
+    #[serde(default)]
+    pub p90_ms: f64,
     /// 95th percentile latency.
     pub p95_ms: f64,
     /// 99th percentile latency.
     pub p99_ms: f64,
+    /// 99.9th percentile latency.
+    #[serde(default)]
+    pub p999_ms: f64,
     /// Slowest response.
     pub max_ms: f64,
     /// Mean latency.
     pub mean_ms: f64,
+    /// Errors by kind: `connect`, `tls`, `timeout`, `reset` (the connection
+    /// failed mid-request), `protocol`.
+    #[serde(default)]
+    pub errors_by_kind: BTreeMap<String, u64>,
+    /// Responses by status code.
+    #[serde(default)]
+    pub statuses: BTreeMap<u16, u64>,
+    /// The latency distribution at fixed percentiles, `(percentile, ms)`
+    /// for 50, 75, 90, 95, 99, 99.9, 99.99 and 100: what `cdctl` shows later.
+    #[serde(default)]
+    pub distribution: Vec<(f64, f64)>,
     /// The first error seen, for a person.
     pub first_error: Option<String>,
 }
@@ -86,21 +135,53 @@ pub fn percentile(sorted: &[u64], p: f64) -> u64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-#[derive(Default)]
+/// Latencies are recorded in microseconds, from 1 µs to one hour, to three
+/// significant digits: about 200 KiB per worker whatever the run's length.
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
 struct WorkerStats {
-    latencies_ns: Vec<u64>,
+    latency_us: Histogram<u64>,
     ok: u64,
     non_success: u64,
-    errors: u64,
+    errors: BTreeMap<&'static str, u64>,
+    statuses: BTreeMap<u16, u64>,
     first_error: Option<String>,
 }
 
-/// Sends `GET url` (or `req`) as fast as `concurrency` keep-alive
-/// connections allow and measures the latencies. The engine behind
-/// [`LoadTest`], public for benchmarks and custom stages.
-pub async fn generate(req: Request, opts: LoadOptions) -> LoadReport {
+impl WorkerStats {
+    fn new() -> Self {
+        WorkerStats {
+            latency_us: new_histogram(),
+            ok: 0,
+            non_success: 0,
+            errors: BTreeMap::new(),
+            statuses: BTreeMap::new(),
+            first_error: None,
+        }
+    }
+
+    fn error(&mut self, kind: &'static str, text: String) {
+        *self.errors.entry(kind).or_insert(0) += 1;
+        if self.first_error.is_none() {
+            self.first_error = Some(text);
+        }
+    }
+}
+
+/// Sends `req` with `opts` and measures it. The engine behind [`LoadTest`],
+/// public for benchmarks and custom stages.
+///
+/// Errors: [`HttpError::Config`] when the TLS options cannot be used;
+/// [`HttpError::InvalidHeader`] for a header that may not be sent. Failures
+/// of requests are counted in the report, not returned.
+pub async fn generate(
+    req: Request,
+    opts: LoadOptions,
+) -> std::result::Result<LoadReport, HttpError> {
     let url = req.url.to_string();
-    let req = Arc::new(req);
+    let target = Arc::new(Target::new(&req, &opts.tls)?);
     let issued = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let deadline = opts
@@ -110,85 +191,226 @@ pub async fn generate(req: Request, opts: LoadOptions) -> LoadReport {
         .requests
         .unwrap_or(if deadline.is_some() { u64::MAX } else { 0 });
     let concurrency = opts.concurrency.max(1);
+    let warm_until = cd_core::clock::instant_add(started, opts.warmup);
+    let pace = opts
+        .rate
+        .filter(|r| *r > 0.0)
+        .map(|r| (started, cd_core::clock::secs_f64(1.0 / r)));
     let mut tasks = Vec::with_capacity(concurrency);
     for _ in 0..concurrency {
-        let (req, issued) = (req.clone(), issued.clone());
-        let pace = opts
-            .rate
-            .filter(|r| *r > 0.0)
-            .map(|r| (started, cd_core::clock::secs_f64(1.0 / r)));
+        let (target, issued) = (target.clone(), issued.clone());
+        let timeout = opts.timeout;
         tasks.push(tokio::spawn(async move {
-            worker(&req, &issued, limit, deadline, opts.timeout, pace).await
+            worker(&target, &issued, limit, deadline, timeout, pace, warm_until).await
         }));
     }
-    let mut all = WorkerStats::default();
+    let mut all = WorkerStats::new();
     for t in tasks {
         if let Ok(s) = t.await {
-            all.latencies_ns.extend(s.latencies_ns);
+            let _ = all.latency_us.add(&s.latency_us);
             all.ok += s.ok;
             all.non_success += s.non_success;
-            all.errors += s.errors;
+            for (k, n) in s.errors {
+                *all.errors.entry(k).or_insert(0) += n;
+            }
+            for (k, n) in s.statuses {
+                *all.statuses.entry(k).or_insert(0) += n;
+            }
             if all.first_error.is_none() {
                 all.first_error = s.first_error;
             }
         }
     }
-    let elapsed = started.elapsed();
-    let mut lat = all.latencies_ns;
-    lat.sort_unstable();
-    let requests = all.ok + all.non_success + all.errors;
-    let ms = |ns: u64| (ns as f64 / 1e6 * 1000.0).round() / 1000.0;
-    let mean = if lat.is_empty() {
-        0
-    } else {
-        (lat.iter().map(|&x| x as u128).sum::<u128>() / lat.len() as u128) as u64
+    let ended = Instant::now();
+    let window = ended.saturating_duration_since(warm_until.min(ended));
+    let errors: u64 = all.errors.values().sum();
+    let requests = all.ok + all.non_success + errors;
+    let h = &all.latency_us;
+    let ms = |us: u64| us as f64 / 1000.0;
+    let at = |q: f64| {
+        if h.is_empty() {
+            0.0
+        } else {
+            ms(h.value_at_quantile(q))
+        }
     };
-    LoadReport {
+    Ok(LoadReport {
         url,
+        model: if pace.is_some() { "open" } else { "closed" }.into(),
         requests,
         ok: all.ok,
         non_success: all.non_success,
-        errors: all.errors,
+        errors,
         error_rate: if requests == 0 {
             0.0
         } else {
-            (all.non_success + all.errors) as f64 / requests as f64
+            (all.non_success + errors) as f64 / requests as f64
         },
         concurrency,
-        duration_ms: ms(elapsed.as_nanos() as u64),
-        rps: if elapsed.is_zero() {
+        duration_ms: (window.as_secs_f64() * 1e6).round() / 1000.0,
+        rps: if window.is_zero() {
             0.0
         } else {
-            (requests as f64 / elapsed.as_secs_f64() * 10.0).round() / 10.0
+            (requests as f64 / window.as_secs_f64() * 10.0).round() / 10.0
         },
-        p50_ms: ms(percentile(&lat, 50.0)),
-        p95_ms: ms(percentile(&lat, 95.0)),
-        p99_ms: ms(percentile(&lat, 99.0)),
-        max_ms: ms(lat.last().copied().unwrap_or(0)),
-        mean_ms: ms(mean),
+        p50_ms: at(0.50),
+        p90_ms: at(0.90),
+        p95_ms: at(0.95),
+        p99_ms: at(0.99),
+        p999_ms: at(0.999),
+        max_ms: if h.is_empty() { 0.0 } else { ms(h.max()) },
+        mean_ms: (h.mean() / 1000.0 * 1000.0).round() / 1000.0,
+        errors_by_kind: all
+            .errors
+            .into_iter()
+            .map(|(k, n)| (k.to_string(), n))
+            .collect(),
+        statuses: all.statuses,
+        distribution: [50.0, 75.0, 90.0, 95.0, 99.0, 99.9, 99.99, 100.0]
+            .into_iter()
+            .map(|p| (p, at(p / 100.0)))
+            .collect(),
         first_error: all.first_error,
+    })
+}
+
+/// What every worker sends: the connection target and the request, built
+/// once.
+struct Target {
+    url: Url,
+    authority: String,
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls_pki_types::ServerName<'static>,
+    )>,
+    method: http::Method,
+    uri: http::Uri,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+impl Target {
+    fn new(req: &Request, tls: &TlsOptions) -> std::result::Result<Target, HttpError> {
+        let mut headers = req.header_map()?;
+        let host = http::HeaderValue::from_str(&req.url.host_header()).map_err(|_| {
+            HttpError::InvalidUrl {
+                url: req.url.to_string(),
+                reason: "the host is not a valid Host header".into(),
+            }
+        })?;
+        headers.entry(http::header::HOST).or_insert(host);
+        headers
+            .entry(http::header::USER_AGENT)
+            .or_insert(http::HeaderValue::from_static(concat!(
+                "cd/",
+                env!("CARGO_PKG_VERSION")
+            )));
+        let uri: http::Uri = req.url.path().parse().map_err(|_| HttpError::InvalidUrl {
+            url: req.url.to_string(),
+            reason: "the path is not a valid request target".into(),
+        })?;
+        let tls = if req.url.scheme() == "https" {
+            let config = tls.client_config(false)?;
+            let name = rustls_pki_types::ServerName::try_from(req.url.host().to_string()).map_err(
+                |_| HttpError::InvalidUrl {
+                    url: req.url.to_string(),
+                    reason: "the host is not a valid TLS server name".into(),
+                },
+            )?;
+            Some((tokio_rustls::TlsConnector::from(Arc::new(config)), name))
+        } else {
+            None
+        };
+        Ok(Target {
+            url: req.url.clone(),
+            authority: req.url.authority(),
+            tls,
+            method: req.method.to_http(),
+            uri,
+            headers,
+            body: Bytes::from(req.body.clone()),
+        })
+    }
+
+    fn request(&self) -> http::Request<Full<Bytes>> {
+        let mut r = http::Request::new(Full::new(self.body.clone()));
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.headers_mut() = self.headers.clone();
+        r
+    }
+
+    /// A new keep-alive HTTP/1.1 connection (TLS for `https://`), its
+    /// driver spawned.
+    async fn connect(
+        &self,
+        timeout: Duration,
+    ) -> std::result::Result<
+        hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        (&'static str, String),
+    > {
+        let fail = |kind: &'static str, why: String| (kind, format!("{why} ({})", self.url));
+        let tcp = match tokio::time::timeout(timeout, TcpStream::connect(&self.authority)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return Err(fail("connect", format!("cannot connect: {e}"))),
+            Err(_) => return Err(fail("timeout", "no connection within the deadline".into())),
+        };
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn Io> = match &self.tls {
+            None => Box::new(tcp),
+            Some((connector, name)) => {
+                match tokio::time::timeout(timeout, connector.connect(name.clone(), tcp)).await {
+                    Ok(Ok(s)) => Box::new(s),
+                    Ok(Err(e)) => {
+                        let why = crate::tls::tls_failure(&e).unwrap_or_else(|| e.to_string());
+                        return Err(fail("tls", format!("TLS handshake failed: {why}")));
+                    }
+                    Err(_) => {
+                        return Err(fail(
+                            "timeout",
+                            "no TLS handshake within the deadline".into(),
+                        ))
+                    }
+                }
+            }
+        };
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| fail("protocol", e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+}
+
+/// A connection's byte stream: TCP or TLS over TCP.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// The kind of a failed request, for [`LoadReport::errors_by_kind`].
+fn failure_kind(e: &hyper::Error) -> &'static str {
+    if e.is_parse() || e.is_parse_status() || e.is_user() {
+        "protocol"
+    } else {
+        "reset"
     }
 }
 
 async fn worker(
-    req: &Request,
+    target: &Target,
     issued: &AtomicU64,
     limit: u64,
     deadline: Option<Instant>,
     timeout: Duration,
     pace: Option<(Instant, Duration)>,
+    warm_until: Instant,
 ) -> WorkerStats {
-    let mut stats = WorkerStats::default();
-    let mut conn: Option<HttpConnection> = None;
-    fn error(stats: &mut WorkerStats, e: String) {
-        stats.errors += 1;
-        if stats.first_error.is_none() {
-            stats.first_error = Some(e);
-        }
-    }
+    let mut stats = WorkerStats::new();
+    let mut conn: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
     loop {
-        // Closed loop: stop at the deadline. Open loop: send every request
-        // due before it, however late.
+        // Closed model: stop at the deadline. Open model: send every
+        // request due before it, however late.
         if pace.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
@@ -196,7 +418,7 @@ async fn worker(
         if i >= limit {
             break;
         }
-        // Open loop: wait until this request is due, and time it from then.
+        // Open model: wait until this request is due, and time it from then.
         let due = pace.map(|(start, period)| start + period.mul_f64(i as f64));
         if let Some(due) = due {
             if deadline.is_some_and(|d| due >= d) {
@@ -204,47 +426,79 @@ async fn worker(
             }
             tokio::time::sleep_until(due.into()).await;
         }
-        let mut c = match conn.take() {
+        let t0 = due.unwrap_or_else(Instant::now);
+        let mut sender = match conn.take() {
             Some(c) => c,
-            None => match HttpConnection::connect(&req.url, timeout).await {
+            None => match target.connect(timeout).await {
                 Ok(c) => c,
-                Err(e) => {
-                    error(&mut stats, e.to_string());
+                Err((kind, text)) => {
+                    if t0 >= warm_until {
+                        stats.error(kind, text);
+                    }
                     // Do not spin on a refused port.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
             },
         };
-        let t0 = due.unwrap_or_else(Instant::now);
-        match tokio::time::timeout(timeout, c.send(req)).await {
-            Ok(Ok(resp)) => {
-                stats.latencies_ns.push(t0.elapsed().as_nanos() as u64);
-                if resp.status < 400 {
-                    stats.ok += 1;
-                } else {
-                    stats.non_success += 1;
-                    if stats.first_error.is_none() {
-                        stats.first_error = Some(format!(
-                            "{} {}: status {}",
-                            req.method, req.url, resp.status
-                        ));
+        let exchange = async {
+            sender.ready().await?;
+            let resp = sender.send_request(target.request()).await?;
+            let status = resp.status().as_u16();
+            let mut body = resp.into_body();
+            while let Some(frame) = body.frame().await {
+                frame?;
+            }
+            Ok::<u16, hyper::Error>(status)
+        };
+        let outcome = tokio::time::timeout(timeout, exchange).await;
+        let done = Instant::now();
+        // Warm-up: closed model by completion time, open model by due time.
+        let measured = match due {
+            Some(d) => d >= warm_until,
+            None => done >= warm_until,
+        };
+        match outcome {
+            Ok(Ok(status)) => {
+                if measured {
+                    let us = done.saturating_duration_since(t0).as_micros() as u64;
+                    let _ = stats.latency_us.record(us.max(1));
+                    *stats.statuses.entry(status).or_insert(0) += 1;
+                    if status < 400 {
+                        stats.ok += 1;
+                    } else {
+                        stats.non_success += 1;
+                        if stats.first_error.is_none() {
+                            stats.first_error =
+                                Some(format!("{} {}: status {status}", target.method, target.url));
+                        }
                     }
                 }
-                if c.is_reusable() {
-                    conn = Some(c);
+                if !sender.is_closed() {
+                    conn = Some(sender);
                 }
             }
-            Ok(Err(e)) => error(&mut stats, e.to_string()),
-            Err(_) => error(
-                &mut stats,
-                format!(
-                    "{} {}: no response within {} ms",
-                    req.method,
-                    req.url,
-                    timeout.as_millis()
-                ),
-            ),
+            Ok(Err(e)) => {
+                if measured {
+                    stats.error(
+                        failure_kind(&e),
+                        format!("{} {}: {e}", target.method, target.url),
+                    );
+                }
+            }
+            Err(_) => {
+                if measured {
+                    stats.error(
+                        "timeout",
+                        format!(
+                            "{} {}: no response within {} ms",
+                            target.method,
+                            target.url,
+                            timeout.as_millis()
+                        ),
+                    );
+                }
+            }
         }
     }
     stats
@@ -353,6 +607,20 @@ impl LoadTest {
         self
     }
 
+    /// TLS trust and client certificate for `https://` (default: the
+    /// system's roots).
+    pub fn tls(mut self, tls: TlsOptions) -> Self {
+        self.opts.tls = tls;
+        self
+    }
+
+    /// Requests within this long of the start are sent but not measured
+    /// (connection set-up, caches warming).
+    pub fn warmup(mut self, d: Duration) -> Self {
+        self.opts.warmup = d;
+        self
+    }
+
     /// Fails when p95 latency is at or over `ms` milliseconds.
     pub fn p95_below_ms(mut self, ms: u64) -> Self {
         self.p95_below = Some(Duration::from_millis(ms));
@@ -401,7 +669,7 @@ impl Stage for LoadTest {
 
     async fn run(&self, cx: &StageContext) -> Result<StageOutput> {
         let url = self.target(cx)?;
-        let mut opts = self.opts;
+        let mut opts = self.opts.clone();
         if opts.requests.is_none() && opts.duration.is_none() {
             opts.requests = LoadOptions::default().requests;
         }
@@ -417,7 +685,9 @@ impl Stage for LoadTest {
             opts.concurrency
         ));
         let report = tokio::select! {
-            r = generate(Request::new(self.method, url.clone()), opts) => r,
+            r = generate(Request::new(self.method, url.clone()), opts) => {
+                r.map_err(|e| Error::from(e).with("node", cx.node()))?
+            }
             _ = cx.cancel_token().cancelled() => return Err(Error::cancelled().with("node", cx.node())),
         };
         cx.log(format!(
@@ -603,10 +873,7 @@ mod tests {
 
     #[tokio::test]
     async fn unreachable_service_fails_clearly() {
-        let port = {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let (_held, port) = crate::test_server::refused_port();
         let err = LoadTest::get(format!("http://127.0.0.1:{port}/"))
             .requests(5)
             .concurrency(1)
@@ -632,12 +899,43 @@ mod tests {
                 duration: Some(Duration::from_millis(200)),
                 timeout: Duration::from_secs(1),
                 rate: None,
+                ..LoadOptions::default()
             },
         )
-        .await;
-        assert!(started.elapsed() < Duration::from_secs(2));
+        .await
+        .unwrap();
+        // It returned: the duration, not a count, ended it.
+        assert!(started.elapsed() >= Duration::from_millis(200));
         assert!(report.requests > 0);
         assert_eq!(report.errors, 0);
+    }
+
+    #[tokio::test]
+    async fn loads_an_https_service() {
+        let pki = crate::test_server::TestPki::new();
+        let server = TestServer::start_tls(|_| TestResponse::ok("x"), pki.server.clone()).await;
+        let out = LoadTest::get(server.url("/"))
+            .tls(TlsOptions::new().ca_pem(pki.ca_pem.clone()))
+            .requests(50)
+            .concurrency(2)
+            .run(&cx())
+            .await
+            .unwrap();
+        let report: LoadReport = out.parse().unwrap();
+        assert_eq!((report.requests, report.ok), (50, 50), "{report:?}");
+        assert_eq!(
+            server.connections(),
+            2,
+            "one keep-alive connection per worker"
+        );
+        // Without the CA every request is a TLS error, counted by kind.
+        let err = LoadTest::get(server.url("/"))
+            .requests(3)
+            .concurrency(1)
+            .run(&cx())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("TLS handshake failed"), "{err}");
     }
 }
 
@@ -658,9 +956,11 @@ mod rate_tests {
                 duration: Some(Duration::from_millis(500)),
                 timeout: Duration::from_secs(1),
                 rate: Some(100.0),
+                ..LoadOptions::default()
             },
         )
-        .await;
+        .await
+        .unwrap();
         let elapsed = started.elapsed();
         // 100/s for 0.5 s: 50 requests, due at 0, 10, ..., 490 ms.
         assert_eq!(report.requests, 50, "{report:?}");

@@ -11,6 +11,7 @@ use cd_core::{
 
 use crate::check::excerpt;
 use crate::http::{HttpClient, Url};
+use crate::tls::TlsOptions;
 
 /// A [`Monitor`] that GETs a URL: a sample is `Ok` when the status is 2xx
 /// (and the body contains the expected text, if set), `Failing` otherwise,
@@ -28,7 +29,10 @@ use crate::http::{HttpClient, Url};
 pub struct HttpMonitor {
     url: String,
     body_contains: Option<String>,
-    client: HttpClient,
+    timeout: Duration,
+    tls: TlsOptions,
+    /// Built on the first sample (building reads CA files).
+    client: Arc<std::sync::Mutex<Option<HttpClient>>>,
 }
 
 impl HttpMonitor {
@@ -37,16 +41,35 @@ impl HttpMonitor {
         HttpMonitor {
             url: url.into(),
             body_contains: None,
-            client: Self::client(Duration::from_secs(2)),
+            timeout: Duration::from_secs(2),
+            tls: TlsOptions::default(),
+            client: Arc::default(),
         }
     }
 
-    fn client(timeout: Duration) -> HttpClient {
-        HttpClient::builder()
+    /// TLS trust and client certificate for `https://` (default: the
+    /// system's roots).
+    pub fn tls(mut self, tls: TlsOptions) -> Self {
+        self.tls = tls;
+        self.client = Arc::default();
+        self
+    }
+
+    /// The client, built once: no keep-alive (each sample is a fresh
+    /// connection, as a user behind a router would make).
+    fn client(&self) -> Result<HttpClient> {
+        let mut slot = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = HttpClient::builder()
             .keep_alive(false)
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .build()
+            .timeout(self.timeout)
+            .connect_timeout(self.timeout)
+            .tls(self.tls.clone())
+            .build()?;
+        *slot = Some(c.clone());
+        Ok(c)
     }
 
     /// Requires the body to contain `text`.
@@ -57,7 +80,8 @@ impl HttpMonitor {
 
     /// Deadline per sample (default 2 s).
     pub fn timeout(mut self, d: Duration) -> Self {
-        self.client = Self::client(d);
+        self.timeout = d;
+        self.client = Arc::default();
         self
     }
 }
@@ -71,7 +95,7 @@ impl Monitor for HttpMonitor {
     async fn sample(&self, _cx: &MonitorContext) -> Result<Sample> {
         let url = Url::parse(&self.url)?;
         let started = Instant::now();
-        let resp = self.client.get(&url.to_string()).await?;
+        let resp = self.client()?.get(&url.to_string()).await?;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         if !resp.is_success() {
             return Ok(Sample::failing(
@@ -294,10 +318,7 @@ mod tests {
         assert_eq!((s.status, s.value), (SampleStatus::Failing, Some(500.0)));
         assert!(s.detail.contains("-> 500"), "{}", s.detail);
 
-        let port = {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let (_held, port) = crate::test_server::refused_port();
         let err = HttpMonitor::get(format!("http://127.0.0.1:{port}/health"))
             .sample(&mcx())
             .await
@@ -386,14 +407,30 @@ mod tests {
 
     #[tokio::test]
     async fn bake_fails_when_the_service_is_gone() {
-        let port = {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let (_held, port) = crate::test_server::refused_port();
         let sink = CollectingSink::new();
         let bake = Bake::new(HttpMonitor::get(format!("http://127.0.0.1:{port}/health")))
             .for_duration(Duration::from_millis(50), Duration::from_millis(10));
         let err = bake.run(&stage_cx(&sink)).await.unwrap_err();
         assert!(err.to_string().contains("errors in a row"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn http_monitor_samples_an_https_service() {
+        let pki = crate::test_server::TestPki::new();
+        let server =
+            TestServer::start_tls(|_| TestResponse::ok("status: ok"), pki.server.clone()).await;
+        let s = HttpMonitor::get(server.url("/health"))
+            .tls(crate::tls::TlsOptions::new().ca_pem(pki.ca_pem.clone()))
+            .body_contains("ok")
+            .sample(&mcx())
+            .await
+            .unwrap();
+        assert_eq!(s.status, SampleStatus::Ok);
+        let err = HttpMonitor::get(server.url("/health"))
+            .sample(&mcx())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("TLS handshake failed"), "{err}");
     }
 }

@@ -525,7 +525,7 @@ impl LocalProcessDeployer {
             .keep_alive(false)
             .timeout(Duration::from_secs(2).min(cfg.health_timeout))
             .connect_timeout(Duration::from_millis(500))
-            .build();
+            .build()?;
         let started = Instant::now();
         let deadline = started + cfg.health_timeout;
         let mut pause = Duration::from_millis(20);
@@ -906,6 +906,9 @@ impl LocalProcessDeployer {
             .keep_alive(false)
             .timeout(Duration::from_secs(2))
             .build();
-        matches!(client.get(&url).await, Ok(r) if r.is_success())
+        match client {
+            Ok(client) => matches!(client.get(&url).await, Ok(r) if r.is_success()),
+            Err(_) => false,
+        }
     }
 }
