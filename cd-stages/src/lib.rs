@@ -52,6 +52,7 @@ pub mod junit;
 pub mod load;
 pub mod monitor;
 pub mod source;
+pub mod testsuite;
 pub mod tls;
 
 #[cfg(test)]
@@ -65,3 +66,4 @@ pub use http::{HttpClient, HttpError};
 pub use load::{LoadOptions, LoadReport, LoadTest};
 pub use monitor::{Bake, HttpMonitor};
 pub use source::UrlSource;
+pub use testsuite::TestSuite;
