@@ -51,6 +51,7 @@ pub mod http;
 pub mod junit;
 pub mod load;
 pub mod monitor;
+pub mod previous;
 pub mod source;
 pub mod testsuite;
 pub mod tls;

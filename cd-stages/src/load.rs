@@ -49,6 +49,9 @@ pub struct LoadOptions {
     /// Requests that complete (closed) or are due (open) within this long of
     /// the start are sent but not measured (default 0).
     pub warmup: Duration,
+    /// Closed model: connections start spread evenly over this long
+    /// (default 0: all at once).
+    pub ramp: Duration,
     /// TLS for `https://` targets.
     pub tls: TlsOptions,
 }
@@ -62,6 +65,7 @@ impl Default for LoadOptions {
             timeout: Duration::from_secs(5),
             rate: None,
             warmup: Duration::ZERO,
+            ramp: Duration::ZERO,
             tls: TlsOptions::default(),
         }
     }
@@ -197,10 +201,15 @@ pub async fn generate(
         .filter(|r| *r > 0.0)
         .map(|r| (started, cd_core::clock::secs_f64(1.0 / r)));
     let mut tasks = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
+    for n in 0..concurrency {
         let (target, issued) = (target.clone(), issued.clone());
         let timeout = opts.timeout;
+        let start_at = (pace.is_none() && !opts.ramp.is_zero())
+            .then(|| started + opts.ramp.mul_f64(n as f64 / concurrency as f64));
         tasks.push(tokio::spawn(async move {
+            if let Some(at) = start_at {
+                tokio::time::sleep_until(at.into()).await;
+            }
             worker(&target, &issued, limit, deadline, timeout, pace, warm_until).await
         }));
     }
@@ -532,7 +541,14 @@ pub struct LoadTest {
     p95_below: Option<Duration>,
     p99_below: Option<Duration>,
     max_error_rate: f64,
+    min_rps: Option<f64>,
+    /// Tolerated regression vs the previous release, percent.
+    regression_tolerance: Option<f64>,
 }
+
+/// The event a `LoadTest` emits with its report, so the next release can
+/// compare with it ([`LoadTest::compare_with_previous`]).
+pub const LOAD_EVENT: &str = "load_report";
 
 impl LoadTest {
     /// Loads `GET url`.
@@ -561,7 +577,32 @@ impl LoadTest {
             p95_below: None,
             p99_below: None,
             max_error_rate: 0.0,
+            min_rps: None,
+            regression_tolerance: None,
         }
+    }
+
+    /// Fails when fewer than `rps` measured requests per second were served.
+    pub fn min_rps(mut self, rps: f64) -> Self {
+        self.min_rps = Some(rps);
+        self
+    }
+
+    /// Compares with the previous release's result of this node in this
+    /// environment ([`crate::previous`]) and fails on a regression beyond
+    /// `tolerance_percent`: p50 or p99 latency more than that much higher,
+    /// or throughput more than that much lower, naming the metric and both
+    /// values. Without an earlier result, nothing is compared.
+    pub fn compare_with_previous(mut self, tolerance_percent: f64) -> Self {
+        self.regression_tolerance = Some(tolerance_percent.max(0.0));
+        self
+    }
+
+    /// Starts the connections spread evenly over `d` instead of all at
+    /// once (closed model).
+    pub fn ramp(mut self, d: Duration) -> Self {
+        self.opts.ramp = d;
+        self
     }
 
     /// A path joined to the URL.
@@ -731,13 +772,46 @@ impl Stage for LoadTest {
         };
         problems.extend(over("p95", report.p95_ms, self.p95_below));
         problems.extend(over("p99", report.p99_ms, self.p99_below));
+        if let Some(min) = self.min_rps {
+            if report.rps < min {
+                problems.push(format!(
+                    "throughput {} rps is under the {min} rps required",
+                    report.rps
+                ));
+            }
+        }
+        let previous = match self.regression_tolerance {
+            Some(_) => crate::previous::previous_result(cx, LOAD_EVENT).await?,
+            None => None,
+        };
+        if let (Some(tol), Some(prev)) = (self.regression_tolerance, &previous) {
+            match serde_json::from_value::<LoadReport>(prev.data.clone()) {
+                Ok(before) => problems.extend(regressions(&before, &report, tol, &prev.version)),
+                Err(e) => cx.events().warn(format!(
+                    "the load report of {} cannot be read ({e}); not compared",
+                    prev.version
+                )),
+            }
+        }
+        let table = table(&report, previous.as_ref());
+        for line in table.lines() {
+            cx.log(line.to_string());
+        }
+        cx.events().emit(cd_core::EventKind::Custom {
+            name: LOAD_EVENT.into(),
+            data: serde_json::to_value(&report)?,
+        });
         if problems.is_empty() {
             let mut out = serde_json::to_value(&report)?;
             out["thresholds"] = serde_json::json!({
                 "p95_below_ms": self.p95_below.map(|d| d.as_millis() as u64),
                 "p99_below_ms": self.p99_below.map(|d| d.as_millis() as u64),
                 "max_error_rate": self.max_error_rate,
+                "min_rps": self.min_rps,
+                "regression_tolerance_percent": self.regression_tolerance,
             });
+            out["previous_version"] = serde_json::json!(previous.map(|p| p.version));
+            out["table"] = serde_json::json!(table);
             return Ok(StageOutput::json(out));
         }
         Err(Error::failed(format!(
@@ -752,6 +826,85 @@ impl Stage for LoadTest {
         .with("node", cx.node())
         .with("url", url))
     }
+}
+
+/// The regressions of `now` against `before` beyond `tol` percent: p50 and
+/// p99 latency up, throughput down.
+fn regressions(before: &LoadReport, now: &LoadReport, tol: f64, version: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let grow = 1.0 + tol / 100.0;
+    for (name, b, n) in [
+        ("p50", before.p50_ms, now.p50_ms),
+        ("p99", before.p99_ms, now.p99_ms),
+    ] {
+        if b > 0.0 && n > b * grow {
+            out.push(format!(
+                "{name} latency regressed: {n} ms vs {b} ms in {version} (+{:.1}%, {tol}% tolerated)",
+                (n / b - 1.0) * 100.0
+            ));
+        }
+    }
+    if before.rps > 0.0 && now.rps < before.rps / grow {
+        out.push(format!(
+            "throughput regressed: {} rps vs {} rps in {version} ({:.1}%, {tol}% tolerated)",
+            now.rps,
+            before.rps,
+            (now.rps / before.rps - 1.0) * 100.0
+        ));
+    }
+    out
+}
+
+/// The load report as a text table, with the previous release's figures
+/// when there are some.
+fn table(report: &LoadReport, previous: Option<&crate::previous::Previous>) -> String {
+    let before = previous.and_then(|p| {
+        serde_json::from_value::<LoadReport>(p.data.clone())
+            .ok()
+            .map(|r| (p.version.clone(), r))
+    });
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING);
+    let mut header = vec!["METRIC".to_string(), "THIS RELEASE".to_string()];
+    if let Some((v, _)) = &before {
+        header.push(v.clone());
+    }
+    t.set_header(header);
+    type Row = (&'static str, fn(&LoadReport) -> String);
+    let rows: [Row; 10] = [
+        ("requests", |r| r.requests.to_string()),
+        ("throughput", |r| format!("{} rps", r.rps)),
+        ("p50", |r| format!("{} ms", r.p50_ms)),
+        ("p90", |r| format!("{} ms", r.p90_ms)),
+        ("p95", |r| format!("{} ms", r.p95_ms)),
+        ("p99", |r| format!("{} ms", r.p99_ms)),
+        ("p99.9", |r| format!("{} ms", r.p999_ms)),
+        ("max", |r| format!("{} ms", r.max_ms)),
+        ("errors", |r| {
+            let kinds: Vec<String> = r
+                .errors_by_kind
+                .iter()
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect();
+            if kinds.is_empty() {
+                "0".into()
+            } else {
+                format!("{} ({})", r.errors, kinds.join(", "))
+            }
+        }),
+        ("non-2xx/3xx", |r| r.non_success.to_string()),
+    ];
+    for (name, f) in rows {
+        let mut row = vec![name.to_string(), f(report)];
+        if let Some((_, b)) = &before {
+            row.push(f(b));
+        }
+        t.add_row(row);
+    }
+    format!(
+        "load: {} model, {} connections, {}\n{t}",
+        report.model, report.concurrency, report.url
+    )
 }
 
 #[cfg(test)]

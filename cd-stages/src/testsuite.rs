@@ -357,34 +357,16 @@ impl TestSuite {
         Ok(report)
     }
 
-    /// The previous release's report of this node in this environment:
-    /// from the newest earlier run of this pipeline for another version
-    /// (whether the stage passed or failed there: the report travels in its
-    /// `test_report` event).
+    /// The previous release's report of this node in this environment
+    /// ([`crate::previous`]).
     async fn previous(&self, cx: &StageContext) -> Result<Option<(String, String, TestReport)>> {
-        let store = cx.store();
-        for run in store.list_runs(200).await? {
-            if run.id == cx.run_id()
-                || run.pipeline != cx.pipeline()
-                || run.environment != cx.environment()
-                || run.release.version == cx.release().version
-            {
-                continue;
-            }
-            let events = store.events(&run.id, 0, usize::MAX).await?;
-            let report = events.iter().rev().find_map(|e| match &e.kind {
-                EventKind::Custom { name, data }
-                    if name == REPORT_EVENT && e.node.as_deref() == Some(cx.node()) =>
-                {
-                    serde_json::from_value::<TestReport>(data.get("report")?.clone()).ok()
-                }
-                _ => None,
-            });
-            if let Some(report) = report {
-                return Ok(Some((run.release.version.clone(), run.id.clone(), report)));
-            }
-        }
-        Ok(None)
+        let Some(p) = crate::previous::previous_result(cx, REPORT_EVENT).await? else {
+            return Ok(None);
+        };
+        Ok(p.data
+            .get("report")
+            .and_then(|r| serde_json::from_value::<TestReport>(r.clone()).ok())
+            .map(|r| (p.version, p.run_id, r)))
     }
 }
 
