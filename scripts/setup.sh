@@ -14,7 +14,7 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 # ---------------------------------------------------------------- Debian packages
-APT_PKGS=(openssh-server openssh-client podman runc wrk prometheus chromium curl iproute2 procps)
+APT_PKGS=(openssh-server openssh-client podman runc wrk hey prometheus chromium curl iproute2 procps)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

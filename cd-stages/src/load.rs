@@ -49,6 +49,9 @@ pub struct LoadOptions {
     /// Requests that complete (closed) or are due (open) within this long of
     /// the start are sent but not measured (default 0).
     pub warmup: Duration,
+    /// OS threads the connections are spread over, each with its own
+    /// single-threaded event loop, as wrk does (default 0: one per core).
+    pub threads: usize,
     /// Closed model: connections start spread evenly over this long
     /// (default 0: all at once).
     pub ramp: Duration,
@@ -65,6 +68,7 @@ impl Default for LoadOptions {
             timeout: Duration::from_secs(5),
             rate: None,
             warmup: Duration::ZERO,
+            threads: 0,
             ramp: Duration::ZERO,
             tls: TlsOptions::default(),
         }
@@ -200,22 +204,76 @@ pub async fn generate(
         .rate
         .filter(|r| *r > 0.0)
         .map(|r| (started, cd_core::clock::secs_f64(1.0 / r)));
-    let mut tasks = Vec::with_capacity(concurrency);
-    for n in 0..concurrency {
-        let (target, issued) = (target.clone(), issued.clone());
-        let timeout = opts.timeout;
-        let start_at = (pace.is_none() && !opts.ramp.is_zero())
-            .then(|| started + opts.ramp.mul_f64(n as f64 / concurrency as f64));
-        tasks.push(tokio::spawn(async move {
-            if let Some(at) = start_at {
-                tokio::time::sleep_until(at.into()).await;
-            }
-            worker(&target, &issued, limit, deadline, timeout, pace, warm_until).await
-        }));
+    // Like wrk: a few OS threads, each with its own single-threaded event
+    // loop running its share of the connections (no work stealing, no
+    // cross-thread wake-ups per request).
+    let threads = match opts.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+    .min(concurrency);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Dropping the run (a cancelled stage) stops every worker at its next
+    // request.
+    let _stop_on_drop = StopOnDrop(stop.clone());
+    let mut results = Vec::with_capacity(threads);
+    for t in 0..threads {
+        let (tx, rx) = tokio::sync::oneshot::channel::<Vec<WorkerStats>>();
+        results.push(rx);
+        let mine: Vec<usize> = (0..concurrency).filter(|n| n % threads == t).collect();
+        let (target, issued, stop) = (target.clone(), issued.clone(), stop.clone());
+        let (timeout, ramp) = (opts.timeout, opts.ramp);
+        let spawned = std::thread::Builder::new()
+            .name(format!("cd-load-{t}"))
+            .spawn(move || {
+                let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                else {
+                    return;
+                };
+                let stats = rt.block_on(async move {
+                    let mut handles = Vec::with_capacity(mine.len());
+                    for n in mine {
+                        let (target, issued, stop) = (target.clone(), issued.clone(), stop.clone());
+                        let start_at = (pace.is_none() && !ramp.is_zero())
+                            .then(|| started + ramp.mul_f64(n as f64 / concurrency as f64));
+                        handles.push(tokio::spawn(async move {
+                            if let Some(at) = start_at {
+                                tokio::time::sleep_until(at.into()).await;
+                            }
+                            let w = Worker {
+                                issued: &issued,
+                                stop: &stop,
+                                limit,
+                                deadline,
+                                timeout,
+                                pace,
+                                warm_until,
+                            };
+                            w.run(&target).await
+                        }));
+                    }
+                    let mut out = Vec::with_capacity(handles.len());
+                    for h in handles {
+                        if let Ok(s) = h.await {
+                            out.push(s);
+                        }
+                    }
+                    out
+                });
+                let _ = tx.send(stats);
+            });
+        if spawned.is_err() {
+            return Err(HttpError::Config {
+                what: "load generator".into(),
+                reason: "cannot start a worker thread".into(),
+            });
+        }
     }
     let mut all = WorkerStats::new();
-    for t in tasks {
-        if let Ok(s) = t.await {
+    for rx in results {
+        for s in rx.await.unwrap_or_default() {
             let _ = all.latency_us.add(&s.latency_us);
             all.ok += s.ok;
             all.non_success += s.non_success;
@@ -349,15 +407,13 @@ impl Target {
         r
     }
 
-    /// A new keep-alive HTTP/1.1 connection (TLS for `https://`), its
-    /// driver spawned.
+    /// A new keep-alive HTTP/1.1 connection (TLS for `https://`): the
+    /// sender and the connection's driver, which the worker polls itself
+    /// (no task hand-off per request).
     async fn connect(
         &self,
         timeout: Duration,
-    ) -> std::result::Result<
-        hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-        (&'static str, String),
-    > {
+    ) -> std::result::Result<Conn, (&'static str, String)> {
         let fail = |kind: &'static str, why: String| (kind, format!("{why} ({})", self.url));
         let tcp = match tokio::time::timeout(timeout, TcpStream::connect(&self.authority)).await {
             Ok(Ok(t)) => t,
@@ -383,14 +439,22 @@ impl Target {
                 }
             }
         };
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        let (sender, driver) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| fail("protocol", e.to_string()))?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(sender)
+        Ok(Conn {
+            sender,
+            driver: Box::pin(driver),
+        })
     }
+}
+
+/// One keep-alive connection of a worker.
+struct Conn {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    driver: std::pin::Pin<
+        Box<hyper::client::conn::http1::Connection<TokioIo<Box<dyn Io>>, Full<Bytes>>>,
+    >,
 }
 
 /// A connection's byte stream: TCP or TLS over TCP.
@@ -406,111 +470,149 @@ fn failure_kind(e: &hyper::Error) -> &'static str {
     }
 }
 
-async fn worker(
-    target: &Target,
-    issued: &AtomicU64,
+/// Sets a flag when dropped.
+struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One connection's loop and what it shares with the others.
+struct Worker<'a> {
+    issued: &'a AtomicU64,
+    stop: &'a std::sync::atomic::AtomicBool,
     limit: u64,
     deadline: Option<Instant>,
     timeout: Duration,
     pace: Option<(Instant, Duration)>,
     warm_until: Instant,
-) -> WorkerStats {
-    let mut stats = WorkerStats::new();
-    let mut conn: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>> = None;
-    loop {
-        // Closed model: stop at the deadline. Open model: send every
-        // request due before it, however late.
-        if pace.is_none() && deadline.is_some_and(|d| Instant::now() >= d) {
-            break;
-        }
-        let i = issued.fetch_add(1, Ordering::Relaxed);
-        if i >= limit {
-            break;
-        }
-        // Open model: wait until this request is due, and time it from then.
-        let due = pace.map(|(start, period)| start + period.mul_f64(i as f64));
-        if let Some(due) = due {
-            if deadline.is_some_and(|d| due >= d) {
+}
+
+impl Worker<'_> {
+    async fn run(&self, target: &Target) -> WorkerStats {
+        let Worker {
+            issued,
+            stop,
+            limit,
+            deadline,
+            timeout,
+            pace,
+            warm_until,
+        } = *self;
+        let mut stats = WorkerStats::new();
+        let mut conn: Option<Conn> = None;
+        loop {
+            // Closed model: stop at the deadline. Open model: send every
+            // request due before it, however late.
+            if stop.load(Ordering::Relaxed)
+                || (pace.is_none() && deadline.is_some_and(|d| Instant::now() >= d))
+            {
                 break;
             }
-            tokio::time::sleep_until(due.into()).await;
-        }
-        let t0 = due.unwrap_or_else(Instant::now);
-        let mut sender = match conn.take() {
-            Some(c) => c,
-            None => match target.connect(timeout).await {
-                Ok(c) => c,
-                Err((kind, text)) => {
-                    if t0 >= warm_until {
-                        stats.error(kind, text);
-                    }
-                    // Do not spin on a refused port.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-        };
-        let exchange = async {
-            sender.ready().await?;
-            let resp = sender.send_request(target.request()).await?;
-            let status = resp.status().as_u16();
-            let mut body = resp.into_body();
-            while let Some(frame) = body.frame().await {
-                frame?;
+            let i = issued.fetch_add(1, Ordering::Relaxed);
+            if i >= limit {
+                break;
             }
-            Ok::<u16, hyper::Error>(status)
-        };
-        let outcome = tokio::time::timeout(timeout, exchange).await;
-        let done = Instant::now();
-        // Warm-up: closed model by completion time, open model by due time.
-        let measured = match due {
-            Some(d) => d >= warm_until,
-            None => done >= warm_until,
-        };
-        match outcome {
-            Ok(Ok(status)) => {
-                if measured {
-                    let us = done.saturating_duration_since(t0).as_micros() as u64;
-                    let _ = stats.latency_us.record(us.max(1));
-                    *stats.statuses.entry(status).or_insert(0) += 1;
-                    if status < 400 {
-                        stats.ok += 1;
-                    } else {
-                        stats.non_success += 1;
-                        if stats.first_error.is_none() {
-                            stats.first_error =
-                                Some(format!("{} {}: status {status}", target.method, target.url));
+            // Open model: wait until this request is due, and time it from then.
+            let due = pace.map(|(start, period)| start + period.mul_f64(i as f64));
+            if let Some(due) = due {
+                if deadline.is_some_and(|d| due >= d) {
+                    break;
+                }
+                tokio::time::sleep_until(due.into()).await;
+            }
+            let t0 = due.unwrap_or_else(Instant::now);
+            let mut c = match conn.take() {
+                Some(c) => c,
+                None => match target.connect(timeout).await {
+                    Ok(c) => c,
+                    Err((kind, text)) => {
+                        if t0 >= warm_until {
+                            stats.error(kind, text);
+                        }
+                        // Do not spin on a refused port.
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+            };
+            let Conn { sender, driver } = &mut c;
+            let exchange = async {
+                sender.ready().await?;
+                let resp = sender.send_request(target.request()).await?;
+                let status = resp.status().as_u16();
+                let mut body = resp.into_body();
+                while let Some(frame) = body.frame().await {
+                    frame?;
+                }
+                Ok::<u16, hyper::Error>(status)
+            };
+            // The exchange and the connection's driver, polled together here.
+            let driven = async {
+                let failed = |e: hyper::Error| (failure_kind(&e), e.to_string());
+                tokio::select! {
+                    biased;
+                    r = exchange => r.map_err(failed),
+                    closed = driver.as_mut() => Err(match closed {
+                        Err(e) => failed(e),
+                        // The peer closed the connection mid-request.
+                        Ok(()) => ("reset", "the server closed the connection".to_string()),
+                    }),
+                }
+            };
+            let outcome = tokio::time::timeout(timeout, driven).await;
+            let done = Instant::now();
+            // Warm-up: closed model by completion time, open model by due time.
+            let measured = match due {
+                Some(d) => d >= warm_until,
+                None => done >= warm_until,
+            };
+            match outcome {
+                Ok(Ok(status)) => {
+                    if measured {
+                        let us = done.saturating_duration_since(t0).as_micros() as u64;
+                        let _ = stats.latency_us.record(us.max(1));
+                        *stats.statuses.entry(status).or_insert(0) += 1;
+                        if status < 400 {
+                            stats.ok += 1;
+                        } else {
+                            stats.non_success += 1;
+                            if stats.first_error.is_none() {
+                                stats.first_error = Some(format!(
+                                    "{} {}: status {status}",
+                                    target.method, target.url
+                                ));
+                            }
                         }
                     }
+                    if !c.sender.is_closed() {
+                        conn = Some(c);
+                    }
                 }
-                if !sender.is_closed() {
-                    conn = Some(sender);
+                Ok(Err((kind, e))) => {
+                    if measured {
+                        stats.error(kind, format!("{} {}: {e}", target.method, target.url));
+                    }
                 }
-            }
-            Ok(Err(e)) => {
-                if measured {
-                    stats.error(
-                        failure_kind(&e),
-                        format!("{} {}: {e}", target.method, target.url),
-                    );
-                }
-            }
-            Err(_) => {
-                if measured {
-                    stats.error(
-                        "timeout",
-                        format!(
-                            "{} {}: no response within {} ms",
-                            target.method,
-                            target.url,
-                            timeout.as_millis()
-                        ),
-                    );
+                Err(_) => {
+                    if measured {
+                        stats.error(
+                            "timeout",
+                            format!(
+                                "{} {}: no response within {} ms",
+                                target.method,
+                                target.url,
+                                timeout.as_millis()
+                            ),
+                        );
+                    }
                 }
             }
         }
+        stats
     }
-    stats
 }
 
 /// A short performance check: `N` requests at concurrency `C` against a URL,
