@@ -449,12 +449,13 @@ impl Target {
     }
 }
 
+/// The driver of one HTTP/1.1 connection.
+type Driver = hyper::client::conn::http1::Connection<TokioIo<Box<dyn Io>>, Full<Bytes>>;
+
 /// One keep-alive connection of a worker.
 struct Conn {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-    driver: std::pin::Pin<
-        Box<hyper::client::conn::http1::Connection<TokioIo<Box<dyn Io>>, Full<Bytes>>>,
-    >,
+    driver: std::pin::Pin<Box<Driver>>,
 }
 
 /// A connection's byte stream: TCP or TLS over TCP.
