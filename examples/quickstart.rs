@@ -9,8 +9,11 @@
 //! `serve`) twice through the same pipeline:
 //!
 //! 1. deploy to staging (a local process);
-//! 2. regression checks (HTTP smoke tests) and a short performance check
-//!    (500 requests, p95 threshold) against staging;
+//! 2. regression checks against staging: HTTP smoke tests, and a test suite
+//!    (this executable started with `test-suite`, writing a JUnit report)
+//!    whose result is compared with the previous release's; a short
+//!    performance check (500 requests, p95 threshold, compared with the
+//!    previous release);
 //! 3. a compliance check (version present, artifact checksum matches);
 //! 4. an approval gate (`--auto-approve`, or approve it with `cdctl`);
 //! 5. a blue-green production deploy behind a local TCP router;
@@ -35,7 +38,9 @@ use cd::core::{
     Analysis, Event, EventKind, FnSink, NodeStatus, Pipeline, Release, RunReport, RunStatus,
     Runner, Store,
 };
-use cd::stages::{ApprovalGate, Bake, ComplianceCheck, Deploy, HttpCheck, HttpMonitor, LoadTest};
+use cd::stages::{
+    ApprovalGate, Bake, ComplianceCheck, Deploy, HttpCheck, HttpMonitor, LoadTest, TestSuite,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -50,6 +55,9 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("serve") {
         return serve(&args[1..]).await;
+    }
+    if args.first().map(String::as_str) == Some("test-suite") {
+        return test_suite(&args[1..]).await;
     }
     if args.iter().any(|a| a == "--help" || a == "-h") {
         println!("usage: quickstart [--auto-approve] [--state-dir DIR]\n       quickstart serve --port PORT --version VERSION");
@@ -109,11 +117,21 @@ async fn run_demo(auto_approve: bool, state_dir: &Path) -> anyhow::Result<()> {
         )
         .needs(["staging"])
         .stage(
+            "regression-tests",
+            TestSuite::new(exe.display().to_string())
+                .args(["test-suite", "--url", &staging_url, "--report", "junit.xml"])
+                .cwd(state_dir)
+                .report("junit.xml")
+                .timeout(Duration::from_secs(60)),
+        )
+        .needs(["staging"])
+        .stage(
             "load-test",
             LoadTest::get(format!("{staging_url}/"))
                 .requests(500)
                 .concurrency(8)
-                .p95_below_ms(200),
+                .p95_below_ms(200)
+                .compare_with_previous(200.0),
         )
         .needs(["staging"])
         .stage(
@@ -128,7 +146,7 @@ async fn run_demo(auto_approve: bool, state_dir: &Path) -> anyhow::Result<()> {
                 .recheck_every(Duration::from_secs(2))
                 .auto_approve_if(auto_approve.then_some("you (--auto-approve)")),
         )
-        .needs(["smoke-tests", "load-test", "compliance"])
+        .needs(["smoke-tests", "regression-tests", "load-test", "compliance"])
         .stage(
             "production",
             Deploy::new(production.clone())
@@ -251,9 +269,17 @@ fn print_event(e: &Event) {
         } if status == "waiting" => {
             format!("waiting for the {environment} lock")
         }
+        // The regression and load tables.
+        EventKind::Log { message, .. }
+            if matches!(node, "regression-tests" | "load-test")
+                && !message.starts_with("running tests")
+                && !message.starts_with("load: GET") =>
+        {
+            message.clone()
+        }
         _ => return,
     };
-    eprintln!("  [{:>11}] {line}", node);
+    eprintln!("  [{node:>16}] {line}");
 }
 
 fn sha256_hex(path: &Path) -> anyhow::Result<String> {
@@ -324,4 +350,59 @@ async fn serve(args: &[String]) -> anyhow::Result<()> {
             }
         });
     }
+}
+
+/// The demo's own regression suite (what `pytest --junitxml` would be in a
+/// real project): checks the service at `--url` and writes a JUnit XML
+/// report to `--report`. Exits 1 when a check fails.
+async fn test_suite(args: &[String]) -> anyhow::Result<()> {
+    let url = flag(args, "--url").context("--url is required")?;
+    let report = flag(args, "--report").context("--report is required")?;
+    let client = cd::stages::HttpClient::new();
+    let mut cases = Vec::new();
+    let checks: [(&str, &str, u16, Option<&str>); 4] = [
+        ("home_says_hello", "/", 200, Some("hello from")),
+        ("health_is_ok", "/health", 200, None),
+        ("unknown_path_is_404", "/missing", 404, None),
+        ("version_endpoint_answers", "/version", 200, Some("v")),
+    ];
+    for (name, path, status, body) in checks {
+        let started = std::time::Instant::now();
+        let failure = match client.get(&format!("{url}{path}")).await {
+            Ok(r) if r.status != status => {
+                Some(format!("GET {path}: {} instead of {status}", r.status))
+            }
+            Ok(r) => body
+                .filter(|b| !r.text().contains(b))
+                .map(|b| format!("GET {path}: the body lacks `{b}`")),
+            Err(e) => Some(e.to_string()),
+        };
+        println!(
+            "{name}: {}",
+            if failure.is_some() { "FAILED" } else { "ok" }
+        );
+        cases.push((name, started.elapsed().as_secs_f64(), failure));
+    }
+    let failures = cases.iter().filter(|c| c.2.is_some()).count();
+    let mut xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites>\n<testsuite name=\"demo\" tests=\"{}\" failures=\"{failures}\">\n",
+        cases.len()
+    );
+    for (name, secs, failure) in &cases {
+        match failure {
+            None => xml.push_str(&format!(
+                "<testcase classname=\"demo::http\" name=\"{name}\" time=\"{secs:.3}\"/>\n"
+            )),
+            Some(f) => xml.push_str(&format!(
+                "<testcase classname=\"demo::http\" name=\"{name}\" time=\"{secs:.3}\"><failure message=\"{}\"/></testcase>\n",
+                f.replace('&', "&amp;").replace('"', "&quot;").replace('<', "&lt;")
+            )),
+        }
+    }
+    xml.push_str("</testsuite>\n</testsuites>\n");
+    std::fs::write(&report, xml).with_context(|| format!("writing {report}"))?;
+    if failures > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
 }

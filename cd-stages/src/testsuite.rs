@@ -402,6 +402,10 @@ pub fn compare(previous: &TestReport, current: &TestReport) -> Comparison {
     c
 }
 
+/// Up to this many cases, the table lists every case; above, only those
+/// worth a look (regressions, failures, flaky, fixed, missing).
+const SHOW_ALL: usize = 20;
+
 /// The summary table: counts, then one row per case worth a look.
 fn table(counts: &Counts, report: &TestReport, cmp: Option<&Comparison>) -> String {
     let mut t = comfy_table::Table::new();
@@ -413,6 +417,7 @@ fn table(counts: &Counts, report: &TestReport, cmp: Option<&Comparison>) -> Stri
     let mut rows: Vec<(u8, Vec<String>)> = Vec::new();
     for case in &report.cases {
         let id = case.id();
+        let small = report.cases.len() <= SHOW_ALL;
         let label = if regressions.contains(&&id) {
             (0, "REGRESSION")
         } else {
@@ -420,6 +425,8 @@ fn table(counts: &Counts, report: &TestReport, cmp: Option<&Comparison>) -> Stri
                 CaseStatus::Failed => (1, "failed"),
                 CaseStatus::Error => (1, "error"),
                 CaseStatus::Flaky => (2, "flaky"),
+                CaseStatus::Passed if small => (5, "passed"),
+                CaseStatus::Skipped if small => (6, "skipped"),
                 _ => continue,
             }
         };
