@@ -521,12 +521,13 @@ fn kill_servers_under(www: &Path) {
     }
 }
 
+/// A port for a target, held until the test ends (leaked on purpose: the
+/// lease's lock lives with the test process, not with this call).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let lease = cd_testkit::reserve_port();
+    let port = lease.port;
+    std::mem::forget(lease);
+    port
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

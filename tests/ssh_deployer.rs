@@ -1307,3 +1307,95 @@ async fn ssh_an_unsettled_host_is_not_skipped_as_already_live() {
     assert_eq!(fx.restarts(0).len(), restarts + 1, "v2 restarted");
     fx.assert_live(0, "v2");
 }
+
+/// Issue 11: the health check can be made from the deploy machine (over
+/// cd-stages' HTTP client), against each host's address: a host whose new
+/// release answers 503 there is switched back, and the error names the
+/// host, the step and the HTTP status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_health_checked_from_the_deploy_machine() {
+    let Some(fx) = Fixture::start(2).await else {
+        return;
+    };
+    // Answers `GET /health/<host>`: 200 while that host's `current` is v1.
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let roots: Vec<(String, PathBuf)> = fx
+        .fleet
+        .hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (h.name.clone(), fx.root(i)))
+        .collect();
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let roots = roots.clone();
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                let host = path.trim_start_matches("/health/");
+                let live = roots
+                    .iter()
+                    .find(|(name, _)| name == host)
+                    .and_then(|(_, root)| std::fs::read_link(root.join("current")).ok())
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                let status = if live.ends_with("v1") {
+                    "200 OK"
+                } else {
+                    "503 Service Unavailable"
+                };
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    let deployer = fx
+        .builder()
+        .health_http_from_deployer(format!("http://{{host}}:{port}/health/{{name}}"))
+        .build()
+        .unwrap();
+    let (cx, _) = collecting_cx();
+    let targets = deployer.targets();
+    Rolling::new()
+        .batch_size(2)
+        .deploy(&deployer, &fx.release("v1"), &targets, &cx)
+        .await
+        .unwrap();
+    fx.assert_live(0, "v1");
+    fx.assert_live(1, "v1");
+    assert!(
+        hits.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the deploy machine checked each host"
+    );
+
+    let plan = deployer
+        .plan(
+            &fx.release("v2"),
+            &targets[1],
+            &cd::core::DeployContext::detached("test"),
+        )
+        .await
+        .unwrap();
+    let err = deployer.apply(&plan, &cx).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Failed, "{err}");
+    assert_eq!(err.context("host"), Some(fx.fleet.host(1).name.as_str()));
+    assert_eq!(err.context("step"), Some("health"));
+    assert!(err.to_string().contains("HTTP 503"), "{err}");
+    fx.assert_live(1, "v1");
+}

@@ -190,7 +190,7 @@ impl Url {
             reason: reason.to_string(),
         };
         let trimmed = s.trim();
-        let full = if trimmed.contains("://") {
+        let full = if has_scheme(trimmed) {
             trimmed.to_string()
         } else {
             format!("http://{trimmed}")
@@ -261,7 +261,7 @@ impl Url {
     /// anything else is a path appended to this URL's path
     /// (`http://h/api` joined with `/health` is `http://h/api/health`).
     pub fn join(&self, path_or_url: &str) -> Result<Url, HttpError> {
-        if path_or_url.contains("://") {
+        if has_scheme(path_or_url) {
             return Url::parse(path_or_url);
         }
         let base = self.0.path().trim_end_matches('/');
@@ -280,6 +280,21 @@ impl Url {
     /// The URL as reqwest takes it.
     pub fn as_reqwest(&self) -> &reqwest::Url {
         &self.0
+    }
+}
+
+/// Whether `s` starts with a scheme (`letter *( letter / digit / "+" /
+/// "-" / "." ) "://"`, RFC 3986): `/login?next=http://x` does not.
+fn has_scheme(s: &str) -> bool {
+    match s.find("://") {
+        Some(i) if i > 0 => {
+            let scheme = &s[..i];
+            scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        }
+        _ => false,
     }
 }
 
@@ -711,6 +726,15 @@ impl HttpClient {
 /// connection, or the response.
 fn from_reqwest(url: &str, after: Duration, e: reqwest::Error) -> HttpError {
     let url = url.to_string();
+    if e.is_timeout() && e.is_connect() {
+        return HttpError::Connect {
+            url,
+            source: io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no connection within the connect deadline",
+            ),
+        };
+    }
     if e.is_timeout() {
         return HttpError::Timeout { url, after };
     }
@@ -801,6 +825,15 @@ mod tests {
         ));
         let e = Url::parse("http://x:bad/").unwrap_err();
         assert!(e.to_string().contains("http://x:bad/"), "{e}");
+    }
+
+    #[test]
+    fn a_url_in_the_query_is_not_a_scheme() {
+        let base = Url::parse("http://h:1/app").unwrap();
+        let u = base.join("/login?next=http://x/y").unwrap();
+        assert_eq!(u.path(), "/app/login?next=http://x/y");
+        let u = Url::parse("h:8080/?u=http://x").unwrap();
+        assert_eq!((u.host(), u.port()), ("h", 8080));
     }
 
     #[test]

@@ -97,9 +97,8 @@ pub struct TestCase {
 }
 
 impl TestCase {
-    /// The case's identity across runs: `classname::name` (or
-    /// `suite::name` without a classname; or `name` alone when the name
-    /// already starts with the classname, as pytest and nextest do not).
+    /// The case's identity across runs: `classname::name`, or `suite::name`
+    /// without a classname, or `name` alone without either.
     pub fn id(&self) -> String {
         let prefix = if self.classname.is_empty() {
             &self.suite

@@ -212,10 +212,10 @@ pub async fn generate(
         n => n,
     }
     .min(concurrency);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Dropping the run (a cancelled stage) stops every worker at its next
-    // request.
-    let _stop_on_drop = StopOnDrop(stop.clone());
+    // Dropping the run (a cancelled stage) stops every worker at once:
+    // sleeps and requests in flight are abandoned, connections closed.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let _stop_on_drop = stop.clone().drop_guard();
     let mut results = Vec::with_capacity(threads);
     for t in 0..threads {
         let (tx, rx) = tokio::sync::oneshot::channel::<Vec<WorkerStats>>();
@@ -240,7 +240,10 @@ pub async fn generate(
                             .then(|| started + ramp.mul_f64(n as f64 / concurrency as f64));
                         handles.push(tokio::spawn(async move {
                             if let Some(at) = start_at {
-                                tokio::time::sleep_until(at.into()).await;
+                                tokio::select! {
+                                    _ = tokio::time::sleep_until(at.into()) => {}
+                                    _ = stop.cancelled() => return WorkerStats::new(),
+                                }
                             }
                             let w = Worker {
                                 issued: &issued,
@@ -351,6 +354,8 @@ struct Target {
         rustls_pki_types::ServerName<'static>,
     )>,
     method: http::Method,
+    /// Whether sending the request twice has the effect of sending it once.
+    idempotent: bool,
     uri: http::Uri,
     headers: http::HeaderMap,
     body: Bytes,
@@ -393,6 +398,7 @@ impl Target {
             authority: req.url.authority(),
             tls,
             method: req.method.to_http(),
+            idempotent: req.method.is_idempotent(),
             uri,
             headers,
             body: Bytes::from(req.body.clone()),
@@ -412,10 +418,11 @@ impl Target {
     /// (no task hand-off per request).
     async fn connect(
         &self,
-        timeout: Duration,
+        deadline: tokio::time::Instant,
     ) -> std::result::Result<Conn, (&'static str, String)> {
-        let fail = |kind: &'static str, why: String| (kind, format!("{why} ({})", self.url));
-        let tcp = match tokio::time::timeout(timeout, TcpStream::connect(&self.authority)).await {
+        let fail = |kind: &'static str, why: String| (kind, why);
+        let tcp = match tokio::time::timeout_at(deadline, TcpStream::connect(&self.authority)).await
+        {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => return Err(fail("connect", format!("cannot connect: {e}"))),
             Err(_) => return Err(fail("timeout", "no connection within the deadline".into())),
@@ -424,7 +431,8 @@ impl Target {
         let io: Box<dyn Io> = match &self.tls {
             None => Box::new(tcp),
             Some((connector, name)) => {
-                match tokio::time::timeout(timeout, connector.connect(name.clone(), tcp)).await {
+                match tokio::time::timeout_at(deadline, connector.connect(name.clone(), tcp)).await
+                {
                     Ok(Ok(s)) => Box::new(s),
                     Ok(Err(e)) => {
                         let why = crate::tls::tls_failure(&e).unwrap_or_else(|| e.to_string());
@@ -462,28 +470,34 @@ struct Conn {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// The kind of a failed request, for [`LoadReport::errors_by_kind`].
+/// The kind of a failed request, for [`LoadReport::errors_by_kind`]: a TLS
+/// failure after the handshake (a TLS 1.3 server refusing the client
+/// certificate) is `tls`.
 fn failure_kind(e: &hyper::Error) -> &'static str {
-    if e.is_parse() || e.is_parse_status() || e.is_user() {
+    if crate::tls::tls_failure(e).is_some() {
+        "tls"
+    } else if e.is_parse() || e.is_parse_status() || e.is_user() {
         "protocol"
     } else {
         "reset"
     }
 }
 
-/// Sets a flag when dropped.
-struct StopOnDrop(Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
+/// What one request came to.
+enum Outcome {
+    /// A whole response, with its status; `reusable` when the connection
+    /// stays open.
+    Done { status: u16, reusable: bool },
+    /// A failure of this kind.
+    Failed(&'static str, String),
+    /// The run was stopped.
+    Stopped,
 }
 
 /// One connection's loop and what it shares with the others.
 struct Worker<'a> {
     issued: &'a AtomicU64,
-    stop: &'a std::sync::atomic::AtomicBool,
+    stop: &'a tokio_util::sync::CancellationToken,
     limit: u64,
     deadline: Option<Instant>,
     timeout: Duration,
@@ -507,7 +521,7 @@ impl Worker<'_> {
         loop {
             // Closed model: stop at the deadline. Open model: send every
             // request due before it, however late.
-            if stop.load(Ordering::Relaxed)
+            if stop.is_cancelled()
                 || (pace.is_none() && deadline.is_some_and(|d| Instant::now() >= d))
             {
                 break;
@@ -522,23 +536,113 @@ impl Worker<'_> {
                 if deadline.is_some_and(|d| due >= d) {
                     break;
                 }
-                tokio::time::sleep_until(due.into()).await;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due.into()) => {}
+                    _ = stop.cancelled() => break,
+                }
             }
             let t0 = due.unwrap_or_else(Instant::now);
-            let mut c = match conn.take() {
-                Some(c) => c,
-                None => match target.connect(timeout).await {
-                    Ok(c) => c,
-                    Err((kind, text)) => {
-                        if t0 >= warm_until {
-                            stats.error(kind, text);
-                        }
-                        // Do not spin on a refused port.
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    }
-                },
+            // One deadline for the whole request: connect, TLS, exchange.
+            let until = tokio::time::Instant::now() + timeout;
+            let outcome = tokio::select! {
+                o = self.request(target, &mut conn, until) => o,
+                _ = stop.cancelled() => Outcome::Stopped,
             };
+            let done = Instant::now();
+            // Warm-up: closed model by completion time, open model by due time.
+            let measured = match due {
+                Some(d) => d >= warm_until,
+                None => done >= warm_until,
+            };
+            match outcome {
+                Outcome::Stopped => break,
+                Outcome::Done { status, .. } if measured => {
+                    let us = done.saturating_duration_since(t0).as_micros() as u64;
+                    let _ = stats.latency_us.record(us.max(1));
+                    *stats.statuses.entry(status).or_insert(0) += 1;
+                    if status < 400 {
+                        stats.ok += 1;
+                    } else {
+                        stats.non_success += 1;
+                        if stats.first_error.is_none() {
+                            stats.first_error =
+                                Some(format!("{} {}: status {status}", target.method, target.url));
+                        }
+                    }
+                }
+                Outcome::Done { .. } => {}
+                Outcome::Failed(kind, text) => {
+                    if measured {
+                        stats.error(kind, format!("{} {}: {text}", target.method, target.url));
+                    }
+                    if kind == "connect" {
+                        // Do not spin on a refused port.
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                            _ = stop.cancelled() => break,
+                        }
+                    }
+                }
+            }
+        }
+        stats
+    }
+
+    /// Sends one request on the worker's connection (a new one when there
+    /// is none, or when the idle one was closed by the server meanwhile)
+    /// and reads the whole response, all before `until`.
+    async fn request(
+        &self,
+        target: &Target,
+        conn: &mut Option<Conn>,
+        until: tokio::time::Instant,
+    ) -> Outcome {
+        let reused = conn.is_some();
+        let outcome = self.attempt(target, conn, until).await;
+        // A kept-alive connection the server closed just as it was reused
+        // (its close not seen yet): the request never reached it. An
+        // idempotent request is sent again on a new connection, as HTTP
+        // clients do (RFC 9112 §9.3.1); it is not a failure of the server.
+        match outcome {
+            Outcome::Failed("stale", _) if reused && target.idempotent => {
+                *conn = None;
+                self.attempt(target, conn, until).await
+            }
+            Outcome::Failed("stale", text) => Outcome::Failed("reset", text),
+            o => o,
+        }
+    }
+
+    async fn attempt(
+        &self,
+        target: &Target,
+        conn: &mut Option<Conn>,
+        until: tokio::time::Instant,
+    ) -> Outcome {
+        let timed_out = || {
+            Outcome::Failed(
+                "timeout",
+                format!("no response within {} ms", self.timeout.as_millis()),
+            )
+        };
+        // An idle connection the server closed since the last response (its
+        // keep-alive timeout) is not reused: its driver has finished.
+        if let Some(c) = conn.as_mut() {
+            if c.sender.is_closed() || futures::FutureExt::now_or_never(c.driver.as_mut()).is_some()
+            {
+                *conn = None;
+            }
+        }
+        let mut c = match conn.take() {
+            Some(c) => c,
+            None => match target.connect(until).await {
+                Ok(c) => c,
+                Err(("timeout", _)) => return timed_out(),
+                Err((kind, text)) => return Outcome::Failed(kind, text),
+            },
+        };
+        // The exchange borrows the connection only in here.
+        let outcome = {
             let Conn { sender, driver } = &mut c;
             let exchange = async {
                 sender.ready().await?;
@@ -550,80 +654,64 @@ impl Worker<'_> {
                 }
                 Ok::<u16, hyper::Error>(status)
             };
+            tokio::pin!(exchange);
+            // Nothing of the response arrived and the connection was closed
+            // under the request: "stale" (see `request`).
+            let failed = |e: hyper::Error| {
+                let kind = if e.is_incomplete_message() || e.is_canceled() {
+                    "stale"
+                } else {
+                    failure_kind(&e)
+                };
+                Outcome::Failed(kind, e.to_string())
+            };
             // The exchange and the connection's driver, polled together here.
             let driven = async {
-                let failed = |e: hyper::Error| (failure_kind(&e), e.to_string());
                 tokio::select! {
                     biased;
-                    r = exchange => r.map_err(failed),
-                    closed = driver.as_mut() => Err(match closed {
+                    r = &mut exchange => match r {
+                        Ok(status) => Outcome::Done { status, reusable: true },
                         Err(e) => failed(e),
-                        // The peer closed the connection mid-request.
-                        Ok(()) => ("reset", "the server closed the connection".to_string()),
-                    }),
+                    },
+                    closed = driver.as_mut() => match closed {
+                        Err(e) => failed(e),
+                        // The driver finished: the server closed the connection
+                        // after (or while) sending the response. What it sent is
+                        // buffered: finish reading it, then drop the connection.
+                        Ok(()) => match exchange.await {
+                            Ok(status) => Outcome::Done { status, reusable: false },
+                            Err(e) => failed(e),
+                        },
+                    },
                 }
             };
-            let outcome = tokio::time::timeout(timeout, driven).await;
-            let done = Instant::now();
-            // Warm-up: closed model by completion time, open model by due time.
-            let measured = match due {
-                Some(d) => d >= warm_until,
-                None => done >= warm_until,
-            };
-            match outcome {
-                Ok(Ok(status)) => {
-                    if measured {
-                        let us = done.saturating_duration_since(t0).as_micros() as u64;
-                        let _ = stats.latency_us.record(us.max(1));
-                        *stats.statuses.entry(status).or_insert(0) += 1;
-                        if status < 400 {
-                            stats.ok += 1;
-                        } else {
-                            stats.non_success += 1;
-                            if stats.first_error.is_none() {
-                                stats.first_error = Some(format!(
-                                    "{} {}: status {status}",
-                                    target.method, target.url
-                                ));
-                            }
-                        }
-                    }
-                    if !c.sender.is_closed() {
-                        conn = Some(c);
-                    }
-                }
-                Ok(Err((kind, e))) => {
-                    if measured {
-                        stats.error(kind, format!("{} {}: {e}", target.method, target.url));
-                    }
-                }
-                Err(_) => {
-                    if measured {
-                        stats.error(
-                            "timeout",
-                            format!(
-                                "{} {}: no response within {} ms",
-                                target.method,
-                                target.url,
-                                timeout.as_millis()
-                            ),
-                        );
-                    }
-                }
+            match tokio::time::timeout_at(until, driven).await {
+                Ok(o) => o,
+                Err(_) => timed_out(),
+            }
+        };
+        if let Outcome::Done { reusable: true, .. } = outcome {
+            if !c.sender.is_closed() {
+                *conn = Some(c);
             }
         }
-        stats
+        outcome
     }
 }
 
-/// A short performance check: `N` requests at concurrency `C` against a URL,
-/// latency percentiles and errors, with thresholds.
+/// A performance check: requests against a URL, latency percentiles,
+/// errors and throughput, with thresholds and a comparison with the
+/// previous release.
 ///
-/// Each of the `C` workers keeps one HTTP/1.1 connection alive and sends
-/// requests back to back (closed loop, like `wrk`). The stage fails when
-/// p95 or p99 is over its threshold or when the error rate (4xx/5xx and
-/// failed requests) is over [`LoadTest::max_error_rate`] (0 by default),
-/// and its output carries the figures ([`LoadReport`]).
+/// By default each of the `C` connections sends requests back to back
+/// (closed model, like `wrk`); [`LoadTest::rate`] switches to the open model
+/// (requests due at a constant rate, latency from when each was due). The
+/// stage fails when p95 or p99 is at or over its threshold, when the error
+/// rate (4xx/5xx and failed requests) is over [`LoadTest::max_error_rate`]
+/// (0 by default), when throughput is under [`LoadTest::min_rps`], or on a
+/// regression against the previous release
+/// ([`LoadTest::compare_with_previous`]); its output carries the figures
+/// ([`LoadReport`]) and a table.
 ///
 /// ```
 /// use cd_stages::LoadTest;
@@ -1138,7 +1226,12 @@ mod tests {
             .unwrap_err();
         assert!(
             err.to_string()
-                .contains("no request got a response: cannot connect"),
+                .contains("no request got a response: GET http://127.0.0.1"),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("cannot connect: Connection refused"),
             "{err}"
         );
     }
@@ -1192,6 +1285,73 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("TLS handshake failed"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn responses_on_closing_connections_are_not_errors() {
+        for server in [
+            TestServer::start(|_| TestResponse::ok("bye").close_delimited()).await,
+            TestServer::start(|_| TestResponse::ok("bye").silently_close()).await,
+        ] {
+            let report = generate(
+                Request::get(Url::parse(&server.url("/")).unwrap()),
+                LoadOptions {
+                    requests: Some(40),
+                    concurrency: 2,
+                    ..LoadOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+            assert_eq!((report.ok, report.errors), (40, 0), "{report:?}");
+        }
+    }
+
+    /// Worker threads of this process that are still alive.
+    fn load_threads() -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .filter(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .map(|c| c.starts_with("cd-load-"))
+                    .unwrap_or(false)
+            })
+            .count()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_run_stops_its_threads() {
+        let server = TestServer::start(|_| TestResponse::ok("x")).await;
+        let mut run = Box::pin(generate(
+            Request::get(Url::parse(&server.url("/")).unwrap()),
+            LoadOptions {
+                requests: None,
+                duration: Some(Duration::from_secs(600)),
+                concurrency: 4,
+                threads: 2,
+                ..LoadOptions::default()
+            },
+        ));
+        // Let it start (a condition: the server saw its connections).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.connections() < 4 {
+            tokio::select! {
+                _ = run.as_mut() => panic!("a 600 s run ended"),
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+            assert!(Instant::now() < deadline, "the run never connected");
+        }
+        assert!(load_threads() >= 2);
+        drop(run);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while load_threads() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "load threads outlived the dropped run"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 

@@ -19,8 +19,9 @@ pub struct Previous {
     pub data: serde_json::Value,
 }
 
-/// How many runs back to look.
-const LOOK_BACK: usize = 200;
+/// How many runs back (all pipelines and environments) to look; only runs
+/// of this pipeline and environment have their events read.
+const LOOK_BACK: usize = 2000;
 
 /// The data of the newest `event` emitted by this node in the newest earlier
 /// run of this pipeline in this environment for another release version.

@@ -80,8 +80,11 @@ struct Retry {
 /// removed before the run (a stale report is never read) and must exist
 /// after it. The stage fails on failed or errored cases (flaky ones too,
 /// unless [`TestSuite::allow_flaky`]), on a missing or malformed report
-/// (naming the file and line), and on a command that outlives its timeout
-/// (its whole process group is killed).
+/// (naming the file and line), on a non-zero exit with no failing case
+/// (unless [`TestSuite::allow_nonzero_exit`]), and on a command that
+/// outlives its timeout (its process group gets SIGTERM, then SIGKILL 5 s
+/// later). When the command exits, whatever it left in its group is
+/// stopped the same way.
 ///
 /// ```
 /// use std::time::Duration;
@@ -104,6 +107,7 @@ pub struct TestSuite {
     reports: Vec<PathBuf>,
     retry: Option<Retry>,
     allow_flaky: bool,
+    allow_nonzero_exit: bool,
     compare: bool,
     max_log_lines: usize,
 }
@@ -120,6 +124,7 @@ impl TestSuite {
             reports: Vec::new(),
             retry: None,
             allow_flaky: false,
+            allow_nonzero_exit: false,
             compare: true,
             max_log_lines: 200,
         }
@@ -180,6 +185,13 @@ impl TestSuite {
     /// are reported as flaky).
     pub fn allow_flaky(mut self, yes: bool) -> Self {
         self.allow_flaky = yes;
+        self
+    }
+
+    /// Whether a non-zero exit with no failing case in the report passes
+    /// (default no: the command failed outside its tests).
+    pub fn allow_nonzero_exit(mut self, yes: bool) -> Self {
+        self.allow_nonzero_exit = yes;
         self
     }
 
@@ -263,41 +275,36 @@ impl TestSuite {
         .into_iter()
         .flatten()
         {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(pipe).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if tx.send(line).await.is_err() {
-                        break;
-                    }
-                }
-            });
+            tokio::spawn(forward_lines(pipe, tx.clone()));
         }
         drop(tx);
         let mut logged = 0usize;
         let mut dropped = 0usize;
+        let mut log = |line: String| {
+            if logged < self.max_log_lines {
+                cx.log(line);
+                logged += 1;
+            } else {
+                dropped += 1;
+            }
+        };
         let deadline = tokio::time::sleep(self.timeout);
         tokio::pin!(deadline);
+        let mut open = true;
         let status = loop {
             tokio::select! {
-                line = rx.recv() => match line {
-                    Some(line) => {
-                        if logged < self.max_log_lines {
-                            cx.log(truncate(&line, 2000));
-                            logged += 1;
-                        } else {
-                            dropped += 1;
-                        }
-                    }
-                    None => break child.wait().await,
+                line = rx.recv(), if open => match line {
+                    Some(line) => log(line),
+                    None => open = false,
                 },
+                status = child.wait() => break status,
                 _ = &mut deadline => {
-                    drop(kill_group);
+                    stop_group(group).await;
                     let _ = child.wait().await;
                     return Err(Error::new(
                         ErrorKind::Timeout,
                         format!(
-                            "test command `{shown}` still ran after {} s; its process group was killed",
+                            "test command `{shown}` still ran after {} s; its process group was stopped",
                             self.timeout.as_secs()
                         ),
                     )
@@ -305,14 +312,28 @@ impl TestSuite {
                     .with("command", &shown));
                 }
                 _ = cx.cancel_token().cancelled() => {
-                    drop(kill_group);
+                    stop_group(group).await;
                     let _ = child.wait().await;
                     return Err(Error::cancelled().with("node", cx.node()).with("command", &shown));
                 }
             }
         };
-        // The command is done; a process it left behind in its group goes.
+        // The command is done: what it left behind in its group is stopped,
+        // and the output still in the pipes is read (for a bounded time: a
+        // process outside the group may still hold them).
+        stop_group(group).await;
         drop(kill_group);
+        let drain = tokio::time::sleep(DRAIN);
+        tokio::pin!(drain);
+        while open {
+            tokio::select! {
+                line = rx.recv() => match line {
+                    Some(line) => log(line),
+                    None => open = false,
+                },
+                _ = &mut drain => break,
+            }
+        }
         if dropped > 0 {
             cx.log(format!("… {dropped} more output lines not logged"));
         }
@@ -500,6 +521,85 @@ fn truncate(s: &str, max: usize) -> String {
     format!("{}…", &s[..end])
 }
 
+/// How long a test command's process group gets between SIGTERM and
+/// SIGKILL (cargo-nextest and pytest stop their own test processes on
+/// SIGTERM; SIGKILL would leave those in their own groups running).
+const TERM_GRACE: Duration = Duration::from_secs(5);
+
+/// How long output is still read after the command exited.
+const DRAIN: Duration = Duration::from_secs(2);
+
+/// The longest output line kept, in bytes (the rest of the line is cut).
+const MAX_LINE: usize = 2000;
+
+/// Forwards `pipe`'s lines (invalid UTF-8 replaced, long lines cut) to `tx`,
+/// reading to the end whatever happens, so the command never writes into a
+/// closed pipe.
+async fn forward_lines(
+    pipe: Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+    tx: tokio::sync::mpsc::Sender<String>,
+) {
+    let mut reader = BufReader::new(pipe);
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        buf.clear();
+        // Read one line, keeping at most MAX_LINE bytes of it.
+        let mut cut = false;
+        loop {
+            let chunk = match reader.fill_buf().await {
+                Ok([]) => break,
+                Ok(c) => c,
+                Err(_) => break,
+            };
+            let (take, end) = match chunk.iter().position(|&b| b == b'\n') {
+                Some(p) => (p + 1, true),
+                None => (chunk.len(), false),
+            };
+            let room = MAX_LINE.saturating_sub(buf.len());
+            if take > room {
+                cut = true;
+            }
+            buf.extend_from_slice(&chunk[..take.min(room)]);
+            reader.consume(take);
+            if end {
+                break;
+            }
+        }
+        if buf.is_empty() && !cut {
+            return;
+        }
+        let mut line = String::from_utf8_lossy(&buf)
+            .trim_end_matches(['\n', '\r'])
+            .to_string();
+        if cut {
+            line.push('…');
+        }
+        // The receiver may be gone (the stage ended): keep draining.
+        let _ = tx.send(line).await;
+    }
+}
+
+/// Stops a process group: SIGTERM, then SIGKILL after [`TERM_GRACE`] if
+/// anything in it is still alive.
+async fn stop_group(group: Option<u32>) {
+    use nix::sys::signal::{killpg, Signal};
+    let Some(pid) = group.and_then(|p| i32::try_from(p).ok()) else {
+        return;
+    };
+    let pgid = nix::unistd::Pid::from_raw(pid);
+    if killpg(pgid, Signal::SIGTERM).is_err() {
+        return; // nothing left in the group
+    }
+    let deadline = tokio::time::Instant::now() + TERM_GRACE;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if killpg(pgid, None).is_err() {
+            return;
+        }
+    }
+    let _ = killpg(pgid, Signal::SIGKILL);
+}
+
 /// Kills a process group (SIGKILL) when dropped, unless it has none.
 struct KillGroupOnDrop(Option<u32>);
 
@@ -560,6 +660,16 @@ impl Stage for TestSuite {
         let exit = self.run_once(&self.args, cx).await?;
         let duration_ms = (started.elapsed().as_secs_f64() * 1e6).round() / 1e3;
         let mut report = self.read_reports(&shown, exit, cx)?;
+        if exit != Some(0) && report.failures().next().is_none() && !self.allow_nonzero_exit {
+            return Err(Error::failed(format!(
+                "test command `{shown}` exited with {} although its report shows no failing case \
+                 (a crash outside the tests, a coverage threshold, a setup error?); see its output \
+                 above, or allow it with .allow_nonzero_exit(true)",
+                exit.map_or("a signal".to_string(), |c| format!("code {c}"))
+            ))
+            .with("node", cx.node())
+            .with("command", &shown));
+        }
 
         // Reruns: a case failing first and passing later is flaky.
         let mut flaky: Vec<String> = Vec::new();

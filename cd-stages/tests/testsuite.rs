@@ -164,6 +164,25 @@ async fn bad_reports_and_a_hanging_command_are_typed_errors() {
     assert!(err.to_string().contains("left no readable report"), "{err}");
     assert!(err.to_string().contains("report.xml"), "{err}");
 
+    // A non-zero exit with a clean report: the command failed outside its
+    // tests.
+    let err = cd_core::Stage::run(&suite(dir.path(), &["--exit", "3"]), &cx())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("exited with code 3"), "{err}");
+    let out = cd_core::Stage::run(
+        &suite(dir.path(), &["--exit", "3"]).allow_nonzero_exit(true),
+        &cx(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.get("exit_code"), Some(&serde_json::json!(3)));
+
+    // Output that is not UTF-8 does not break the run.
+    cd_core::Stage::run(&suite(dir.path(), &["--binary-output"]), &cx())
+        .await
+        .unwrap();
+
     // A command that does not start: named.
     let err = cd_core::Stage::run(
         &TestSuite::new("/nonexistent/pytest").report("r.xml"),
@@ -176,8 +195,8 @@ async fn bad_reports_and_a_hanging_command_are_typed_errors() {
     // A command that hangs past its timeout: its whole group is killed,
     // the child it started included.
     let pid_file = dir.path().join("child.pid");
-    let hanging = suite(dir.path(), &["--hang", pid_file.to_str().unwrap()])
-        .timeout(Duration::from_millis(1500));
+    let hanging =
+        suite(dir.path(), &["--hang", pid_file.to_str().unwrap()]).timeout(Duration::from_secs(5));
     let err = cd_core::Stage::run(&hanging, &cx()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
     assert!(err.to_string().contains("fake_suite.py"), "{err}");

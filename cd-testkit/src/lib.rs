@@ -944,6 +944,65 @@ pub async fn wait_until_gone(needle: &str, deadline: std::time::Duration) -> Vec
     }
 }
 
+/// A TCP port on 127.0.0.1 held for one test: for a process the test
+/// starts that must listen on a port given in advance (the local deployer's
+/// targets). Dropping it frees the port.
+#[derive(Debug)]
+pub struct PortLease {
+    /// The port.
+    pub port: u16,
+    _lock: std::fs::File,
+}
+
+/// Reserves a port without bind-drop-rebind races: ports come from a range
+/// the kernel never hands out on its own (below or above
+/// `ip_local_port_range`), and each is taken under an exclusive file lock
+/// (`$TMPDIR/cd-test-ports/<port>`) that every test process honours, held
+/// for as long as the lease lives. A port some other program listens on is
+/// skipped.
+pub fn reserve_port() -> PortLease {
+    let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|v| v.parse::<u32>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    let range: (u32, u32) = if lo >= 12000 {
+        (lo.saturating_sub(10000).max(1024), lo)
+    } else {
+        (hi + 1, (hi + 10001).min(65536))
+    };
+    let dir = std::env::temp_dir().join("cd-test-ports");
+    let _ = std::fs::create_dir_all(&dir);
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let span = range.1 - range.0;
+    let offset = std::process::id().wrapping_mul(7919);
+    for _ in 0..span {
+        let i = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (range.0 + (offset.wrapping_add(i)) % span) as u16;
+        let Ok(file) = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(port.to_string()))
+        else {
+            continue;
+        };
+        if file.try_lock().is_err() {
+            continue;
+        }
+        // Held by a program outside the tests? Then try the next.
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return PortLease { port, _lock: file };
+        }
+    }
+    panic!(
+        "no free port in {}..{} (every one locked or in use)",
+        range.0, range.1
+    );
+}
+
 /// Every file under `root` (recursively, skipping directories named in
 /// `skip`, such as terraform's `providers`) whose bytes contain `needle`:
 /// for tests that a secret was left nowhere on disk.

@@ -196,6 +196,12 @@ pub enum HealthCheck {
     /// An HTTP GET from the host itself (`curl`, else `wget`) that must
     /// answer 2xx/3xx.
     Http(String),
+    /// An HTTP GET from the deploy machine (cd-stages' client: `https://`
+    /// with the system's roots, HTTP/2, a 10 s deadline) that must answer
+    /// 2xx/3xx: what users reach, through the network they use. In the URL,
+    /// `{host}` stands for the host's address and `{name}` for its target
+    /// name (`https://{host}:8443/health`).
+    HttpFromDeployer(String),
 }
 
 /// Builds an [`SshDeployer`]; see the [module docs](self).
@@ -349,6 +355,14 @@ impl SshDeployerBuilder {
     /// An HTTP health check done from the host (`curl`/`wget` on the host).
     pub fn health_http(mut self, url: impl Into<String>) -> Self {
         self.health = Some(HealthCheck::Http(url.into()));
+        self
+    }
+
+    /// An HTTP health check done from the deploy machine
+    /// ([`HealthCheck::HttpFromDeployer`]; `{host}` and `{name}` in `url`
+    /// are the host's address and target name).
+    pub fn health_http_from_deployer(mut self, url: impl Into<String>) -> Self {
+        self.health = Some(HealthCheck::HttpFromDeployer(url.into()));
         self
     }
 
@@ -1312,15 +1326,53 @@ impl SshDeployer {
         )
     }
 
+    /// The remote part of the health check (none for a check made from
+    /// the deploy machine).
     fn health_body(&self) -> Option<String> {
-        self.inner.health.as_ref().map(|check| match check {
-            HealthCheck::Command(cmd) => cmd.clone(),
-            HealthCheck::Http(url) => format!(
+        self.inner.health.as_ref().and_then(|check| match check {
+            HealthCheck::Command(cmd) => Some(cmd.clone()),
+            HealthCheck::Http(url) => Some(format!(
                 "if command -v curl >/dev/null 2>&1; then curl -fsS -o /dev/null --max-time 10 {u}; \
                  else wget -q -O /dev/null -T 10 {u}; fi",
                 u = sq(url)
-            ),
+            )),
+            HealthCheck::HttpFromDeployer(_) => None,
         })
+    }
+
+    /// The URL of a health check made from the deploy machine, for `host`.
+    fn local_health_url(&self, host: &SshHost) -> Option<String> {
+        match &self.inner.health {
+            Some(HealthCheck::HttpFromDeployer(url)) => Some(
+                url.replace("{host}", &host.hostname)
+                    .replace("{name}", &host.name),
+            ),
+            _ => None,
+        }
+    }
+
+    /// One HTTP health check from the deploy machine.
+    async fn check_from_deployer(&self, host: &SshHost, url: &str) -> SshResult<()> {
+        let failed = |status: String, detail: String| SshError::CommandFailed {
+            host: host.name.clone(),
+            address: host.address(),
+            step: "health".into(),
+            status,
+            stderr: detail,
+        };
+        let client = cd_stages::HttpClient::builder()
+            .keep_alive(false)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| failed("none".into(), e.to_string()))?;
+        match client.get(url).await {
+            Ok(r) if r.status < 400 => Ok(()),
+            Ok(r) => Err(failed(
+                format!("HTTP {}", r.status),
+                format!("GET {url} answered {}", r.status),
+            )),
+            Err(e) => Err(failed("none".into(), e.to_string())),
+        }
     }
 
     /// Runs the restart command, then the health check, as the steps
@@ -1336,7 +1388,8 @@ impl SshDeployer {
         note: Option<String>,
     ) -> SshResult<()> {
         let health = self.health_body();
-        if self.inner.restart.is_none() && health.is_none() {
+        let local = self.local_health_url(host);
+        if self.inner.restart.is_none() && health.is_none() && local.is_none() {
             return Ok(());
         }
         let name = Some(host.name.as_str());
@@ -1386,12 +1439,27 @@ impl SshDeployer {
                     return Err(step_failed(cx, name, "restart", started, e));
                 }
             }
-            if health.is_none() {
+            if health.is_none() && local.is_none() {
                 return Ok(());
             }
             cx.events.progress(name, "health", "started", None, note);
         }
         let health_started = restarted.unwrap_or(started);
+        if let Some(url) = &local {
+            let mut result = self
+                .bounded(cx, host, "health", self.check_from_deployer(host, url))
+                .await;
+            for _ in 1..self.inner.health_attempts {
+                if !matches!(result, Err(SshError::CommandFailed { .. })) {
+                    break;
+                }
+                tokio::time::sleep(self.inner.health_interval).await;
+                result = self
+                    .bounded(cx, host, "health", self.check_from_deployer(host, url))
+                    .await;
+            }
+            return self.health_outcome(cx, name, health_started, result);
+        }
         let mut result = if out.success() {
             Ok(())
         } else {
@@ -1417,16 +1485,26 @@ impl SshDeployer {
                 }
             }
         }
+        self.health_outcome(cx, name, health_started, result)
+    }
+
+    /// Reports the health step's outcome as a progress event.
+    fn health_outcome(
+        &self,
+        cx: &DeployContext,
+        name: Option<&str>,
+        started: Instant,
+        result: SshResult<()>,
+    ) -> SshResult<()> {
         match &result {
-            Ok(()) => {
-                cx.events
-                    .progress(name, "health", "ok", Some(health_started.elapsed()), None)
-            }
+            Ok(()) => cx
+                .events
+                .progress(name, "health", "ok", Some(started.elapsed()), None),
             Err(e) => cx.events.progress(
                 name,
                 "health",
                 "failed",
-                Some(health_started.elapsed()),
+                Some(started.elapsed()),
                 Some(e.to_string()),
             ),
         }
