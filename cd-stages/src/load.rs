@@ -240,10 +240,7 @@ pub async fn generate(
                             .then(|| started + ramp.mul_f64(n as f64 / concurrency as f64));
                         handles.push(tokio::spawn(async move {
                             if let Some(at) = start_at {
-                                tokio::select! {
-                                    _ = tokio::time::sleep_until(at.into()) => {}
-                                    _ = stop.cancelled() => return WorkerStats::new(),
-                                }
+                                tokio::time::sleep_until(at.into()).await;
                             }
                             let w = Worker {
                                 issued: &issued,
@@ -257,13 +254,23 @@ pub async fn generate(
                             w.run(&target).await
                         }));
                     }
-                    let mut out = Vec::with_capacity(handles.len());
-                    for h in handles {
-                        if let Ok(s) = h.await {
-                            out.push(s);
+                    let all = async {
+                        let mut out = Vec::with_capacity(handles.len());
+                        for h in handles {
+                            if let Ok(s) = h.await {
+                                out.push(s);
+                            }
                         }
+                        out
+                    };
+                    // Stopped: this loop ends, and dropping its runtime
+                    // drops every worker (requests in flight, sleeps,
+                    // connections) at once. One wait per thread, not one per
+                    // request.
+                    tokio::select! {
+                        out = all => out,
+                        _ = stop.cancelled() => Vec::new(),
                     }
-                    out
                 });
                 let _ = tx.send(stats);
             });
@@ -490,8 +497,6 @@ enum Outcome {
     Done { status: u16, reusable: bool },
     /// A failure of this kind.
     Failed(&'static str, String),
-    /// The run was stopped.
-    Stopped,
 }
 
 /// One connection's loop and what it shares with the others.
@@ -536,18 +541,12 @@ impl Worker<'_> {
                 if deadline.is_some_and(|d| due >= d) {
                     break;
                 }
-                tokio::select! {
-                    _ = tokio::time::sleep_until(due.into()) => {}
-                    _ = stop.cancelled() => break,
-                }
+                tokio::time::sleep_until(due.into()).await;
             }
             let t0 = due.unwrap_or_else(Instant::now);
             // One deadline for the whole request: connect, TLS, exchange.
             let until = tokio::time::Instant::now() + timeout;
-            let outcome = tokio::select! {
-                o = self.request(target, &mut conn, until) => o,
-                _ = stop.cancelled() => Outcome::Stopped,
-            };
+            let outcome = self.request(target, &mut conn, until).await;
             let done = Instant::now();
             // Warm-up: closed model by completion time, open model by due time.
             let measured = match due {
@@ -555,7 +554,6 @@ impl Worker<'_> {
                 None => done >= warm_until,
             };
             match outcome {
-                Outcome::Stopped => break,
                 Outcome::Done { status, .. } if measured => {
                     let us = done.saturating_duration_since(t0).as_micros() as u64;
                     let _ = stats.latency_us.record(us.max(1));
@@ -577,10 +575,7 @@ impl Worker<'_> {
                     }
                     if kind == "connect" {
                         // Do not spin on a refused port.
-                        tokio::select! {
-                            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
-                            _ = stop.cancelled() => break,
-                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 }
             }
@@ -626,9 +621,14 @@ impl Worker<'_> {
             )
         };
         // An idle connection the server closed since the last response (its
-        // keep-alive timeout) is not reused: its driver has finished.
+        // keep-alive timeout) is not reused: its driver has finished. (A
+        // request that cannot be sent twice is checked first; an idempotent
+        // one is sent again if it meets a closed connection, see `request`,
+        // which spares the check on the fast path.)
         if let Some(c) = conn.as_mut() {
-            if c.sender.is_closed() || futures::FutureExt::now_or_never(c.driver.as_mut()).is_some()
+            let check = !target.idempotent || self.pace.is_some();
+            if c.sender.is_closed()
+                || (check && futures::FutureExt::now_or_never(c.driver.as_mut()).is_some())
             {
                 *conn = None;
             }
