@@ -321,3 +321,60 @@ mod fuzz {
         }
     }
 }
+
+/// Issue 11: load and test results stored with a run are shown later by
+/// `cdctl run show` (the latency distribution, the test counts and
+/// regressions).
+#[tokio::test]
+async fn run_show_prints_stored_load_and_test_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    populate(&db).await;
+    let store = SqliteStore::open(&db).await.unwrap();
+    let at = Utc::now();
+    let event = |seq: u64, name: &str, data: serde_json::Value| cd_core::Event {
+        run_id: RUN.into(),
+        seq: 1000 + seq,
+        at,
+        node: Some("perf".into()),
+        kind: cd_core::EventKind::Custom {
+            name: name.into(),
+            data,
+        },
+    };
+    store
+        .append_events(&[
+            event(
+                1,
+                "load_report",
+                serde_json::json!({
+                    "url": "https://staging/", "model": "open", "concurrency": 8,
+                    "requests": 5000, "rps": 250.0, "errors": 0, "non_success": 0,
+                    "distribution": [[50.0, 1.5], [99.0, 12.25], [100.0, 40.0]]
+                }),
+            ),
+            event(
+                2,
+                "test_report",
+                serde_json::json!({
+                    "counts": {"passed": 41, "failed": 1, "errors": 0, "skipped": 2, "flaky": 1},
+                    "regressions": ["api::users::deletes"], "flaky": ["api::cart::checkout"]
+                }),
+            ),
+        ])
+        .await
+        .unwrap();
+    store.close().await;
+    let text = ok(&cdctl(&db, &["run", "show", RUN, "--events", "1"]));
+    assert!(text.contains("load test [perf] https://staging/ (open model, 8 connections): 5000 requests, 250.0 rps"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("99.0%") && l.contains("12.25 ms")),
+        "{text}"
+    );
+    assert!(
+        text.contains("tests [perf]: 41 passed, 1 failed, 0 errors, 2 skipped, 1 flaky"),
+        "{text}"
+    );
+    assert!(text.contains("regressions: api::users::deletes"), "{text}");
+}

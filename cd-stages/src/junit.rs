@@ -433,6 +433,38 @@ mod tests {
     }
 
     #[test]
+    fn gotestsum_report() {
+        let xml = r#"<?xml version="1.0" encoding="UTF-8"?>
+<testsuites tests="3" failures="1" errors="0" time="0.512">
+	<testsuite tests="3" failures="1" time="0.510" name="example.com/shop/cart" timestamp="2026-11-30T08:00:00Z">
+		<properties>
+			<property name="go.version" value="go1.22.5 linux/amd64"></property>
+		</properties>
+		<testcase classname="example.com/shop/cart" name="TestAdd" time="0.000"></testcase>
+		<testcase classname="example.com/shop/cart" name="TestCheckout/with_coupon" time="0.010">
+			<failure message="Failed" type="">=== RUN   TestCheckout/with_coupon&#xA;    cart_test.go:42: total = 100, want 90&#xA;--- FAIL: TestCheckout/with_coupon (0.01s)&#xA;</failure>
+		</testcase>
+		<testcase classname="example.com/shop/cart" name="TestRefund" time="0.000">
+			<skipped message="=== RUN   TestRefund&#xA;    cart_test.go:60: needs a payment sandbox&#xA;"></skipped>
+		</testcase>
+	</testsuite>
+</testsuites>"#;
+        let r = parse_junit(xml, "junit.xml").unwrap();
+        let c = r.counts();
+        assert_eq!((c.passed, c.failed, c.skipped), (1, 1, 1), "{r:#?}");
+        let failed = r.failures().next().unwrap();
+        assert_eq!(
+            failed.id(),
+            "example.com/shop/cart::TestCheckout/with_coupon"
+        );
+        assert!(failed
+            .output
+            .as_deref()
+            .unwrap()
+            .contains("total = 100, want 90"));
+    }
+
+    #[test]
     fn malformed_xml_names_file_and_line() {
         let err = parse_junit(
             "<testsuite name=\"a\">\n<testcase name=\"x\">\n</testsuite>",

@@ -311,6 +311,22 @@ mod cli {
         let approvals = store.run_approvals(&run.id).await?;
         let mut events = store.events(&run.id, 0, usize::MAX).await?;
         let total = events.len();
+        // Load and test results, whatever `--events` keeps.
+        let results: Vec<(String, String, serde_json::Value)> = events
+            .iter()
+            .filter_map(|e| match &e.kind {
+                cd_core::EventKind::Custom { name, data }
+                    if name == "load_report" || name == "test_report" =>
+                {
+                    Some((
+                        e.node.as_deref().unwrap_or("-").to_string(),
+                        name.clone(),
+                        data.clone(),
+                    ))
+                }
+                _ => None,
+            })
+            .collect();
         if events.len() > last {
             events.drain(..events.len() - last);
         }
@@ -395,7 +411,63 @@ mod cli {
         for e in &events {
             say!("  {e}");
         }
+        for (node, name, data) in &results {
+            println!();
+            if name == "load_report" {
+                print_load(node, data);
+            } else {
+                print_tests(node, data);
+            }
+        }
         Ok(())
+    }
+
+    /// A stored load report: the figures and the latency distribution.
+    fn print_load(node: &str, r: &serde_json::Value) {
+        let f = |k: &str| r.get(k).cloned().unwrap_or(serde_json::Value::Null);
+        say!(
+            "load test [{node}] {} ({} model, {} connections): {} requests, {} rps, {} errors, {} non-2xx/3xx",
+            f("url").as_str().unwrap_or("?"),
+            f("model").as_str().unwrap_or("closed"),
+            f("concurrency"),
+            f("requests"),
+            f("rps"),
+            f("errors"),
+            f("non_success")
+        );
+        let mut t = Table::new(&["PERCENTILE", "LATENCY"]);
+        for point in f("distribution").as_array().into_iter().flatten() {
+            let (p, ms) = (point.get(0), point.get(1));
+            t.row(vec![
+                format!("{}%", p.cloned().unwrap_or_default()),
+                format!("{} ms", ms.cloned().unwrap_or_default()),
+            ]);
+        }
+        t.print();
+    }
+
+    /// A stored test report: counts and the comparison with the previous
+    /// release.
+    fn print_tests(node: &str, r: &serde_json::Value) {
+        let c = r.get("counts").cloned().unwrap_or_default();
+        let n = |k: &str| c.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        say!(
+            "tests [{node}]: {} passed, {} failed, {} errors, {} skipped, {} flaky",
+            n("passed"),
+            n("failed"),
+            n("errors"),
+            n("skipped"),
+            n("flaky")
+        );
+        for key in ["regressions", "flaky", "fixed", "missing"] {
+            let ids: Vec<String> = r
+                .get(key)
+                .and_then(|v| serde_json::from_value(v.clone()).ok())
+                .unwrap_or_default();
+            if !ids.is_empty() {
+                say!("  {key}: {}", ids.join(", "));
+            }
+        }
     }
 
     async fn history(store: &SqliteStore, as_json: bool, env: &str, limit: usize) -> Result<()> {
