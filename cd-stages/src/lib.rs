@@ -53,6 +53,7 @@ pub mod junit;
 pub mod load;
 pub mod monitor;
 pub mod previous;
+pub mod prometheus;
 pub mod source;
 pub mod stats;
 pub mod testsuite;
