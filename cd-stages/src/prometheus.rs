@@ -268,14 +268,16 @@ impl Monitor for PrometheusMonitor {
                 })
                 .unwrap_or_default(),
             "scalar" => value_of(&result).into_iter().collect(),
-            other => return Err(Error::new(
-                ErrorKind::Invalid,
-                format!(
+            other => {
+                return Err(Error::new(
+                    ErrorKind::Invalid,
+                    format!(
                     "the query yields a {other}, not a vector or a scalar: use an instant query \
                          (a range selector needs a function such as rate())"
                 ),
-            )
-            .with("query", promql)),
+                )
+                .with("query", promql))
+            }
         };
         if values.is_empty() {
             return Ok(Sample::no_data(format!("{promql}: no series")));
