@@ -766,28 +766,26 @@ mod cli {
             self.rows.push(cells);
         }
 
+        /// Prints the table (comfy-table, no borders, two spaces between
+        /// columns), every cell through [`super::term_safe`].
         fn print(&self) {
-            let mut width: Vec<usize> = self.head.iter().map(|h| h.chars().count()).collect();
-            for r in &self.rows {
-                for (i, c) in r.iter().enumerate() {
-                    width[i] = width[i].max(c.chars().count());
-                }
-            }
-            let line = |cells: &[String]| {
-                let mut out = String::new();
-                for (i, c) in cells.iter().enumerate() {
-                    if i + 1 == cells.len() {
-                        out.push_str(c);
-                    } else {
-                        out.push_str(c);
-                        out.push_str(&" ".repeat(width[i] - c.chars().count() + 2));
-                    }
-                }
-                say!("{}", out.trim_end());
+            let mut t = comfy_table::Table::new();
+            t.load_preset(comfy_table::presets::NOTHING);
+            // Each cell is escaped first: a newline in a stored string must
+            // not become a row of its own.
+            let safe = |cells: &[String]| -> Vec<String> {
+                cells.iter().map(|c| super::term_safe(c)).collect()
             };
-            line(&self.head);
+            t.set_header(safe(&self.head));
             for r in &self.rows {
-                line(r);
+                t.add_row(safe(r));
+            }
+            let last = self.head.len().saturating_sub(1);
+            for (i, col) in t.column_iter_mut().enumerate() {
+                col.set_padding((0, if i == last { 0 } else { 2 }));
+            }
+            for line in t.lines() {
+                say!("{}", line.trim_end());
             }
         }
     }
