@@ -10,11 +10,11 @@
 #![cfg(all(feature = "sqlite", feature = "local"))]
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -25,6 +25,7 @@ use cd_core::{
     ReleaseStatus, Result, RunStatus, Runner, Stage, StageContext, StageOutput, Store,
 };
 use cd_stages::Deploy;
+use cd_testkit::TestChild;
 use rand::{Rng, SeedableRng};
 
 const ENV: &str = "production";
@@ -265,35 +266,9 @@ fn crash_helper() {
     });
 }
 
-struct Incarnation {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-fn start(setup: &Setup) -> Incarnation {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "crash_helper",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(HELPER_ENV, serde_json::to_string(setup).unwrap())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let out = BufReader::new(child.stdout.take().unwrap());
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in out.lines().map_while(|l| l.ok()) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    Incarnation { child, lines }
+fn start(setup: &Setup) -> TestChild {
+    let setup = serde_json::to_string(setup).unwrap();
+    TestChild::start("crash_helper", (HELPER_ENV, &setup), Stdio::inherit())
 }
 
 /// What a child did while the test watched.
@@ -306,27 +281,24 @@ enum Seen {
     Silent,
 }
 
-impl Incarnation {
-    /// Waits for `n` node events (or the end of the run), within `within`.
-    fn wait_events(&self, n: usize, within: Duration) -> Seen {
-        let deadline = Instant::now() + within;
-        let mut seen = 0;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    if let Some((_, status)) = l.split_once("finished ") {
-                        return Seen::Finished(status.trim().to_string());
-                    }
-                    if l.contains("event ") {
-                        seen += 1;
-                        if seen == n {
-                            return Seen::Events;
-                        }
+/// Waits for `n` node events (or the end of the run), within `within`.
+fn wait_events(inc: &TestChild, n: usize, within: Duration) -> Seen {
+    let deadline = Instant::now() + within;
+    let mut seen = 0;
+    loop {
+        match inc.next_line(deadline) {
+            Some(l) => {
+                if let Some((_, status)) = l.split_once("finished ") {
+                    return Seen::Finished(status.trim().to_string());
+                }
+                if l.contains("event ") {
+                    seen += 1;
+                    if seen == n {
+                        return Seen::Events;
                     }
                 }
-                Err(_) => return Seen::Silent,
             }
+            None => return Seen::Silent,
         }
     }
 }
@@ -385,7 +357,7 @@ async fn crash_and_resume(
             let events = rng.gen_range(1..=4usize);
             let jitter = rng.gen_range(0..25u64);
             schedule.push((events, jitter));
-            match inc.wait_events(events, Duration::from_secs(60)) {
+            match wait_events(&inc, events, Duration::from_secs(60)) {
                 Seen::Events => {}
                 Seen::Finished(status) if status != "succeeded" => {
                     panic!("{version}: {}", explain(&setup.db, version).await)
@@ -410,7 +382,7 @@ async fn crash_and_resume(
             snapshots.push((journal_lines(&setup.journal).len(), done));
             continue;
         }
-        let finished = match inc.wait_events(usize::MAX, Duration::from_secs(120)) {
+        let finished = match wait_events(&inc, usize::MAX, Duration::from_secs(120)) {
             Seen::Finished(status) if status != "succeeded" => {
                 panic!("{version}: {}", explain(&setup.db, version).await)
             }
@@ -521,15 +493,6 @@ fn kill_servers_under(www: &Path) {
     }
 }
 
-/// A port for a target, held until the test ends (leaked on purpose: the
-/// lease's lock lives with the test process, not with this call).
-fn free_port() -> u16 {
-    let lease = cd_testkit::reserve_port();
-    let port = lease.port;
-    std::mem::forget(lease);
-    port
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_runs_resume_to_completion() {
     let seed: u64 = std::env::var("CD_CRASH_SEED")
@@ -547,7 +510,7 @@ async fn killed_runs_resume_to_completion() {
     }
     let mut ports = Vec::new();
     while ports.len() < 3 {
-        let p = free_port();
+        let p = cd_testkit::held_port();
         if !ports.contains(&p) {
             ports.push(p);
         }

@@ -13,10 +13,10 @@
 //! is this test binary run again with `--ignored --exact chaos_child`.
 #![cfg(all(feature = "sqlite", feature = "ssh"))]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Arc};
+use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use cd::backends::sqlite::SqliteStore;
@@ -26,7 +26,7 @@ use cd::core::{
     RetryPolicy, RunStatus, Runner, StageOutput, Store,
 };
 use cd::stages::Deploy;
-use cd_testkit::SshFleet;
+use cd_testkit::{SshFleet, TestChild};
 use rand::{Rng, SeedableRng};
 
 const ENV: &str = "production";
@@ -140,35 +140,9 @@ fn chaos_child() {
     });
 }
 
-struct Incarnation {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-fn start(setup: &Setup) -> Incarnation {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--ignored",
-            "--exact",
-            "chaos_child",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(HELPER_ENV, serde_json::to_string(setup).unwrap())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let out = BufReader::new(child.stdout.take().unwrap());
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in out.lines().map_while(|l| l.ok()) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    Incarnation { child, lines }
+fn start(setup: &Setup) -> TestChild {
+    let setup = serde_json::to_string(setup).unwrap();
+    TestChild::start("chaos_child", (HELPER_ENV, &setup), Stdio::null())
 }
 
 enum Seen {
@@ -177,32 +151,24 @@ enum Seen {
     Silent,
 }
 
-impl Incarnation {
-    /// Waits for `n` remote steps (or the end), within `within`.
-    fn wait_steps(&self, n: usize, within: Duration) -> Seen {
-        let deadline = Instant::now() + within;
-        let mut seen = 0;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.starts_with("finished ") || l.starts_with("error ") => {
-                    return Seen::Ended(l);
-                }
-                Ok(l) if l == "step" => {
-                    seen += 1;
-                    if seen >= n {
-                        return Seen::Steps;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => return Seen::Silent,
+/// Waits for `n` remote steps (or the end), within `within`.
+fn wait_steps(inc: &TestChild, n: usize, within: Duration) -> Seen {
+    let deadline = Instant::now() + within;
+    let mut seen = 0;
+    loop {
+        match inc.next_line(deadline) {
+            Some(l) if l.starts_with("finished ") || l.starts_with("error ") => {
+                return Seen::Ended(l);
             }
+            Some(l) if l == "step" => {
+                seen += 1;
+                if seen >= n {
+                    return Seen::Steps;
+                }
+            }
+            Some(_) => {}
+            None => return Seen::Silent,
         }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
     }
 }
 
@@ -263,7 +229,7 @@ impl Chaos<'_> {
                 let down = sshd_down
                     .contains(&done)
                     .then(|| self.rng.gen_range(0..HOSTS));
-                match inc.wait_steps(steps, Duration::from_secs(60)) {
+                match wait_steps(&inc, steps, Duration::from_secs(60)) {
                     Seen::Steps => {}
                     Seen::Ended(l) => {
                         // Ended before the kill: the scenario was shorter
@@ -292,7 +258,7 @@ impl Chaos<'_> {
                 }
                 continue;
             }
-            let end = match inc.wait_steps(usize::MAX, Duration::from_secs(120)) {
+            let end = match wait_steps(&inc, usize::MAX, Duration::from_secs(120)) {
                 Seen::Ended(l) => l,
                 _ => panic!("{version}: the last incarnation did not end"),
             };

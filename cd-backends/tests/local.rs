@@ -121,15 +121,6 @@ fn kill_recorded(dir: &Path) {
     }
 }
 
-/// A port for a target, held until the test ends (leaked on purpose: the
-/// lease's lock lives with the test process, not with this call).
-fn free_port() -> u16 {
-    let lease = cd_testkit::reserve_port();
-    let port = lease.port;
-    std::mem::forget(lease);
-    port
-}
-
 fn start_time(pid: u64) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat[stat.rfind(')')? + 2..]
@@ -179,7 +170,7 @@ fn pid_of(rev: &cd_core::Revision) -> u64 {
 #[tokio::test]
 async fn deploy_redeploy_upgrade_rollback_and_restart() {
     let fx = Fixture::new();
-    let port = free_port();
+    let port = cd_testkit::held_port();
     let d = fx.deployer(&[("blue", port)]);
     let blue = Target::new("blue");
     let url = format!("http://127.0.0.1:{port}/");
@@ -259,7 +250,7 @@ async fn deploy_redeploy_upgrade_rollback_and_restart() {
 #[tokio::test]
 async fn unhealthy_release_is_a_typed_error_and_the_previous_stays_live() {
     let fx = Fixture::new();
-    let port = free_port();
+    let port = cd_testkit::held_port();
     let d = LocalProcessDeployer::builder()
         .program(&fx.python)
         .args([fx.script.display().to_string()])
@@ -318,7 +309,7 @@ async fn unhealthy_release_is_a_typed_error_and_the_previous_stays_live() {
 #[tokio::test]
 async fn process_that_exits_reports_its_log() {
     let fx = Fixture::new();
-    let d = fx.deployer(&[("blue", free_port())]);
+    let d = fx.deployer(&[("blue", cd_testkit::held_port())]);
     let err = deploy(&d, "v1-crash", "blue").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Failed);
     assert_eq!(err.context("step"), Some("health"));
@@ -354,7 +345,7 @@ async fn busy_port_and_bad_config_are_reported() {
 
     // No program and no artifact.
     let d = LocalProcessDeployer::builder()
-        .target("blue", free_port())
+        .target("blue", cd_testkit::held_port())
         .state_dir(fx.state_dir())
         .build()
         .unwrap();
@@ -390,7 +381,7 @@ async fn busy_port_and_bad_config_are_reported() {
 #[tokio::test]
 async fn artifact_is_the_default_program() {
     let fx = Fixture::new();
-    let port = free_port();
+    let port = cd_testkit::held_port();
     let launcher = fx.dir.path().join("app.sh");
     std::fs::write(
         &launcher,
@@ -432,7 +423,7 @@ fn make_executable(path: &Path) {
 #[tokio::test]
 async fn router_switches_new_connections_between_slots() {
     let fx = Fixture::new();
-    let (blue_port, green_port) = (free_port(), free_port());
+    let (blue_port, green_port) = (cd_testkit::held_port(), cd_testkit::held_port());
     let d = fx.deployer(&[("blue", blue_port), ("green", green_port)]);
     deploy(&d, "v1", "blue").await.unwrap();
     deploy(&d, "v2", "green").await.unwrap();
@@ -496,9 +487,12 @@ async fn pipeline_deploys_then_rolls_back_a_broken_release() {
         }
         b.build().unwrap()
     };
-    let staging = build(&[("staging", free_port())], "staging");
+    let staging = build(&[("staging", cd_testkit::held_port())], "staging");
     let production = build(
-        &[("blue", free_port()), ("green", free_port())],
+        &[
+            ("blue", cd_testkit::held_port()),
+            ("green", cd_testkit::held_port()),
+        ],
         "production",
     );
     let router = LocalRouter::for_deployer(&production, 0)
@@ -599,7 +593,10 @@ async fn pipeline_deploys_then_rolls_back_a_broken_release() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_deployer_passes_the_conformance_suite() {
     let fx = Fixture::new();
-    let d = fx.deployer(&[("solo", free_port()), ("duo", free_port())]);
+    let d = fx.deployer(&[
+        ("solo", cd_testkit::held_port()),
+        ("duo", cd_testkit::held_port()),
+    ]);
     // `-slow` starts serving 1.5 s late: the cancel lands in the health wait.
     let report = cd_core::conformance::Conformance::new(
         &d,

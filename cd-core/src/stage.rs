@@ -100,6 +100,15 @@ pub struct Capabilities {
     pub idempotent: bool,
 }
 
+impl Capabilities {
+    /// A check: safe to run again, nothing to undo (tests, probes,
+    /// analyses, plans).
+    pub const CHECK: Capabilities = Capabilities {
+        rollback: false,
+        idempotent: true,
+    };
+}
+
 /// Everything a node sees while it runs.
 #[derive(Clone)]
 pub struct StageContext {

@@ -209,10 +209,15 @@ async fn blue_green_does_not_switch_when_verification_fails() {
     assert_eq!(router.active().await.unwrap().as_deref(), Some("blue"));
 }
 
-/// A deployer that switches a target first and then waits for its restart:
-/// a cancellation during the wait leaves the target on the new release (as
-/// an SSH switch or a half-done Terraform apply can).
-struct SwitchesFirst(MemoryDeployer);
+/// A deployer that switches a target first and then waits for its restart
+/// (one second): a cancellation during the wait leaves the target on the new
+/// release (as an SSH switch or a half-done Terraform apply can). Switching
+/// `cancel_on` cancels `token`, so the cancellation lands in that wait.
+struct SwitchesFirst {
+    inner: MemoryDeployer,
+    cancel_on: &'static str,
+    token: tokio_util::sync::CancellationToken,
+}
 
 #[async_trait]
 impl Deployer for SwitchesFirst {
@@ -220,16 +225,22 @@ impl Deployer for SwitchesFirst {
         "switches-first"
     }
     fn targets(&self) -> Vec<Target> {
-        self.0.targets()
+        self.inner.targets()
     }
     async fn current(&self, target: &Target) -> Result<Option<Revision>> {
-        self.0.current(target).await
+        self.inner.current(target).await
     }
     async fn plan(&self, release: &Release, target: &Target, cx: &DeployContext) -> Result<Plan> {
-        self.0.plan(release, target, cx).await
+        self.inner.plan(release, target, cx).await
     }
     async fn apply(&self, plan: &Plan, cx: &DeployContext) -> Result<Revision> {
-        let rev = self.0.apply(plan, &DeployContext::detached("x")).await?;
+        let rev = self
+            .inner
+            .apply(plan, &DeployContext::detached("x"))
+            .await?;
+        if plan.target.name == self.cancel_on {
+            self.token.cancel();
+        }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => Ok(rev),
             _ = cx.cancel.cancelled() => Err(Error::cancelled()),
@@ -241,22 +252,21 @@ impl Deployer for SwitchesFirst {
         to: Option<&Revision>,
         cx: &DeployContext,
     ) -> Result<Option<Revision>> {
-        self.0.rollback(target, to, cx).await
+        self.inner.rollback(target, to, cx).await
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_target_left_switched_by_a_cancelled_apply_is_restored() {
-    let d = SwitchesFirst(fleet(3));
-    deploy_all(&d.0, "v1").await;
+    // Cancelled while web2 (switched) waits for its restart.
     let cancel = tokio_util::sync::CancellationToken::new();
+    let d = SwitchesFirst {
+        inner: fleet(3),
+        cancel_on: "web2",
+        token: cancel.clone(),
+    };
+    deploy_all(&d.inner, "v1").await;
     let cx = DeployContext::new(Emitter::noop(), cancel.clone(), "test");
-    let c = cancel.clone();
-    tokio::spawn(async move {
-        // web1 done at 1 s; cancel while web2 waits for its restart.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        c.cancel();
-    });
     let err = Rolling::new()
         .deploy(&d, &Release::new("v2"), &d.targets(), &cx)
         .await
@@ -267,7 +277,11 @@ async fn a_target_left_switched_by_a_cancelled_apply_is_restored() {
             .contains("interrupted mid-apply and restored: web2"),
         "{err}"
     );
-    assert_eq!(d.0.versions(), ["v1", "v1", "v1"], "no target left on v2");
+    assert_eq!(
+        d.inner.versions(),
+        ["v1", "v1", "v1"],
+        "no target left on v2"
+    );
 }
 
 #[tokio::test]

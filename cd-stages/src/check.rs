@@ -304,10 +304,7 @@ impl Stage for HttpCheck {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            rollback: false,
-            idempotent: true,
-        }
+        Capabilities::CHECK
     }
 
     async fn run(&self, cx: &StageContext) -> Result<StageOutput> {

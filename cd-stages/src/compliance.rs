@@ -253,10 +253,7 @@ impl Stage for ComplianceCheck {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            rollback: false,
-            idempotent: true,
-        }
+        Capabilities::CHECK
     }
 
     async fn run(&self, cx: &StageContext) -> Result<StageOutput> {

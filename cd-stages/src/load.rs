@@ -893,10 +893,7 @@ impl Stage for LoadTest {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            rollback: false,
-            idempotent: true,
-        }
+        Capabilities::CHECK
     }
 
     async fn run(&self, cx: &StageContext) -> Result<StageOutput> {

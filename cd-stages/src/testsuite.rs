@@ -647,10 +647,7 @@ impl Stage for TestSuite {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            rollback: false,
-            idempotent: true,
-        }
+        Capabilities::CHECK
     }
 
     async fn run(&self, cx: &StageContext) -> Result<StageOutput> {

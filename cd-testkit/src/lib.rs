@@ -1003,6 +1003,70 @@ pub fn reserve_port() -> PortLease {
     );
 }
 
+/// A port from [`reserve_port`] held until this test process exits: for
+/// a target whose port is fixed when the test builds its deployer.
+pub fn held_port() -> u16 {
+    static HELD: Mutex<Vec<PortLease>> = Mutex::new(Vec::new());
+    let lease = reserve_port();
+    let port = lease.port;
+    HELD.lock().unwrap_or_else(|p| p.into_inner()).push(lease);
+    port
+}
+
+/// One ignored test of the current test binary run as a child process (a
+/// process the test can SIGKILL): its standard output arrives line by line.
+#[derive(Debug)]
+pub struct TestChild {
+    /// The process.
+    pub child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl TestChild {
+    /// Runs the ignored test `test` of this binary (one thread, output not
+    /// captured), with `env` set (the test's instructions).
+    pub fn start(test: &str, env: (&str, &str), stderr: Stdio) -> TestChild {
+        let mut child = Command::new(std::env::current_exe().expect("the test binary"))
+            .args([
+                "--ignored",
+                "--exact",
+                test,
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(env.0, env.1)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("starting the test child");
+        let out = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in out.lines().map_while(|l| l.ok()) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        TestChild { child, lines }
+    }
+
+    /// The next output line, or `None` when none comes before `deadline`
+    /// (or the output ended).
+    pub fn next_line(&self, deadline: Instant) -> Option<String> {
+        self.lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .ok()
+    }
+
+    /// SIGKILLs the child and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Every file under `root` (recursively, skipping directories named in
 /// `skip`, such as terraform's `providers`) whose bytes contain `needle`:
 /// for tests that a secret was left nowhere on disk.

@@ -48,10 +48,7 @@ impl Stage for TerraformPlanStage {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            rollback: false,
-            idempotent: true,
-        }
+        Capabilities::CHECK
     }
 
     async fn run(&self, cx: &StageContext) -> Result<StageOutput> {
