@@ -42,6 +42,7 @@ pub mod conformance;
 pub mod deploy;
 pub mod error;
 pub mod event;
+pub mod incident;
 pub mod lease;
 pub mod memory_deployer;
 pub mod monitor;
@@ -58,6 +59,10 @@ pub use deploy::{DeployContext, Deployer, DeployerCapabilities, Router};
 pub use error::{Error, ErrorInfo, ErrorKind, Result};
 pub use event::{
     CollectingSink, Emitter, Event, EventKind, EventSink, FnSink, LogLevel, RunStatus, TracingSink,
+};
+pub use incident::{
+    IncidentRecord, IncidentStatus, Notification, NotificationKind, Notifications, Notifier,
+    Severity,
 };
 pub use lease::{EnvironmentLease, LockSettings};
 pub use memory_deployer::MemoryDeployer;

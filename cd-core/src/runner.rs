@@ -122,6 +122,7 @@ pub struct Runner {
     actor: String,
     lock: Option<LockSettings>,
     spawn_stages: bool,
+    notifications: Option<crate::incident::Notifications>,
 }
 
 impl fmt::Debug for Runner {
@@ -301,6 +302,7 @@ impl Runner {
             compensate_on_cancel: false,
             cancel: CancellationToken::new(),
             sinks: Vec::new(),
+            notifications: None,
             redactor: Redactor::default(),
             environment: "default".into(),
             actor: std::env::var("USER").unwrap_or_else(|_| "cd".into()),
@@ -377,6 +379,17 @@ impl Runner {
     /// The token that cancels runs (wire it to Ctrl-C).
     pub fn cancel_token(mut self, token: CancellationToken) -> Self {
         self.cancel = token;
+        self
+    }
+
+    /// Sends notifications for this runner's runs: a failed run, a
+    /// rollback, an approval gate waiting (once per node), an incident a
+    /// stage opened ([`crate::incident`]). Deliveries run in the background
+    /// with retries, every attempt recorded in the store; at its end a run
+    /// waits at most [`Notifications::flush_timeout`](crate::incident::Notifications::flush_timeout)
+    /// for them, after its rollback and final status are recorded.
+    pub fn notify(mut self, notifications: crate::incident::Notifications) -> Self {
+        self.notifications = Some(notifications);
         self
     }
 
@@ -727,6 +740,26 @@ impl Runner {
         let (store_sink, writer) = spawn_store_writer(self.store.clone());
         let mut sinks = self.sinks.clone();
         sinks.push(store_sink.clone());
+        if let Some(n) = &self.notifications {
+            let approvals = pipeline
+                .nodes()
+                .iter()
+                .filter(|n| n.kind.is_gate() && n.kind.describe() == "approval")
+                .map(|n| n.name.clone())
+                .collect();
+            let info = crate::incident::RunInfo {
+                run_id: run.id.clone(),
+                pipeline: run.pipeline.clone(),
+                release: run.release.version.clone(),
+                environment: run.environment.clone(),
+            };
+            sinks.push(Arc::new(n.sink(
+                self.store.clone(),
+                self.redactor.clone(),
+                approvals,
+                info,
+            )));
+        }
         let emitter = Emitter::new(run.id.clone(), next_seq, sinks, self.redactor.clone());
         let env = run.environment.clone();
         let holder = holder_name(&self.actor, &run.id);
@@ -866,6 +899,14 @@ impl Runner {
             });
         }
         store_sink.flush().await;
+        if let Some(n) = &self.notifications {
+            // After the rollback and the final status are durable: a slow
+            // or dead receiver delays only the return, by at most this.
+            let left = n.flush(n.default_flush()).await;
+            if left > 0 {
+                tracing::warn!(target: "cd::notify", "{left} notification(s) still being delivered at the end of run {}", run.id);
+            }
+        }
 
         let nodes = pipeline
             .topological_order()

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, ErrorInfo, Result};
 use crate::event::{Event, RunStatus};
+use crate::incident::{DeliveryRecord, IncidentRecord};
 use crate::types::{Release, Revision};
 
 /// One run of a pipeline.
@@ -434,6 +435,46 @@ pub trait Store: Send + Sync + 'static {
         target: &str,
         limit: usize,
     ) -> Result<Vec<TargetRecord>>;
+
+    /// Creates or replaces (by id) an incident.
+    ///
+    /// The default returns [`ErrorKind::Unsupported`](crate::ErrorKind):
+    /// a store that keeps no incidents.
+    async fn put_incident(&self, incident: &IncidentRecord) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "this store keeps no incidents (incident {})",
+            incident.id
+        )))
+    }
+
+    /// An incident by id.
+    async fn get_incident(&self, id: &str) -> Result<Option<IncidentRecord>> {
+        let _ = id;
+        Ok(None)
+    }
+
+    /// Incidents, newest opened first (in the order they were first put),
+    /// only the unresolved ones if `active_only`; at most `limit`.
+    async fn incidents(&self, active_only: bool, limit: usize) -> Result<Vec<IncidentRecord>> {
+        let _ = (active_only, limit);
+        Ok(Vec::new())
+    }
+
+    /// Appends a delivery attempt; returns its sequence number. The
+    /// record's own `seq` is ignored.
+    async fn append_delivery(&self, record: &DeliveryRecord) -> Result<u64> {
+        Err(Error::unsupported(format!(
+            "this store keeps no delivery records ({} to {})",
+            record.kind, record.notifier
+        )))
+    }
+
+    /// Delivery attempts for a subject (an incident or run id), oldest
+    /// first, at most `limit`.
+    async fn deliveries(&self, subject: &str, limit: usize) -> Result<Vec<DeliveryRecord>> {
+        let _ = (subject, limit);
+        Ok(Vec::new())
+    }
 }
 
 /// A store in memory: fast, shared between tasks, gone with the process.
@@ -467,6 +508,8 @@ struct MemoryInner {
     waiters: HashMap<String, Vec<Waiter>>,
     releases: Vec<ReleaseRecord>,
     target_records: Vec<TargetRecord>,
+    incidents: Vec<IncidentRecord>,
+    deliveries: Vec<DeliveryRecord>,
 }
 
 impl fmt::Debug for MemoryStore {
@@ -744,6 +787,50 @@ impl Store for MemoryStore {
             .iter()
             .rev()
             .filter(|r| r.scope == scope && r.target == target)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+    async fn put_incident(&self, incident: &IncidentRecord) -> Result<()> {
+        let mut inner = self.lock();
+        match inner.incidents.iter_mut().find(|i| i.id == incident.id) {
+            Some(i) => *i = incident.clone(),
+            None => inner.incidents.push(incident.clone()),
+        }
+        Ok(())
+    }
+
+    async fn get_incident(&self, id: &str) -> Result<Option<IncidentRecord>> {
+        Ok(self.lock().incidents.iter().find(|i| i.id == id).cloned())
+    }
+
+    async fn incidents(&self, active_only: bool, limit: usize) -> Result<Vec<IncidentRecord>> {
+        Ok(self
+            .lock()
+            .incidents
+            .iter()
+            .rev()
+            .filter(|i| !active_only || i.status.is_active())
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn append_delivery(&self, record: &DeliveryRecord) -> Result<u64> {
+        let mut inner = self.lock();
+        let seq = inner.deliveries.len() as u64 + 1;
+        let mut r = record.clone();
+        r.seq = seq;
+        inner.deliveries.push(r);
+        Ok(seq)
+    }
+
+    async fn deliveries(&self, subject: &str, limit: usize) -> Result<Vec<DeliveryRecord>> {
+        Ok(self
+            .lock()
+            .deliveries
+            .iter()
+            .filter(|r| r.subject == subject)
             .take(limit)
             .cloned()
             .collect())

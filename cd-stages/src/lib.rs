@@ -58,6 +58,7 @@ pub mod source;
 pub mod stats;
 pub mod testsuite;
 pub mod tls;
+pub mod webhook;
 
 #[cfg(test)]
 pub(crate) mod test_server;
@@ -71,3 +72,4 @@ pub use load::{LoadOptions, LoadReport, LoadTest};
 pub use monitor::{Bake, HttpMonitor};
 pub use source::UrlSource;
 pub use testsuite::TestSuite;
+pub use webhook::WebhookNotifier;

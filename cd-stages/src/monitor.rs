@@ -4,9 +4,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use cd_core::incident::open_incident;
 use cd_core::{
-    Analysis, AnalysisOutcome, Capabilities, Error, Monitor, MonitorContext, Result, Sample, Stage,
-    StageContext, StageOutput, Target,
+    Analysis, AnalysisOutcome, Capabilities, Error, IncidentRecord, Monitor, MonitorContext,
+    Result, Sample, Severity, Stage, StageContext, StageOutput, Target,
 };
 
 use crate::check::excerpt;
@@ -147,6 +148,7 @@ pub struct Bake {
     analysis: Analysis,
     targets: Vec<Target>,
     allow_inconclusive: bool,
+    incident: Option<Severity>,
 }
 
 impl std::fmt::Debug for Bake {
@@ -167,6 +169,7 @@ impl Bake {
             analysis: Analysis::new().count(5).interval(Duration::from_secs(1)),
             targets: Vec::new(),
             allow_inconclusive: false,
+            incident: Some(Severity::Critical),
         }
     }
 
@@ -195,6 +198,13 @@ impl Bake {
     /// The targets under watch (passed to the monitor).
     pub fn targets(mut self, targets: impl IntoIterator<Item = Target>) -> Self {
         self.targets = targets.into_iter().collect();
+        self
+    }
+
+    /// Opens an incident of `severity` when the bake fails (the default:
+    /// [`Severity::Critical`]); `None` opens none.
+    pub fn incident(mut self, severity: Option<Severity>) -> Self {
+        self.incident = severity;
         self
     }
 
@@ -244,24 +254,45 @@ impl Stage for Bake {
                 "duration_ms": started.elapsed().as_millis() as u64,
             }))
         };
-        match &outcome {
-            AnalysisOutcome::Pass => Ok(output()),
+        let (title, reason) = match &outcome {
+            AnalysisOutcome::Pass => return Ok(output()),
             AnalysisOutcome::Inconclusive(reason) if self.allow_inconclusive => {
                 cx.events()
                     .warn(format!("bake inconclusive, allowed: {reason}"));
-                Ok(output())
+                return Ok(output());
             }
-            AnalysisOutcome::Fail(reason) => Err(Error::failed(format!(
-                "{} is not healthy after deployment: {reason}",
-                cx.release().version
-            ))
-            .with("node", cx.node())),
-            AnalysisOutcome::Inconclusive(reason) => Err(Error::failed(format!(
-                "{} could not be judged healthy after deployment (inconclusive is not a pass): {reason}",
-                cx.release().version
-            ))
-            .with("node", cx.node())),
+            AnalysisOutcome::Fail(reason) => (
+                format!("{} is not healthy after deployment", cx.release().version),
+                reason,
+            ),
+            AnalysisOutcome::Inconclusive(reason) => (
+                format!(
+                    "{} could not be judged healthy after deployment (inconclusive is not a pass)",
+                    cx.release().version
+                ),
+                reason,
+            ),
+        };
+        let mut err = Error::failed(format!("{title}: {reason}")).with("node", cx.node());
+        if let Some(severity) = self.incident {
+            let env = cx.environment();
+            let title = if env.is_empty() {
+                title
+            } else {
+                format!("{title} to {env}")
+            };
+            let incident = IncidentRecord::open(title, reason.clone(), severity);
+            match open_incident(cx, incident).await {
+                Ok(i) => {
+                    cx.log(format!("opened incident {} ({})", i.id, i.severity));
+                    err = err.with("incident", i.id);
+                }
+                // The bake's verdict stands: the rollback must not wait
+                // on the incident's record.
+                Err(e) => cx.events().warn(format!("could not open an incident: {e}")),
+            }
         }
+        Err(err)
     }
 }
 

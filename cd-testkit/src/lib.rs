@@ -29,6 +29,8 @@
 //! [`SshFleet::start`].
 #![forbid(unsafe_code)]
 
+pub mod webhook;
+
 use std::fmt::Write as _;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -141,6 +141,48 @@ mod cli {
         Approve(Decide),
         /// Reject a waiting approval gate of a run.
         Reject(Decide),
+        /// List incidents, newest first (a failed bake opens one).
+        Incidents {
+            /// Only unresolved ones (open or acknowledged).
+            #[arg(long)]
+            open: bool,
+            /// How many incidents.
+            #[arg(long, default_value_t = 20)]
+            limit: usize,
+        },
+        /// Look at, acknowledge or resolve one incident. Acknowledging and
+        /// resolving notify the receivers set in $CD_NOTIFY_WEBHOOK_URL,
+        /// $CD_NOTIFY_SLACK_URL and $CD_PAGERDUTY_ROUTING_KEY (PagerDuty
+        /// gets an `acknowledge` or `resolve` with the incident's dedup key).
+        Incident {
+            #[command(subcommand)]
+            command: IncidentCommand,
+        },
+    }
+
+    #[derive(Debug, Subcommand)]
+    enum IncidentCommand {
+        /// One incident and its notification deliveries.
+        Show {
+            /// The incident id (`inc-...`).
+            id: String,
+        },
+        /// Someone is on it.
+        Ack {
+            /// The incident id (`inc-...`).
+            id: String,
+            /// Who [default: $USER].
+            #[arg(long = "as", value_name = "NAME")]
+            actor: Option<String>,
+        },
+        /// It is over.
+        Resolve {
+            /// The incident id (`inc-...`).
+            id: String,
+            /// Who [default: $USER].
+            #[arg(long = "as", value_name = "NAME")]
+            actor: Option<String>,
+        },
     }
 
     #[derive(Debug, Subcommand)]
@@ -263,7 +305,196 @@ mod cli {
             } => unlock(&store, cli.json, env, *force, reason, actor.clone()).await,
             Command::Approve(d) => decide(&store, cli.json, d, Decision::Approve).await,
             Command::Reject(d) => decide(&store, cli.json, d, Decision::Reject).await,
+            Command::Incidents { open, limit } => incidents(store, cli.json, *open, *limit).await,
+            Command::Incident { command } => match command {
+                IncidentCommand::Show { id } => incident_show(store, cli.json, id).await,
+                IncidentCommand::Ack { id, actor } => {
+                    incident_change(store, cli.json, id, actor.clone(), false).await
+                }
+                IncidentCommand::Resolve { id, actor } => {
+                    incident_change(store, cli.json, id, actor.clone(), true).await
+                }
+            },
         }
+    }
+
+    async fn incidents(store: SqliteStore, as_json: bool, open: bool, limit: usize) -> Result<()> {
+        let list = store.incidents(open, limit).await?;
+        if as_json {
+            return print_json(&list);
+        }
+        if list.is_empty() {
+            say!(
+                "{}",
+                if open {
+                    "no open incident"
+                } else {
+                    "no incidents"
+                }
+            );
+            return Ok(());
+        }
+        let mut t = Table::new(&[
+            "INCIDENT", "STATUS", "SEVERITY", "ENV", "RELEASE", "TITLE", "OPENED", "BY",
+        ]);
+        for i in &list {
+            let by = i
+                .resolved_by
+                .as_ref()
+                .or(i.acknowledged_by.as_ref())
+                .cloned()
+                .unwrap_or_else(|| "-".into());
+            t.row(vec![
+                i.id.clone(),
+                i.status.to_string(),
+                i.severity.to_string(),
+                i.environment.clone().unwrap_or_else(|| "-".into()),
+                i.release.clone().unwrap_or_else(|| "-".into()),
+                i.title.clone(),
+                time(i.opened_at),
+                by,
+            ]);
+        }
+        t.print();
+        Ok(())
+    }
+
+    async fn incident_show(store: SqliteStore, as_json: bool, id: &str) -> Result<()> {
+        let incident = store
+            .get_incident(id)
+            .await?
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no incident with id {id}")))?;
+        let deliveries = store.deliveries(id, 1000).await?;
+        if as_json {
+            return print_json(&json!({ "incident": incident, "deliveries": deliveries }));
+        }
+        say!("incident {}: {}", incident.id, incident.title);
+        say!("  status    {}", incident.status);
+        say!("  severity  {}", incident.severity);
+        for (k, v) in [
+            ("run", &incident.run_id),
+            ("node", &incident.node),
+            ("pipeline", &incident.pipeline),
+            ("release", &incident.release),
+            ("env", &incident.environment),
+            ("ack by", &incident.acknowledged_by),
+            ("resolved by", &incident.resolved_by),
+        ] {
+            if let Some(v) = v {
+                say!("  {k:<9} {v}");
+            }
+        }
+        say!("  opened    {}", time(incident.opened_at));
+        say!("  dedup key {}", incident.dedup_key);
+        for l in &incident.links {
+            say!("  link      {l}");
+        }
+        say!("  reason    {}", incident.reason);
+        if !deliveries.is_empty() {
+            println!();
+            let mut t = Table::new(&["KIND", "NOTIFIER", "ATTEMPT", "OUTCOME", "ERROR", "AT"]);
+            for d in &deliveries {
+                t.row(vec![
+                    d.kind.to_string(),
+                    d.notifier.clone(),
+                    d.attempt.to_string(),
+                    d.outcome.as_str().to_string(),
+                    d.error.clone().unwrap_or_else(|| "-".into()),
+                    time(d.at),
+                ]);
+            }
+            t.print();
+        }
+        Ok(())
+    }
+
+    /// Notifiers from the environment, for acknowledge and resolve.
+    fn notifications_from_env() -> Option<cd_core::Notifications> {
+        use cd_core::Secret;
+        use cd_stages::webhook::WebhookNotifier;
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let mut n = cd_core::Notifications::new();
+        let mut any = false;
+        if let Some(url) = var("CD_NOTIFY_WEBHOOK_URL") {
+            n = n.to(WebhookNotifier::json(Secret::new(url)));
+            any = true;
+        }
+        if let Some(url) = var("CD_NOTIFY_SLACK_URL") {
+            n = n.to(WebhookNotifier::slack(Secret::new(url)));
+            any = true;
+        }
+        if let Some(key) = var("CD_PAGERDUTY_ROUTING_KEY") {
+            let mut pd = WebhookNotifier::pagerduty(Secret::new(key));
+            if let Some(url) = var("CD_PAGERDUTY_URL") {
+                pd = pd.url(Secret::new(url));
+            }
+            n = n.to(pd);
+            any = true;
+        }
+        any.then_some(n.retry(3, std::time::Duration::from_millis(250)))
+    }
+
+    async fn incident_change(
+        store: SqliteStore,
+        as_json: bool,
+        id: &str,
+        actor: Option<String>,
+        resolve: bool,
+    ) -> Result<()> {
+        let actor = actor
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "cdctl".into());
+        let store: std::sync::Arc<dyn Store> = std::sync::Arc::new(store);
+        let notify = notifications_from_env();
+        let record = if resolve {
+            cd_core::incident::resolve_incident(&store, id, &actor, notify.as_ref()).await?
+        } else {
+            cd_core::incident::acknowledge_incident(&store, id, &actor, notify.as_ref()).await?
+        };
+        let mut undelivered = 0;
+        if let Some(n) = &notify {
+            undelivered = n.flush(std::time::Duration::from_secs(15)).await;
+        }
+        let deliveries: Vec<_> = store
+            .deliveries(id, 1000)
+            .await?
+            .into_iter()
+            .filter(|d| {
+                d.kind
+                    == if resolve {
+                        cd_core::NotificationKind::IncidentResolved
+                    } else {
+                        cd_core::NotificationKind::IncidentAcknowledged
+                    }
+            })
+            .collect();
+        if as_json {
+            return print_json(&json!({ "incident": record, "deliveries": deliveries }));
+        }
+        say!(
+            "incident {} {} by {actor}: {}",
+            record.id,
+            record.status,
+            record.title
+        );
+        for d in deliveries
+            .iter()
+            .filter(|d| d.outcome != cd_core::incident::DeliveryOutcome::Retrying)
+        {
+            say!(
+                "  notified {}: {}{}",
+                d.notifier,
+                d.outcome.as_str(),
+                d.error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            );
+        }
+        if undelivered > 0 {
+            say!("  {undelivered} notification(s) still undelivered after 15 s; giving up");
+        }
+        Ok(())
     }
 
     async fn runs(

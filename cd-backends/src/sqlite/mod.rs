@@ -1148,4 +1148,98 @@ impl Store for SqliteStore {
             })
             .await
     }
+
+    async fn put_incident(&self, incident: &cd_core::IncidentRecord) -> Result<()> {
+        let path = self.p();
+        let id = incident.id.clone();
+        let status = incident.status.as_str();
+        let opened = rows::ts(incident.opened_at);
+        let record = to_json(incident)?;
+        self.engine
+            .write(move |c| {
+                c.prepare_cached(
+                    "INSERT INTO incidents (id, status, opened_at, record) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (id) DO UPDATE SET status = excluded.status, record = excluded.record",
+                )
+                .and_then(|mut s| s.execute(params![id, status, opened, record]))
+                .map_err(|e| sql_err(&path, e))?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn get_incident(&self, id: &str) -> Result<Option<cd_core::IncidentRecord>> {
+        let path = self.p();
+        let id = id.to_string();
+        self.engine
+            .read(move |c| {
+                c.prepare_cached("SELECT record FROM incidents WHERE id = ?1")
+                    .and_then(|mut s| s.query_row(params![id], rows::incident).optional())
+                    .map_err(|e| sql_err(&path, e))
+            })
+            .await
+    }
+
+    async fn incidents(
+        &self,
+        active_only: bool,
+        limit: usize,
+    ) -> Result<Vec<cd_core::IncidentRecord>> {
+        let path = self.p();
+        self.engine
+            .read(move |c| {
+                let sql = if active_only {
+                    "SELECT record FROM incidents WHERE status <> 'resolved' ORDER BY seq DESC LIMIT ?1"
+                } else {
+                    "SELECT record FROM incidents ORDER BY seq DESC LIMIT ?1"
+                };
+                let mut stmt = c.prepare_cached(sql).map_err(|e| sql_err(&path, e))?;
+                let v = stmt
+                    .query_map(params![clamp_i64(limit as u64)], rows::incident)
+                    .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
+                    .map_err(|e| sql_err(&path, e))?;
+                Ok(v)
+            })
+            .await
+    }
+
+    async fn append_delivery(&self, record: &cd_core::incident::DeliveryRecord) -> Result<u64> {
+        let path = self.p();
+        let subject = record.subject.clone();
+        let at = rows::ts(record.at);
+        let json = to_json(record)?;
+        self.engine
+            .write(move |c| {
+                c.prepare_cached(
+                    "INSERT INTO deliveries (subject, record, at) VALUES (?1, ?2, ?3)",
+                )
+                .and_then(|mut s| s.execute(params![subject, json, at]))
+                .map_err(|e| sql_err(&path, e))?;
+                Ok(c.last_insert_rowid() as u64)
+            })
+            .await
+    }
+
+    async fn deliveries(
+        &self,
+        subject: &str,
+        limit: usize,
+    ) -> Result<Vec<cd_core::incident::DeliveryRecord>> {
+        let path = self.p();
+        let subject = subject.to_string();
+        self.engine
+            .read(move |c| {
+                let mut stmt = c
+                    .prepare_cached(
+                        "SELECT seq, record FROM deliveries WHERE subject = ?1 ORDER BY seq LIMIT ?2",
+                    )
+                    .map_err(|e| sql_err(&path, e))?;
+                let v = stmt
+                    .query_map(params![subject, clamp_i64(limit as u64)], rows::delivery)
+                    .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
+                    .map_err(|e| sql_err(&path, e))?;
+                Ok(v)
+            })
+            .await
+    }
 }

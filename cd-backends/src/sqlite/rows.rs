@@ -241,3 +241,16 @@ pub(crate) fn target_record(row: &Row<'_>) -> rusqlite::Result<TargetRecord> {
         at: time(row, 4)?,
     })
 }
+
+/// An `incidents` row's `record` column.
+pub(crate) fn incident(row: &Row<'_>) -> rusqlite::Result<cd_core::IncidentRecord> {
+    json(row, 0)
+}
+
+/// A `deliveries` row (`seq, record`).
+pub(crate) fn delivery(row: &Row<'_>) -> rusqlite::Result<cd_core::incident::DeliveryRecord> {
+    let seq: i64 = row.get(0)?;
+    let mut r: cd_core::incident::DeliveryRecord = json(row, 1)?;
+    r.seq = seq.max(0) as u64;
+    Ok(r)
+}

@@ -52,6 +52,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "target_records",
         sql: include_str!("migrations/0005_target_records.sql"),
     },
+    Migration {
+        version: 6,
+        name: "incidents",
+        sql: include_str!("migrations/0006_incidents.sql"),
+    },
 ];
 
 /// The schema version this build writes.
