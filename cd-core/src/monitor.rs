@@ -76,16 +76,49 @@ impl Sample {
 }
 
 /// What a monitor is asked about.
+///
+/// A canary judge compares the `targets` (serving the new release since
+/// `since`) with the `baseline` (still serving the previous one); when there
+/// is no baseline left (a canary's last step), with the same targets before
+/// `rollout_started`.
 #[derive(Debug, Clone)]
 pub struct MonitorContext {
     /// The targets under analysis (a canary's share, a new slot).
     pub targets: Vec<Target>,
+    /// Targets still on the previous release, to compare with (a canary's
+    /// remaining targets, a rolling update's later batches, the live slot).
+    /// Empty for a bake.
+    pub baseline: Vec<Target>,
+    /// When the `targets` began serving the release (this step's switch).
+    pub since: Option<chrono::DateTime<chrono::Utc>>,
+    /// When the rollout began (before any target switched).
+    pub rollout_started: Option<chrono::DateTime<chrono::Utc>>,
     /// The release under analysis.
     pub release: Release,
     /// Where to report.
     pub events: Emitter,
     /// Fires when the run is cancelled.
     pub cancel: CancellationToken,
+}
+
+impl MonitorContext {
+    /// A context for `targets` and `release`, without baseline or times.
+    pub fn new(
+        targets: Vec<Target>,
+        release: Release,
+        events: Emitter,
+        cancel: CancellationToken,
+    ) -> Self {
+        MonitorContext {
+            targets,
+            baseline: Vec::new(),
+            since: None,
+            rollout_started: None,
+            release,
+            events,
+            cancel,
+        }
+    }
 }
 
 /// Measures health: HTTP checks, Prometheus queries, log scans.
@@ -162,6 +195,10 @@ pub struct Analysis {
     pub consecutive_error_limit: u32,
     /// No-data samples tolerated.
     pub inconclusive_limit: u32,
+    /// Wait before the first sample (Argo Rollouts' `initialDelay`): lets
+    /// metrics of the new release accumulate.
+    #[serde(default)]
+    pub initial_delay: Duration,
 }
 
 impl Default for Analysis {
@@ -172,6 +209,7 @@ impl Default for Analysis {
             failure_limit: 0,
             consecutive_error_limit: 2,
             inconclusive_limit: 0,
+            initial_delay: Duration::ZERO,
         }
     }
 }
@@ -212,9 +250,16 @@ impl Analysis {
         self
     }
 
-    /// Time from first to last sample.
+    /// Sets the wait before the first sample.
+    pub fn initial_delay(mut self, d: Duration) -> Self {
+        self.initial_delay = d;
+        self
+    }
+
+    /// Time from the start to the last sample (the initial delay included).
     pub fn total_duration(&self) -> Duration {
-        self.interval.saturating_mul(self.count.saturating_sub(1))
+        self.initial_delay
+            .saturating_add(self.interval.saturating_mul(self.count.saturating_sub(1)))
     }
 
     /// Samples `monitor` and concludes. Emits one event per sample. Returns
@@ -223,6 +268,12 @@ impl Analysis {
         let name = monitor.name();
         let (mut ok, mut failing, mut no_data, mut errors_in_row) = (0u32, 0u32, 0u32, 0u32);
         let mut last_failure = String::new();
+        if !self.initial_delay.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(self.initial_delay) => {}
+                _ = cx.cancel.cancelled() => return Err(Error::cancelled()),
+            }
+        }
         for i in 0..self.count.max(1) {
             if i > 0 {
                 tokio::select! {

@@ -16,6 +16,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 
@@ -385,17 +386,37 @@ fn failure_error(strategy: &str, failures: &[(String, Error)], switched: &[Revis
         .retryable(false)
 }
 
+/// The targets of the batches after batch `b` (a rolling update's baseline).
+fn batches_after(targets: &[Target], batch_size: usize, b: usize) -> Vec<Target> {
+    targets
+        .get((b + 1).saturating_mul(batch_size)..)
+        .unwrap_or_default()
+        .to_vec()
+}
+
+/// What an analysis looks at: the targets under analysis, the baseline,
+/// and when they switched.
+struct Scope {
+    targets: Vec<Target>,
+    baseline: Vec<Target>,
+    since: DateTime<Utc>,
+    rollout_started: DateTime<Utc>,
+}
+
 async fn analyse(
     monitor: &Option<(Arc<dyn Monitor>, Analysis)>,
     release: &Release,
-    targets: Vec<Target>,
+    scope: Scope,
     cx: &DeployContext,
 ) -> Result<AnalysisOutcome> {
     match monitor {
         None => Ok(AnalysisOutcome::Pass),
         Some((m, a)) => {
             let mcx = MonitorContext {
-                targets,
+                targets: scope.targets,
+                baseline: scope.baseline,
+                since: Some(scope.since),
+                rollout_started: Some(scope.rollout_started),
                 release: release.clone(),
                 events: cx.events.clone(),
                 cancel: cx.cancel.clone(),
@@ -463,6 +484,7 @@ impl Strategy for Rolling {
         targets: &[Target],
         cx: &DeployContext,
     ) -> Result<RolloutReport> {
+        let rollout_started = Utc::now();
         let mut report = RolloutReport {
             strategy: "rolling".into(),
             version: release.version.clone(),
@@ -499,7 +521,13 @@ impl Strategy for Rolling {
                 .iter()
                 .filter_map(|r| batch.iter().find(|t| t.name == r.target).cloned())
                 .collect();
-            let outcome = match analyse(&self.monitor, release, batch_targets, cx).await {
+            let scope = Scope {
+                targets: batch_targets,
+                baseline: batches_after(targets, self.batch_size.max(1), b),
+                since: Utc::now(),
+                rollout_started,
+            };
+            let outcome = match analyse(&self.monitor, release, scope, cx).await {
                 Ok(o) => o,
                 Err(e) => {
                     let err = Error::new(
@@ -663,6 +691,7 @@ impl Strategy for Canary {
         cx: &DeployContext,
     ) -> Result<RolloutReport> {
         self.validate(targets.len())?;
+        let rollout_started = Utc::now();
         let mut report = RolloutReport {
             strategy: "canary".into(),
             version: release.version.clone(),
@@ -706,8 +735,13 @@ impl Strategy for Canary {
                 return Err(abort(deployer, &report, &half_done, cx, err).await);
             }
             // Judged after every step, the last one too: never promoted unjudged.
-            let outcome = match analyse(&self.monitor, release, targets[..done].to_vec(), cx).await
-            {
+            let scope = Scope {
+                targets: targets[..done].to_vec(),
+                baseline: targets[done..].to_vec(),
+                since: Utc::now(),
+                rollout_started,
+            };
+            let outcome = match analyse(&self.monitor, release, scope, cx).await {
                 Ok(o) => o,
                 Err(e) => {
                     let err = Error::new(
@@ -825,6 +859,7 @@ impl Strategy for BlueGreen {
             Some(a) if a == targets[1].name => (Some(&targets[1]), &targets[0]),
             _ => (None, &targets[0]),
         };
+        let rollout_started = Utc::now();
         let mut report = RolloutReport {
             strategy: "blue_green".into(),
             version: release.version.clone(),
@@ -866,7 +901,17 @@ impl Strategy for BlueGreen {
         report.previous.insert(idle.name.clone(), prev);
         report.deployed.push(rev);
         let stays_on = live.map(|t| t.name.as_str()).unwrap_or("none");
-        let outcome = match analyse(&self.verify, release, vec![idle.clone()], cx).await {
+        let scope = Scope {
+            targets: vec![idle.clone()],
+            baseline: targets
+                .iter()
+                .filter(|t| t.name != idle.name)
+                .cloned()
+                .collect(),
+            since: Utc::now(),
+            rollout_started,
+        };
+        let outcome = match analyse(&self.verify, release, scope, cx).await {
             Ok(o) => o,
             Err(e) => {
                 let err = Error::new(

@@ -296,3 +296,61 @@ async fn a_rolling_deploy_where_every_target_fails_is_an_error_whatever_the_tole
         .unwrap_err();
     assert!(err.to_string().contains("web1, web2"), "{err}");
 }
+
+/// Records who each analysis compared with whom.
+#[derive(Clone, Default)]
+struct Scopes(Arc<Mutex<Vec<(Vec<String>, Vec<String>, bool)>>>);
+
+#[async_trait]
+impl Monitor for Scopes {
+    fn name(&self) -> String {
+        "scopes".into()
+    }
+    async fn sample(&self, cx: &MonitorContext) -> Result<Sample> {
+        let names = |t: &[Target]| t.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
+        let ordered = match (cx.rollout_started, cx.since) {
+            (Some(r), Some(s)) => r <= s,
+            _ => false,
+        };
+        self.0
+            .lock()
+            .unwrap()
+            .push((names(&cx.targets), names(&cx.baseline), ordered));
+        Ok(Sample::ok(None, "ok"))
+    }
+}
+
+#[tokio::test]
+async fn analyses_see_the_targets_still_on_the_previous_release_as_baseline() {
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let d = fleet(4);
+    let scopes = Scopes::default();
+    Canary::new([25, 50, 100])
+        .analysis(scopes.clone(), fast(1))
+        .deploy(&d, &Release::new("v1"), &d.targets(), &cx())
+        .await
+        .unwrap();
+    assert_eq!(
+        scopes.0.lock().unwrap().clone(),
+        [
+            (s(&["web1"]), s(&["web2", "web3", "web4"]), true),
+            (s(&["web1", "web2"]), s(&["web3", "web4"]), true),
+            (s(&["web1", "web2", "web3", "web4"]), s(&[]), true),
+        ]
+    );
+
+    let scopes = Scopes::default();
+    Rolling::new()
+        .batch_size(3)
+        .analysis(scopes.clone(), fast(1))
+        .deploy(&d, &Release::new("v2"), &d.targets(), &cx())
+        .await
+        .unwrap();
+    assert_eq!(
+        scopes.0.lock().unwrap().clone(),
+        [
+            (s(&["web1", "web2", "web3"]), s(&["web4"]), true),
+            (s(&["web4"]), s(&[]), true),
+        ]
+    );
+}

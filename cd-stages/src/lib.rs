@@ -44,6 +44,7 @@
 #![forbid(unsafe_code)]
 
 pub mod approval;
+pub mod canary;
 pub mod check;
 pub mod compliance;
 pub mod deploy;

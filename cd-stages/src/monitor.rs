@@ -226,12 +226,13 @@ impl Stage for Bake {
     }
 
     async fn run(&self, cx: &StageContext) -> Result<StageOutput> {
-        let mcx = MonitorContext {
-            targets: self.targets.clone(),
-            release: cx.release().clone(),
-            events: cx.events().clone(),
-            cancel: cx.cancel_token().clone(),
-        };
+        let mut mcx = MonitorContext::new(
+            self.targets.clone(),
+            cx.release().clone(),
+            cx.events().clone(),
+            cx.cancel_token().clone(),
+        );
+        mcx.since = Some(chrono::Utc::now());
         let name = self.monitor.name();
         cx.log(format!(
             "baking {} for {} ms: {} samples {} ms apart with {name}",
@@ -308,12 +309,12 @@ mod tests {
     use crate::test_server::{TestResponse, TestServer};
 
     fn mcx() -> MonitorContext {
-        MonitorContext {
-            targets: vec![],
-            release: Release::new("v1"),
-            events: Emitter::noop(),
-            cancel: Default::default(),
-        }
+        MonitorContext::new(
+            vec![],
+            Release::new("v1"),
+            Emitter::noop(),
+            Default::default(),
+        )
     }
 
     #[tokio::test]

@@ -62,52 +62,67 @@ enum Auth {
     Bearer(Secret<String>),
 }
 
-/// A PromQL query judged against a threshold; see the [module docs](self).
+/// A client of one Prometheus' HTTP API (v1): base URL, credentials, TLS
+/// and deadline. [`PrometheusMonitor`] and
+/// [`CanaryAnalysis`](crate::canary::CanaryAnalysis) query through it.
+///
+/// ```
+/// use std::time::Duration;
+/// use cd_core::Secret;
+/// use cd_stages::prometheus::Prometheus;
+/// let p = Prometheus::new("https://prometheus.internal:9090")
+///     .bearer_token(Secret::new("token".into()))
+///     .timeout(Duration::from_secs(5));
+/// assert_eq!(p.base(), "https://prometheus.internal:9090");
+/// ```
 #[derive(Clone)]
-pub struct PrometheusMonitor {
+pub struct Prometheus {
     base: String,
-    query: String,
-    threshold: Threshold,
-    name: Option<String>,
     auth: Auth,
     tls: TlsOptions,
     timeout: Duration,
 }
 
-impl std::fmt::Debug for PrometheusMonitor {
+impl std::fmt::Debug for Prometheus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PrometheusMonitor")
+        f.debug_struct("Prometheus")
             .field("base", &self.base)
-            .field("query", &self.query)
-            .field("threshold", &self.threshold)
             .field(
                 "auth",
                 &matches!(self.auth, Auth::None)
                     .then_some("none")
                     .unwrap_or("***"),
             )
+            .field("timeout", &self.timeout)
             .finish()
     }
 }
 
-impl PrometheusMonitor {
-    /// Queries the Prometheus at `base` (`http://prometheus:9090`).
-    pub fn new(base: impl Into<String>, query: impl Into<String>, threshold: Threshold) -> Self {
-        PrometheusMonitor {
+/// One series of a range query: its labels and its `(unix seconds, value)`
+/// points, oldest first (`NaN` and `±Inf` kept as such).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    /// The series' labels (`__name__` included when Prometheus gives it).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// The points.
+    pub points: Vec<(f64, f64)>,
+}
+
+impl Prometheus {
+    /// The Prometheus at `base` (`http://prometheus:9090`); queries time
+    /// out after 10 s.
+    pub fn new(base: impl Into<String>) -> Self {
+        Prometheus {
             base: base.into().trim_end_matches('/').to_string(),
-            query: query.into(),
-            threshold,
-            name: None,
             auth: Auth::None,
             tls: TlsOptions::default(),
             timeout: Duration::from_secs(10),
         }
     }
 
-    /// A name for events and verdicts (default: the query).
-    pub fn label(mut self, name: impl Into<String>) -> Self {
-        self.name = Some(name.into());
-        self
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     /// HTTP basic authentication.
@@ -134,34 +149,110 @@ impl PrometheusMonitor {
         self
     }
 
-    /// The query with the release and targets put in.
-    ///
-    /// Errors: [`ErrorKind::Invalid`] for a release version the version rule
-    /// refuses.
-    pub fn render(&self, cx: &MonitorContext) -> Result<String> {
-        cd_core::types::validate_version(&cx.release.version)?;
-        let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
-        let first = cx.targets.first().map(|t| esc(&t.name)).unwrap_or_default();
-        let all = cx
-            .targets
-            .iter()
-            .map(|t| esc(&regex_escape(&t.name)))
-            .collect::<Vec<_>>()
-            .join("|");
-        Ok(self
-            .query
-            .replace("{{version}}", &cx.release.version)
-            .replace("{{target}}", &first)
-            .replace("{{targets}}", &all))
+    /// Registers the credentials with `redactor`, so no event echoes them.
+    pub fn hide_secrets(&self, redactor: &cd_core::Redactor) {
+        match &self.auth {
+            Auth::Basic(_, p) => redactor.register(p.expose().clone()),
+            Auth::Bearer(t) => redactor.register(t.expose().clone()),
+            Auth::None => {}
+        }
     }
 
-    /// Runs the query and returns Prometheus' `data` (its result type and
-    /// result).
-    async fn query(&self, promql: &str) -> Result<serde_json::Value> {
-        let url = Url::parse(&format!("{}/api/v1/query", self.base))?;
-        let mut endpoint = url.as_reqwest().clone();
-        endpoint.query_pairs_mut().append_pair("query", promql);
-        let url = Url::parse(endpoint.as_str())?;
+    /// An instant query (`GET /api/v1/query`): Prometheus' `data` (its
+    /// `resultType` and `result`).
+    ///
+    /// Errors: [`ErrorKind::Invalid`] for Prometheus' `bad_data` (a syntax
+    /// error), with its message; [`ErrorKind::Unavailable`] for its other
+    /// errors, an unreachable server or an answer that is not its JSON.
+    pub async fn query(&self, promql: &str) -> Result<serde_json::Value> {
+        self.api("query", &[("query", promql.to_string())], promql)
+            .await
+    }
+
+    /// A range query (`GET /api/v1/query_range`) from `start` to `end`
+    /// every `step` (at least 1 ms): every series with its points.
+    ///
+    /// Errors: as [`Prometheus::query`]; [`ErrorKind::Invalid`] when the
+    /// result is not a matrix.
+    pub async fn query_range(
+        &self,
+        promql: &str,
+        start: chrono::DateTime<chrono::Utc>,
+        end: chrono::DateTime<chrono::Utc>,
+        step: Duration,
+    ) -> Result<Vec<Series>> {
+        let secs = |t: chrono::DateTime<chrono::Utc>| {
+            format!("{:.3}", t.timestamp_millis() as f64 / 1000.0)
+        };
+        let step = format!("{:.3}", step.max(Duration::from_millis(1)).as_secs_f64());
+        let data = self
+            .api(
+                "query_range",
+                &[
+                    ("query", promql.to_string()),
+                    ("start", secs(start)),
+                    ("end", secs(end)),
+                    ("step", step),
+                ],
+                promql,
+            )
+            .await?;
+        let kind = data
+            .get("resultType")
+            .and_then(|s| s.as_str())
+            .unwrap_or("");
+        if kind != "matrix" {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!("a range query yielded a {kind}, not a matrix"),
+            )
+            .with("query", promql));
+        }
+        let result = data
+            .get("result")
+            .and_then(|r| r.as_array())
+            .cloned()
+            .unwrap_or_default();
+        Ok(result
+            .iter()
+            .map(|s| Series {
+                labels: s
+                    .get("metric")
+                    .and_then(|m| m.as_object())
+                    .map(|m| {
+                        m.iter()
+                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                points: s
+                    .get("values")
+                    .and_then(|v| v.as_array())
+                    .map(|v| {
+                        v.iter()
+                            .filter_map(|p| Some((p.get(0)?.as_f64()?, value_of(p)?)))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    async fn api(
+        &self,
+        endpoint: &str,
+        params: &[(&str, String)],
+        promql: &str,
+    ) -> Result<serde_json::Value> {
+        let url = Url::parse(&format!("{}/api/v1/{endpoint}", self.base))?;
+        let mut full = url.as_reqwest().clone();
+        {
+            let mut q = full.query_pairs_mut();
+            for (k, v) in params {
+                q.append_pair(k, v);
+            }
+        }
+        let url = Url::parse(full.as_str())?;
         let mut req = Request::get(url);
         match &self.auth {
             Auth::None => {}
@@ -212,6 +303,101 @@ impl PrometheusMonitor {
 }
 
 /// Escapes regex metacharacters for a PromQL `=~` matcher.
+/// A PromQL query judged against a threshold; see the [module docs](self).
+#[derive(Clone)]
+pub struct PrometheusMonitor {
+    prometheus: Prometheus,
+    query: String,
+    threshold: Threshold,
+    name: Option<String>,
+}
+
+impl std::fmt::Debug for PrometheusMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrometheusMonitor")
+            .field("prometheus", &self.prometheus)
+            .field("query", &self.query)
+            .field("threshold", &self.threshold)
+            .finish()
+    }
+}
+
+impl PrometheusMonitor {
+    /// Queries the Prometheus at `base` (`http://prometheus:9090`).
+    pub fn new(base: impl Into<String>, query: impl Into<String>, threshold: Threshold) -> Self {
+        Self::with(Prometheus::new(base), query, threshold)
+    }
+
+    /// Queries through `prometheus` (credentials, TLS, deadline set there).
+    pub fn with(prometheus: Prometheus, query: impl Into<String>, threshold: Threshold) -> Self {
+        PrometheusMonitor {
+            prometheus,
+            query: query.into(),
+            threshold,
+            name: None,
+        }
+    }
+
+    /// A name for events and verdicts (default: the query).
+    pub fn label(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// HTTP basic authentication.
+    pub fn basic_auth(mut self, user: impl Into<String>, password: Secret<String>) -> Self {
+        self.prometheus = self.prometheus.basic_auth(user, password);
+        self
+    }
+
+    /// A bearer token.
+    pub fn bearer_token(mut self, token: Secret<String>) -> Self {
+        self.prometheus = self.prometheus.bearer_token(token);
+        self
+    }
+
+    /// TLS trust and client certificate for `https://`.
+    pub fn tls(mut self, tls: TlsOptions) -> Self {
+        self.prometheus = self.prometheus.tls(tls);
+        self
+    }
+
+    /// The deadline of one query (default 10 s).
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.prometheus = self.prometheus.timeout(d);
+        self
+    }
+
+    /// The query with the release and targets put in.
+    ///
+    /// Errors: [`ErrorKind::Invalid`] for a release version the version rule
+    /// refuses.
+    pub fn render(&self, cx: &MonitorContext) -> Result<String> {
+        render_query(&self.query, &cx.release.version, &cx.targets)
+    }
+}
+
+/// Puts `version` and `targets` into a query template: `{{version}}` (the
+/// version, after the version rule checked it), `{{target}}` (the first
+/// target's name, escaped for a PromQL string) and `{{targets}}` (every
+/// name regex-escaped, joined with `|`).
+///
+/// Errors: [`ErrorKind::Invalid`] for a version the version rule refuses.
+pub fn render_query(template: &str, version: &str, targets: &[cd_core::Target]) -> Result<String> {
+    cd_core::types::validate_version(version)?;
+    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let first = targets.first().map(|t| esc(&t.name)).unwrap_or_default();
+    let all = targets
+        .iter()
+        .map(|t| esc(&regex_escape(&t.name)))
+        .collect::<Vec<_>>()
+        .join("|");
+    Ok(template
+        .replace("{{version}}", version)
+        .replace("{{target}}", &first)
+        .replace("{{targets}}", &all))
+}
+
 fn regex_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -245,13 +431,9 @@ impl Monitor for PrometheusMonitor {
 
     async fn sample(&self, cx: &MonitorContext) -> Result<Sample> {
         // Credentials never reach an event, even echoed in an error.
-        match &self.auth {
-            Auth::Basic(_, p) => cx.events.redactor().register(p.expose().clone()),
-            Auth::Bearer(t) => cx.events.redactor().register(t.expose().clone()),
-            Auth::None => {}
-        }
+        self.prometheus.hide_secrets(cx.events.redactor());
         let promql = self.render(cx)?;
-        let data = self.query(&promql).await?;
+        let data = self.prometheus.query(&promql).await?;
         let kind = data
             .get("resultType")
             .and_then(|s| s.as_str())

@@ -12,95 +12,31 @@ use cd_core::{
     Target,
 };
 use cd_stages::prometheus::{PrometheusMonitor, Threshold};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use cd_testkit::prometheus::{PrometheusServer, ScrapeTarget};
 use tokio_util::sync::CancellationToken;
 
 /// A test app exposing `app_error_ratio{version="v2"}` (set by the test).
 async fn app(ratio: Arc<AtomicU64>) -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = listener.accept().await else {
-                return;
-            };
-            let ratio = ratio.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let _ = s.read(&mut buf).await;
-                let body = format!(
-                    "# TYPE app_error_ratio gauge\napp_error_ratio{{version=\"v2\"}} {}\n",
-                    f64::from_bits(ratio.load(Ordering::SeqCst))
-                );
-                let _ = s
-                    .write_all(
-                        format!(
-                            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                            body.len()
-                        )
-                        .as_bytes(),
-                    )
-                    .await;
-            });
-        }
-    });
-    port
-}
-
-/// A running Prometheus, killed on drop.
-struct Prometheus {
-    child: std::process::Child,
-    url: String,
-    _dir: tempfile::TempDir,
-    _port: cd_testkit::PortLease,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_prometheus(app_port: u16) -> Option<Prometheus> {
-    let bin = cd_testkit::require_tool("prometheus")?;
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &config,
+    cd_testkit::prometheus::metrics_app(move || {
         format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: app\n    static_configs:\n      - targets: ['127.0.0.1:{app_port}']\n"
-        ),
-    )
-    .unwrap();
-    let port = cd_testkit::reserve_port();
-    let child = std::process::Command::new(bin)
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{}", port.port))
-        .arg("--log.level=warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    Some(Prometheus {
-        child,
-        url: format!("http://127.0.0.1:{}", port.port),
-        _dir: dir,
-        _port: port,
+            "# TYPE app_error_ratio gauge\napp_error_ratio{{version=\"v2\"}} {}\n",
+            f64::from_bits(ratio.load(Ordering::SeqCst))
+        )
     })
+    .await
+}
+
+fn start_prometheus(app_port: u16) -> Option<PrometheusServer> {
+    PrometheusServer::start(&[ScrapeTarget::new(format!("127.0.0.1:{app_port}"))])
 }
 
 fn cx() -> MonitorContext {
-    MonitorContext {
-        targets: vec![Target::new("canary")],
-        release: Release::new("v2"),
-        events: Emitter::noop(),
-        cancel: CancellationToken::new(),
-    }
+    MonitorContext::new(
+        vec![Target::new("canary")],
+        Release::new("v2"),
+        Emitter::noop(),
+        CancellationToken::new(),
+    )
 }
 
 /// Samples `m` until `done` holds (up to a minute: Prometheus starts, then
@@ -128,7 +64,7 @@ async fn prometheus_monitor_sees_a_rise_no_data_bad_queries_and_a_dead_prometheu
         return;
     };
     let errors = PrometheusMonitor::new(
-        &prom.url,
+        prom.url(),
         r#"max(app_error_ratio{version="{{version}}"})"#,
         Threshold::Below(0.05),
     )
@@ -167,7 +103,7 @@ async fn prometheus_monitor_sees_a_rise_no_data_bad_queries_and_a_dead_prometheu
 
     // An empty result is no data: inconclusive, never a pass.
     let nothing = PrometheusMonitor::new(
-        &prom.url,
+        prom.url(),
         r#"app_error_ratio{version="not-deployed"}"#,
         Threshold::Below(0.05),
     );
@@ -185,14 +121,14 @@ async fn prometheus_monitor_sees_a_rise_no_data_bad_queries_and_a_dead_prometheu
     );
 
     // NaN (0/0) is no data too.
-    let nan = PrometheusMonitor::new(&prom.url, "0/0", Threshold::Below(1.0));
+    let nan = PrometheusMonitor::new(prom.url(), "0/0", Threshold::Below(1.0));
     assert_eq!(
         nan.sample(&cx()).await.unwrap().status,
         SampleStatus::NoData
     );
 
     // A syntax error: a typed error quoting Prometheus.
-    let bad = PrometheusMonitor::new(&prom.url, "sum(app_error_ratio", Threshold::Below(1.0));
+    let bad = PrometheusMonitor::new(prom.url(), "sum(app_error_ratio", Threshold::Below(1.0));
     let err = bad.sample(&cx()).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Invalid, "{err}");
     assert!(err.to_string().contains("bad_data"), "{err}");
