@@ -33,6 +33,9 @@ pub use cd_backends as backends;
 pub use cd_core as core;
 pub use cd_stages as stages;
 
+#[cfg(feature = "prometheus-exporter")]
+pub mod telemetry;
+
 /// The attribute the `Stage`, `Gate`, `Deployer`, `Monitor` and `Router`
 /// traits are written with: implement them as `#[cd::async_trait]`.
 pub use async_trait::async_trait;

@@ -53,6 +53,7 @@ pub mod secret;
 pub mod stage;
 pub mod store;
 pub mod strategy;
+pub mod telemetry;
 pub mod types;
 
 pub use deploy::{DeployContext, Deployer, DeployerCapabilities, Router};

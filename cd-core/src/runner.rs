@@ -15,6 +15,7 @@ use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::clock;
 use crate::error::{Error, ErrorInfo, ErrorKind, Result};
@@ -715,8 +716,16 @@ impl Runner {
         let pipeline = pipeline.clone();
         let run_cancel = self.cancel.child_token();
         let _cancel_on_drop = run_cancel.clone().drop_guard();
-        let handle =
-            tokio::spawn(async move { runner.execute(&pipeline, start, run_cancel).await });
+        let span = tracing::info_span!(
+            "run",
+            run_id = %start.run.id,
+            pipeline = %start.run.pipeline,
+            release = %start.run.release.version,
+            environment = %start.run.environment,
+        );
+        let handle = tokio::spawn(
+            async move { runner.execute(&pipeline, start, run_cancel).await }.instrument(span),
+        );
         match handle.await {
             Ok(r) => r,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
@@ -740,6 +749,10 @@ impl Runner {
         let (store_sink, writer) = spawn_store_writer(self.store.clone());
         let mut sinks = self.sinks.clone();
         sinks.push(store_sink.clone());
+        sinks.push(Arc::new(crate::telemetry::MetricsSink::new(
+            &run.pipeline,
+            &run.environment,
+        )));
         if let Some(n) = &self.notifications {
             let approvals = pipeline
                 .nodes()
@@ -1106,6 +1119,7 @@ impl Execution<'_> {
         };
         let cx = self.context(i, own.clone(), outcome);
         cx.emitter.emit(EventKind::NodeStarted { attempt });
+        let span = tracing::info_span!("node", node = %spec.name, attempt);
         let attempt_fut = async move {
             let t = Instant::now();
             let work = async {
@@ -1120,7 +1134,8 @@ impl Execution<'_> {
                 Some(stop) => stopped(stop, settled, grace, retry_on_timeout, &cx.emitter),
             };
             (result, t.elapsed())
-        };
+        }
+        .instrument(span);
         if !self.runner.spawn_stages {
             // Polled by the scheduler's own task: no spawn, no wake-up of
             // another worker. A panic is caught and reported as a failure.

@@ -224,6 +224,7 @@ async fn deploy_one(
         Some(t.elapsed()),
         Some(format!("{} live", rev.version)),
     );
+    crate::telemetry::target_switched(&cx.environment);
     Ok((previous, rev, false))
 }
 
