@@ -17,7 +17,8 @@
 //! 3. a compliance check (version present, artifact checksum matches);
 //! 4. an approval gate (`--auto-approve`, or approve it with `cdctl`);
 //! 5. a blue-green production deploy behind a local TCP router;
-//! 6. a bake period with health monitoring.
+//! 6. a bake period watching two monitors (health, and latency under
+//!    500 ms), with a verdict per monitor; a failed bake opens an incident.
 //!
 //! Release `v1` goes live. Release `v2-broken` passes staging, goes live on
 //! the idle slot, and then its health degrades during the bake: the runner
@@ -157,12 +158,19 @@ async fn run_demo(auto_approve: bool, state_dir: &Path) -> anyhow::Result<()> {
         .timeout(Duration::from_secs(30))
         .stage(
             "bake",
-            Bake::new(HttpMonitor::get(format!("{production_url}/health"))).analysis(
-                Analysis::new()
-                    .interval(Duration::from_millis(400))
-                    .count(6)
-                    .failure_limit(0),
-            ),
+            // Two signals, judged together: health answers, and answers fast.
+            Bake::new(HttpMonitor::get(format!("{production_url}/health")).label("health"))
+                .monitor(
+                    HttpMonitor::get(format!("{production_url}/"))
+                        .label("latency")
+                        .latency_below(Duration::from_millis(500)),
+                )
+                .analysis(
+                    Analysis::new()
+                        .interval(Duration::from_millis(400))
+                        .count(6)
+                        .failure_limit(0),
+                ),
         )
         .needs(["production"])
         .build()?;
@@ -208,6 +216,23 @@ async fn run_demo(auto_approve: bool, state_dir: &Path) -> anyhow::Result<()> {
             r.at.format("%H:%M:%S")
         );
     }
+    let incidents: Vec<_> = store
+        .incidents(true, 50)
+        .await?
+        .into_iter()
+        .filter(|i| i.run_id.as_deref() == Some(reports[1].run_id.as_str()))
+        .collect();
+    for i in &incidents {
+        println!(
+            "== incident {} ({}, {}) ==\n  {}\n  {}",
+            i.id, i.severity, i.status, i.title, i.reason
+        );
+    }
+    if incidents.is_empty() {
+        outcome = Err(anyhow::anyhow!(
+            "the failed bake should have opened an incident"
+        ));
+    }
     match check(&reports[0], &reports[1], live.as_deref().ok()) {
         Ok(()) => println!(
             "OK: v1 is live at {production_url}; v2-broken failed its bake and was rolled back automatically (took {:.1}s).",
@@ -216,7 +241,7 @@ async fn run_demo(auto_approve: bool, state_dir: &Path) -> anyhow::Result<()> {
         Err(e) => outcome = Err(e),
     }
     println!(
-        "State: {} (try `cargo run --bin cdctl -- history production`).",
+        "State: {} (try `cargo run --bin cdctl -- history production` and `cargo run --bin cdctl -- incidents`).",
         state_dir.join("state.db").display()
     );
     // The demo cleans up its processes; a real deploy leaves them running.
@@ -259,8 +284,13 @@ fn print_event(e: &Event) {
         EventKind::RolledBack { duration_ms } => format!("ROLLED BACK in {duration_ms} ms"),
         EventKind::RollbackFailed { error } => format!("ROLLBACK FAILED: {}", error.message),
         EventKind::Rollout { message, .. } => message.clone(),
-        EventKind::AnalysisSample { status, detail, .. } => {
-            format!("health sample: {status} {detail}")
+        EventKind::AnalysisSample {
+            monitor,
+            status,
+            detail,
+            ..
+        } => {
+            format!("{monitor} sample: {status} {detail}")
         }
         EventKind::Lock {
             status,
@@ -269,7 +299,13 @@ fn print_event(e: &Event) {
         } if status == "waiting" => {
             format!("waiting for the {environment} lock")
         }
-        // The regression and load tables.
+        // The regression and load tables, the bake's verdict per monitor.
+        EventKind::Log { message, .. }
+            if node == "bake"
+                && (message.starts_with("bake verdict") || message.starts_with("  ")) =>
+        {
+            message.clone()
+        }
         EventKind::Log { message, .. }
             if matches!(node, "regression-tests" | "load-test")
                 && !message.starts_with("running tests")

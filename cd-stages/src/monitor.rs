@@ -29,6 +29,8 @@ use crate::tls::TlsOptions;
 #[derive(Debug, Clone)]
 pub struct HttpMonitor {
     url: String,
+    label: Option<String>,
+    latency_below: Option<Duration>,
     body_contains: Option<String>,
     timeout: Duration,
     tls: TlsOptions,
@@ -41,6 +43,8 @@ impl HttpMonitor {
     pub fn get(url: impl Into<String>) -> Self {
         HttpMonitor {
             url: url.into(),
+            label: None,
+            latency_below: None,
             body_contains: None,
             timeout: Duration::from_secs(2),
             tls: TlsOptions::default(),
@@ -73,6 +77,19 @@ impl HttpMonitor {
         Ok(c)
     }
 
+    /// A name for events and verdicts (default: `http GET <url>`).
+    pub fn label(mut self, name: impl Into<String>) -> Self {
+        self.label = Some(name.into());
+        self
+    }
+
+    /// Fails a sample whose response took `limit` or longer (the time to
+    /// the whole response, connection included, in ms in the sample).
+    pub fn latency_below(mut self, limit: Duration) -> Self {
+        self.latency_below = Some(limit);
+        self
+    }
+
     /// Requires the body to contain `text`.
     pub fn body_contains(mut self, text: impl Into<String>) -> Self {
         self.body_contains = Some(text.into());
@@ -90,7 +107,10 @@ impl HttpMonitor {
 #[async_trait]
 impl Monitor for HttpMonitor {
     fn name(&self) -> String {
-        format!("http GET {}", self.url)
+        match &self.label {
+            Some(l) => l.clone(),
+            None => format!("http GET {}", self.url),
+        }
     }
 
     async fn sample(&self, _cx: &MonitorContext) -> Result<Sample> {
@@ -120,8 +140,21 @@ impl Monitor for HttpMonitor {
                 ));
             }
         }
+        let value = Some((ms * 1000.0).round() / 1000.0);
+        if let Some(limit) = self.latency_below {
+            let limit_ms = limit.as_secs_f64() * 1000.0;
+            if ms >= limit_ms {
+                return Ok(Sample::failing(
+                    value,
+                    format!(
+                        "GET {url} -> {} in {ms:.1} ms (healthy < {limit_ms:.0} ms)",
+                        resp.status
+                    ),
+                ));
+            }
+        }
         Ok(Sample::ok(
-            Some((ms * 1000.0).round() / 1000.0),
+            value,
             format!("GET {url} -> {} in {ms:.1} ms", resp.status),
         ))
     }
@@ -144,7 +177,7 @@ impl Monitor for HttpMonitor {
 /// ```
 #[derive(Clone)]
 pub struct Bake {
-    monitor: Arc<dyn Monitor>,
+    monitors: Vec<Arc<dyn Monitor>>,
     analysis: Analysis,
     targets: Vec<Target>,
     allow_inconclusive: bool,
@@ -154,7 +187,10 @@ pub struct Bake {
 impl std::fmt::Debug for Bake {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bake")
-            .field("monitor", &self.monitor.name())
+            .field(
+                "monitors",
+                &self.monitors.iter().map(|m| m.name()).collect::<Vec<_>>(),
+            )
             .field("analysis", &self.analysis)
             .finish()
     }
@@ -165,12 +201,20 @@ impl Bake {
     /// no failing sample tolerated, 2 monitor errors in a row tolerated.
     pub fn new(monitor: impl Monitor) -> Self {
         Bake {
-            monitor: Arc::new(monitor),
+            monitors: vec![Arc::new(monitor)],
             analysis: Analysis::new().count(5).interval(Duration::from_secs(1)),
             targets: Vec::new(),
             allow_inconclusive: false,
             incident: Some(Severity::Critical),
         }
+    }
+
+    /// Watches `monitor` too, with the same analysis, at the same time.
+    /// The bake fails as soon as one monitor's analysis fails (the others
+    /// stop), and its verdict lists every monitor with its own.
+    pub fn monitor(mut self, monitor: impl Monitor) -> Self {
+        self.monitors.push(Arc::new(monitor));
+        self
     }
 
     /// Replaces the analysis.
@@ -226,31 +270,112 @@ impl Stage for Bake {
     }
 
     async fn run(&self, cx: &StageContext) -> Result<StageOutput> {
+        // One token for the monitors: the first failing analysis stops the
+        // others (the bake has failed anyway).
+        let stop = cx.cancel_token().child_token();
         let mut mcx = MonitorContext::new(
             self.targets.clone(),
             cx.release().clone(),
             cx.events().clone(),
-            cx.cancel_token().clone(),
+            stop.clone(),
         );
         mcx.since = Some(chrono::Utc::now());
-        let name = self.monitor.name();
+        let names: Vec<String> = self.monitors.iter().map(|m| m.name()).collect();
         cx.log(format!(
-            "baking {} for {} ms: {} samples {} ms apart with {name}",
+            "baking {} for {} ms: {} samples {} ms apart with {}",
             cx.release().version,
             self.analysis.total_duration().as_millis(),
             self.analysis.count,
-            self.analysis.interval.as_millis()
+            self.analysis.interval.as_millis(),
+            names.join(", ")
         ));
         let started = Instant::now();
-        let outcome = self
-            .analysis
-            .run(self.monitor.as_ref(), &mcx)
-            .await
-            .map_err(|e| e.with("node", cx.node()))?;
+        let mut running: futures::stream::FuturesUnordered<_> = self
+            .monitors
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let mcx = &mcx;
+                async move { (i, self.analysis.run(m.as_ref(), mcx).await) }
+            })
+            .collect();
+        let mut outcomes: Vec<Option<AnalysisOutcome>> = vec![None; self.monitors.len()];
+        while let Some((i, r)) = futures::StreamExt::next(&mut running).await {
+            match r {
+                Ok(o) => {
+                    if matches!(o, AnalysisOutcome::Fail(_)) {
+                        stop.cancel();
+                    }
+                    outcomes[i] = Some(o);
+                }
+                // Stopped because another monitor failed: no verdict.
+                Err(_) if stop.is_cancelled() && !cx.cancel_token().is_cancelled() => {}
+                Err(e) => return Err(e.with("node", cx.node())),
+            }
+        }
+        drop(running);
+        let verdicts: Vec<serde_json::Value> = names
+            .iter()
+            .zip(&outcomes)
+            .map(|(name, o)| match o {
+                Some(o) => serde_json::json!({ "monitor": name, "outcome": o }),
+                None => serde_json::json!({
+                    "monitor": name,
+                    "outcome": { "outcome": "stopped", "reason": "another monitor failed first" },
+                }),
+            })
+            .collect();
+        let failed: Vec<String> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Some(AnalysisOutcome::Fail(r)) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        let inconclusive: Vec<String> = outcomes
+            .iter()
+            .filter_map(|o| match o {
+                Some(AnalysisOutcome::Inconclusive(r)) => Some(r.clone()),
+                _ => None,
+            })
+            .collect();
+        let outcome = if !failed.is_empty() {
+            AnalysisOutcome::Fail(failed.join("; "))
+        } else if !inconclusive.is_empty() {
+            AnalysisOutcome::Inconclusive(inconclusive.join("; "))
+        } else {
+            AnalysisOutcome::Pass
+        };
+        // The verdict, monitor by monitor, for a person.
+        cx.log(format!(
+            "bake verdict: {}",
+            match &outcome {
+                AnalysisOutcome::Pass => "pass",
+                AnalysisOutcome::Fail(_) => "fail",
+                AnalysisOutcome::Inconclusive(_) => "inconclusive",
+            }
+        ));
+        for (name, o) in names.iter().zip(&outcomes) {
+            // Reasons start with the monitor's name already.
+            let own = |r: &str| {
+                r.strip_prefix(&format!("{name}: "))
+                    .unwrap_or(r)
+                    .to_string()
+            };
+            cx.log(match o {
+                Some(AnalysisOutcome::Pass) => format!("  {name}: pass"),
+                Some(AnalysisOutcome::Fail(r)) => format!("  {name}: FAIL: {}", own(r)),
+                Some(AnalysisOutcome::Inconclusive(r)) => {
+                    format!("  {name}: inconclusive: {}", own(r))
+                }
+                None => format!("  {name}: stopped (another monitor failed first)"),
+            });
+        }
         let output = || {
             StageOutput::json(serde_json::json!({
-                "monitor": name,
+                "monitor": names.join(", "),
                 "outcome": outcome,
+                "monitors": verdicts,
                 "samples": self.analysis.count,
                 "duration_ms": started.elapsed().as_millis() as u64,
             }))
@@ -461,5 +586,63 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("TLS handshake failed"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_bake_with_several_monitors_gives_a_verdict_per_monitor() {
+        let server = TestServer::start(|req| match req.path.as_str() {
+            "/health" => TestResponse::ok("ok"),
+            _ => TestResponse::new(500, "boom"),
+        })
+        .await;
+        let sink = CollectingSink::new();
+        let bake = Bake::new(HttpMonitor::get(server.url("/health")).label("health"))
+            .monitor(HttpMonitor::get(server.url("/orders")).label("orders"))
+            .monitor(
+                HttpMonitor::get(server.url("/health"))
+                    .label("latency")
+                    .latency_below(Duration::from_secs(30)),
+            )
+            .for_duration(Duration::from_millis(40), Duration::from_millis(10));
+        let err = bake.run(&stage_cx(&sink)).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("orders: 1 failing sample(s) > limit 0"),
+            "{msg}"
+        );
+        assert!(!msg.contains("health:"), "{msg}");
+        let logs: Vec<String> = sink
+            .events()
+            .iter()
+            .filter_map(|e| match &e.kind {
+                EventKind::Log { message, .. } => Some(message.clone()),
+                _ => None,
+            })
+            .collect();
+        assert!(logs.contains(&"bake verdict: fail".to_string()), "{logs:?}");
+        let orders = logs.iter().find(|l| l.starts_with("  orders: ")).unwrap();
+        assert!(
+            orders.starts_with("  orders: FAIL: 1 failing sample(s)"),
+            "{orders}"
+        );
+        assert!(orders.contains("-> 500"), "{orders}");
+        // The others were stopped by the failure, or had passed.
+        for name in ["health", "latency"] {
+            let l = logs
+                .iter()
+                .find(|l| l.starts_with(&format!("  {name}: ")))
+                .unwrap();
+            assert!(l.ends_with(": pass") || l.contains("stopped"), "{l}");
+        }
+
+        // A latency limit no response can meet fails every sample.
+        let slow = Bake::new(
+            HttpMonitor::get(server.url("/health"))
+                .label("latency")
+                .latency_below(Duration::ZERO),
+        )
+        .for_duration(Duration::from_millis(10), Duration::from_millis(10));
+        let err = slow.run(&stage_cx(&sink)).await.unwrap_err();
+        assert!(err.to_string().contains("(healthy < 0 ms)"), "{err}");
     }
 }
