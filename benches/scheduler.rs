@@ -136,7 +136,17 @@ async fn run_pipeline(p: &Pipeline) -> Duration {
 }
 
 async fn run_with(p: &Pipeline, store: Arc<dyn Store>, spawn: bool) -> Duration {
+    run_with_telemetry(p, store, spawn, true).await
+}
+
+async fn run_with_telemetry(
+    p: &Pipeline,
+    store: Arc<dyn Store>,
+    spawn: bool,
+    telemetry: bool,
+) -> Duration {
     let runner = Runner::new(store)
+        .telemetry(telemetry)
         .spawn_stages(spawn)
         .concurrency(128)
         .retry(RetryPolicy::none())
@@ -194,6 +204,7 @@ fn main() {
         let mut t = Vec::new();
         let mut n = Vec::new();
         let (mut il, mut ic) = (Vec::new(), Vec::new());
+        let mut off = Vec::new();
         for _ in 0..ROUNDS {
             l.push(run_pipeline(&layered_p).await);
             c.push(run_pipeline(&chain_p).await);
@@ -201,6 +212,7 @@ fn main() {
             n.push(run_with(&layered_p, Arc::new(NullStore(MemoryStore::new())), true).await);
             il.push(run_with(&layered_p, Arc::new(MemoryStore::new()), false).await);
             ic.push(run_with(&chain_p, Arc::new(MemoryStore::new()), false).await);
+            off.push(run_with_telemetry(&layered_p, Arc::new(MemoryStore::new()), true, false).await);
         }
         // The runner spawns from a worker thread; the headline baseline
         // (from the main thread) is the faster of the two here, so the
@@ -217,6 +229,11 @@ fn main() {
         println!(
             "inline attempts (Runner::spawn_stages(false)): layered {il:.2} µs/node, chain {ic:.2} µs/node, ratio vs tokio {:.2}",
             il.max(ic) / t
+        );
+        let off = us_per(median(off));
+        println!(
+            "layered without telemetry (Runner::telemetry(false)): {off:.2} µs/node; telemetry costs {:.2} µs/node",
+            l - off
         );
         println!("chain 10000:     {c:.2} µs/node");
         println!("bare tokio:      {t:.2} µs/task (spawn + join from the main thread)");

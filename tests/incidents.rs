@@ -400,3 +400,71 @@ async fn cdctl_lists_acknowledges_and_resolves_incidents() {
     assert_eq!(v["deliveries"].as_array().unwrap().len(), 2);
     assert!(!out.contains("PDKEY"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_waiting_is_announced_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let receiver = WebhookReceiver::start().await;
+    let notifications = Notifications::new().to_on(
+        WebhookNotifier::json(Secret::new(receiver.url("/hook"))),
+        [NotificationKind::ApprovalWaiting],
+    );
+    let pipeline = Pipeline::builder("web")
+        .gate(
+            "approval",
+            cd::stages::ApprovalGate::any_of(["alice"]).recheck_every(Duration::from_millis(50)),
+        )
+        .build()
+        .unwrap();
+    let runner = Runner::new(store.clone())
+        .environment("production")
+        .notify(notifications);
+    let run = tokio::spawn({
+        let runner = runner.clone();
+        async move { runner.run(&pipeline, Release::new("v7")).await }
+    });
+    // The gate is announced; it keeps waiting (several rechecks).
+    let got = receiver.wait_for(DEADLINE, |r| !r.is_empty()).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    let n = &got[0].json;
+    assert_eq!(n["kind"], "approval_waiting");
+    assert_eq!(n["node"], "approval");
+    assert_eq!(n["release"], "v7");
+    assert!(
+        n["summary"].as_str().unwrap().contains("cdctl approve"),
+        "{n}"
+    );
+    let run_id = n["run_id"].as_str().unwrap().to_string();
+    let end = std::time::Instant::now() + DEADLINE;
+    while store
+        .events(&run_id, 0, 10_000)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::GateWaiting { .. }))
+        .count()
+        < 3
+    {
+        assert!(std::time::Instant::now() < end, "the gate never rechecked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    store
+        .put_approval(&cd::core::ApprovalRecord {
+            run_id: run_id.clone(),
+            node: "approval".into(),
+            approver: "alice".into(),
+            decision: cd::core::Decision::Approve,
+            comment: None,
+            at: chrono::Utc::now(),
+        })
+        .await
+        .unwrap();
+    let report = run.await.unwrap().unwrap();
+    assert_eq!(report.status, RunStatus::Succeeded, "{report}");
+    assert_eq!(
+        receiver.received().len(),
+        1,
+        "announced once, not per recheck"
+    );
+}

@@ -67,7 +67,9 @@ pub use incident::{
 };
 pub use lease::{EnvironmentLease, LockSettings};
 pub use memory_deployer::MemoryDeployer;
-pub use monitor::{Analysis, AnalysisOutcome, Monitor, MonitorContext, Sample, SampleStatus};
+pub use monitor::{
+    Analysis, AnalysisOutcome, Monitor, MonitorContext, NoDataPolicy, Sample, SampleStatus,
+};
 pub use pipeline::{NodeKind, NodeSpec, Pipeline, PipelineBuilder, PipelineError};
 pub use report::{NodeReport, RunReport};
 pub use runner::{RetryPolicy, Runner};

@@ -171,6 +171,20 @@ impl fmt::Display for AnalysisOutcome {
     }
 }
 
+/// What a sample without data does to an [`Analysis`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoDataPolicy {
+    /// Counts toward `inconclusive_limit`: too many, or no healthy sample at
+    /// all, make the analysis inconclusive (the default; never a pass).
+    #[default]
+    Inconclusive,
+    /// Counts as a failing sample (toward `failure_limit`).
+    CountAsFailure,
+    /// Fails the analysis at once.
+    Fail,
+}
+
 /// Turns samples into a verdict, in the manner of Argo Rollouts' analysis:
 /// `count` samples `interval` apart; more than `failure_limit` failing samples
 /// fail it; more than `consecutive_error_limit` monitor errors in a row fail
@@ -199,6 +213,9 @@ pub struct Analysis {
     /// metrics of the new release accumulate.
     #[serde(default)]
     pub initial_delay: Duration,
+    /// What a no-data sample does.
+    #[serde(default)]
+    pub no_data: NoDataPolicy,
 }
 
 impl Default for Analysis {
@@ -210,6 +227,7 @@ impl Default for Analysis {
             consecutive_error_limit: 2,
             inconclusive_limit: 0,
             initial_delay: Duration::ZERO,
+            no_data: NoDataPolicy::Inconclusive,
         }
     }
 }
@@ -247,6 +265,12 @@ impl Analysis {
     /// Sets the no-data samples tolerated.
     pub fn inconclusive_limit(mut self, n: u32) -> Self {
         self.inconclusive_limit = n;
+        self
+    }
+
+    /// Sets what a no-data sample does (default: inconclusive).
+    pub fn no_data(mut self, policy: NoDataPolicy) -> Self {
+        self.no_data = policy;
         self
     }
 
@@ -300,7 +324,19 @@ impl Analysis {
                             failing += 1;
                             last_failure = s.detail;
                         }
-                        SampleStatus::NoData => no_data += 1,
+                        SampleStatus::NoData => match self.no_data {
+                            NoDataPolicy::Inconclusive => no_data += 1,
+                            NoDataPolicy::CountAsFailure => {
+                                failing += 1;
+                                last_failure = format!("no data: {}", s.detail);
+                            }
+                            NoDataPolicy::Fail => {
+                                return Ok(AnalysisOutcome::Fail(format!(
+                                    "{name}: no data (no-data policy: fail): {}",
+                                    s.detail
+                                )));
+                            }
+                        },
                     }
                 }
                 Err(e) => {

@@ -21,10 +21,10 @@
 //! `attempt`) inside it around each stage attempt.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use metrics::{counter, histogram, Unit};
+use metrics::{counter, histogram, SharedString, Unit};
 
 use crate::event::{Event, EventKind, EventSink};
 
@@ -83,23 +83,23 @@ pub(crate) fn target_switched(environment: &str) {
 #[derive(Default)]
 struct State {
     started: Option<Instant>,
-    nodes: HashMap<String, Instant>,
-    gates: HashMap<String, Instant>,
+    nodes: HashMap<Arc<str>, Instant>,
+    gates: HashMap<Arc<str>, Instant>,
     lock_waiting: Option<Instant>,
 }
 
 /// Turns one run's events into metrics.
 pub(crate) struct MetricsSink {
-    pipeline: String,
-    environment: String,
+    pipeline: Arc<str>,
+    environment: Arc<str>,
     state: Mutex<State>,
 }
 
 impl MetricsSink {
     pub(crate) fn new(pipeline: &str, environment: &str) -> Self {
         MetricsSink {
-            pipeline: pipeline.to_string(),
-            environment: environment.to_string(),
+            pipeline: Arc::from(pipeline),
+            environment: Arc::from(environment),
             state: Mutex::new(State {
                 started: Some(Instant::now()),
                 ..Default::default()
@@ -130,9 +130,12 @@ impl EventSink for MetricsSink {
         if !interesting {
             return;
         }
-        let node = event.node.as_deref().unwrap_or("-").to_string();
+        // Labels share the run's strings: no allocation per event.
+        let node_arc: Arc<str> = event.node.clone().unwrap_or_else(|| Arc::from("-"));
+        let node = SharedString::from_shared(node_arc.clone());
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (p, e) = (self.pipeline.clone(), self.environment.clone());
+        let p = SharedString::from_shared(self.pipeline.clone());
+        let e = SharedString::from_shared(self.environment.clone());
         match &event.kind {
             EventKind::RunFinished { status } => {
                 let status = status.as_str();
@@ -142,15 +145,15 @@ impl EventSink for MetricsSink {
                     .record(Self::since(st.started));
             }
             EventKind::NodeStarted { .. } => {
-                st.nodes.insert(node, Instant::now());
+                st.nodes.insert(node_arc, Instant::now());
             }
             EventKind::NodeSucceeded { duration_ms } => {
-                st.nodes.remove(&node);
+                st.nodes.remove(&node_arc);
                 histogram!(NODE_DURATION, "pipeline" => p, "node" => node, "status" => "succeeded")
                     .record(*duration_ms as f64 / 1000.0);
             }
             EventKind::NodeFailed { .. } => {
-                let t = st.nodes.remove(&node);
+                let t = st.nodes.remove(&node_arc);
                 histogram!(NODE_DURATION, "pipeline" => p, "node" => node, "status" => "failed")
                     .record(Self::since(t));
             }
@@ -164,7 +167,7 @@ impl EventSink for MetricsSink {
                     .increment(1);
             }
             EventKind::GateWaiting { .. } => {
-                st.gates.entry(node).or_insert_with(Instant::now);
+                st.gates.entry(node_arc).or_insert_with(Instant::now);
             }
             EventKind::GatePassed | EventKind::GateFailed { .. } => {
                 let outcome = if matches!(event.kind, EventKind::GatePassed) {
@@ -172,7 +175,7 @@ impl EventSink for MetricsSink {
                 } else {
                     "failed"
                 };
-                let t = st.gates.remove(&node);
+                let t = st.gates.remove(&node_arc);
                 histogram!(GATE_WAIT, "pipeline" => p, "node" => node, "outcome" => outcome)
                     .record(Self::since(t));
             }

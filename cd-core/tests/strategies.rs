@@ -354,3 +354,47 @@ async fn analyses_see_the_targets_still_on_the_previous_release_as_baseline() {
         ]
     );
 }
+
+#[tokio::test]
+async fn the_no_data_policy_decides_what_a_sample_without_data_does() {
+    use SampleStatus::{NoData, Ok as Good};
+    let cx = MonitorContext::new(
+        vec![],
+        Release::new("v1"),
+        Emitter::noop(),
+        Default::default(),
+    );
+    let run = |policy: NoDataPolicy, limit: u32| {
+        let cx = cx.clone();
+        async move {
+            let m = Scripted(Mutex::new(vec![Good, NoData, Good]));
+            fast(3)
+                .no_data(policy)
+                .failure_limit(limit)
+                .run(&m, &cx)
+                .await
+                .unwrap()
+        }
+    };
+    // Default: one no-data sample over the (zero) limit is inconclusive.
+    assert!(matches!(
+        run(NoDataPolicy::Inconclusive, 0).await,
+        AnalysisOutcome::Inconclusive(_)
+    ));
+    // As a failure: over a failure limit of 0 it fails, within 1 it passes.
+    let o = run(NoDataPolicy::CountAsFailure, 0).await;
+    assert!(
+        matches!(&o, AnalysisOutcome::Fail(r) if r.contains("no data")),
+        "{o:?}"
+    );
+    assert_eq!(
+        run(NoDataPolicy::CountAsFailure, 1).await,
+        AnalysisOutcome::Pass
+    );
+    // Fail: at once, whatever the limit.
+    let o = run(NoDataPolicy::Fail, 5).await;
+    assert!(
+        matches!(&o, AnalysisOutcome::Fail(r) if r.contains("no-data policy: fail")),
+        "{o:?}"
+    );
+}
