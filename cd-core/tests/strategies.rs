@@ -297,9 +297,13 @@ async fn a_rolling_deploy_where_every_target_fails_is_an_error_whatever_the_tole
     assert!(err.to_string().contains("web1, web2"), "{err}");
 }
 
+/// One analysis: its targets, its baseline, and whether the rollout began
+/// no later than the step.
+type Seen = (Vec<String>, Vec<String>, bool);
+
 /// Records who each analysis compared with whom.
 #[derive(Clone, Default)]
-struct Scopes(Arc<Mutex<Vec<(Vec<String>, Vec<String>, bool)>>>);
+struct Scopes(Arc<Mutex<Vec<Seen>>>);
 
 #[async_trait]
 impl Monitor for Scopes {
