@@ -14,7 +14,7 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 # ---------------------------------------------------------------- Debian packages
-APT_PKGS=(openssh-server openssh-client podman runc wrk hey prometheus chromium curl iproute2 procps)
+APT_PKGS=(openssh-server openssh-client podman runc busybox-static nginx-light wrk hey prometheus chromium curl iproute2 procps)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -28,7 +28,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # The Debian packages may start daemons we do not want (prometheus on :9090, sshd on :22).
-for svc in prometheus prometheus-node-exporter ssh; do
+for svc in prometheus prometheus-node-exporter ssh nginx; do
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$svc" 2>/dev/null; then
     $SUDO systemctl stop "$svc" >/dev/null 2>&1 || true
   fi
@@ -91,9 +91,11 @@ mkdir -p "$TOOLS/.tf-wrapper-ok"
 # ---------------------------------------------------------------- Podman
 CONF_DIR="$TOOLS/containers"
 mkdir -p "$CONF_DIR"
+# Explicit ulimits: podman's defaults (nofile 1048576) exceed this
+# sandbox's hard limits, and runc then refuses to start any container.
 cat > "$CONF_DIR/containers.conf" <<'CC'
 [containers]
-default_ulimits = ["nofile=65536:65536"]
+default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
 [engine]
 runtime = "runc"
 cgroup_manager = "cgroupfs"

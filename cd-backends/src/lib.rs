@@ -15,6 +15,8 @@
 
 #[cfg(feature = "ansible")]
 pub mod ansible;
+#[cfg(feature = "container")]
+pub mod container;
 #[cfg(test)]
 mod fuzz;
 #[cfg(any(feature = "terraform", feature = "ansible"))]
