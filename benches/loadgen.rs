@@ -16,111 +16,13 @@
 //! Last line: `bench loadgen: cd_rps=<x> wrk_rps=<y> hey_rps=<z> vs_wrk=<x/y>
 //! p99_cd_ms=<a> p99_wrk_ms=<b>` (plus `vs_hey`, p50s).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use cd::stages::http::{Request, Url};
 use cd::stages::load::{generate, LoadOptions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const BODY: &[u8] =
-    b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\nContent-Type: text/plain\r\n\r\nHello, world!";
-
-fn serve() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        println!("{}", listener.local_addr().unwrap().port());
-        loop {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 8192];
-                let mut have = 0usize;
-                loop {
-                    match s.read(&mut buf[have..]).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => have += n,
-                    }
-                    // Answer every complete request head in the buffer
-                    // (pipelined or not).
-                    let mut answers = 0;
-                    let mut start = 0;
-                    while let Some(p) = buf[start..have].windows(4).position(|w| w == b"\r\n\r\n") {
-                        start += p + 4;
-                        answers += 1;
-                    }
-                    buf.copy_within(start..have, 0);
-                    have -= start;
-                    if have == buf.len() {
-                        return;
-                    }
-                    for _ in 0..answers {
-                        if s.write_all(BODY).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
-}
-
-/// `1.23ms`, `456.78us`, `1.2s` → milliseconds.
-fn wrk_ms(v: &str) -> Option<f64> {
-    let v = v.trim();
-    let (num, scale) = if let Some(x) = v.strip_suffix("us") {
-        (x, 0.001)
-    } else if let Some(x) = v.strip_suffix("ms") {
-        (x, 1.0)
-    } else if let Some(x) = v.strip_suffix('s') {
-        (x, 1000.0)
-    } else {
-        (v, 1.0)
-    };
-    num.parse::<f64>().ok().map(|n| n * scale)
-}
-
-struct Figures {
-    rps: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-}
-
-fn run_wrk(url: &str, conns: usize, secs: u64) -> Option<Figures> {
-    let out = Command::new("wrk")
-        .args([
-            "-t2",
-            &format!("-c{conns}"),
-            &format!("-d{secs}s"),
-            "--latency",
-            url,
-        ])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut f = Figures {
-        rps: 0.0,
-        p50_ms: 0.0,
-        p99_ms: 0.0,
-    };
-    for line in text.lines() {
-        let t = line.trim();
-        if let Some(v) = t.strip_prefix("Requests/sec:") {
-            f.rps = v.trim().parse().ok()?;
-        } else if let Some(v) = t.strip_prefix("50%") {
-            f.p50_ms = wrk_ms(v)?;
-        } else if let Some(v) = t.strip_prefix("99%") {
-            f.p99_ms = wrk_ms(v)?;
-        }
-    }
-    (f.rps > 0.0).then_some(f)
-}
+use cd_testkit::bench::{run_wrk, Figures};
 
 fn run_hey(url: &str, conns: usize, secs: u64) -> Option<Figures> {
     let out = Command::new("hey")
@@ -174,7 +76,7 @@ fn run_cd(url: &str, conns: usize, secs: u64) -> Figures {
 
 fn main() {
     if std::env::var_os("CD_LOADGEN_SERVER").is_some() {
-        serve();
+        cd_testkit::bench::serve_fixed();
         return;
     }
     let secs: u64 = std::env::var("CD_LOADGEN_SECS")
@@ -185,16 +87,8 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(32);
-    let mut server = Command::new(std::env::current_exe().unwrap())
-        .env("CD_LOADGEN_SERVER", "1")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut port = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut port)
-        .unwrap();
-    let url = format!("http://127.0.0.1:{}/", port.trim());
+    let (mut server, port) = cd_testkit::bench::start_fixed_server("CD_LOADGEN_SERVER");
+    let url = format!("http://127.0.0.1:{port}/");
     println!("server {url}; {conns} connections, {secs} s per generator");
 
     // A short warm-up of the server, then each generator in turn.

@@ -33,7 +33,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use cd::backends::local::{LocalProcessDeployer, LocalRouter};
+use cd::backends::local::LocalProcessDeployer;
+use cd::backends::router::HttpRouter;
 use cd::backends::sqlite::SqliteStore;
 use cd::core::{
     Analysis, Event, EventKind, FnSink, NodeStatus, Pipeline, Release, RunReport, RunStatus,
@@ -99,8 +100,12 @@ async fn run_demo(auto_approve: bool, state_dir: &Path) -> anyhow::Result<()> {
         .target("blue", BLUE_PORT)
         .target("green", GREEN_PORT)
         .build()?;
-    let router = LocalRouter::for_deployer(&production, ROUTER_PORT)
-        .state_dir(state_dir.join("local"))
+    // The HTTP router in front of the two slots: a switch drains the
+    // requests in flight on the old slot, so blue-green drops none.
+    let router = HttpRouter::builder(format!("127.0.0.1:{ROUTER_PORT}"))
+        .upstreams_of(&cd::core::Deployer::targets(&production))
+        .state_file(state_dir.join("router.json"))
+        .drain_timeout(Duration::from_secs(10))
         .start()
         .await?;
     let staging_url = format!("http://127.0.0.1:{STAGING_PORT}");

@@ -28,17 +28,20 @@ echo "== cargo nextest"
 "${SANDBOX[@]}" cargo nextest run --workspace --all-features --no-fail-fast "$@"
 echo "== doc tests"
 cargo test --workspace --all-features --doc
-# The examples a new user runs: the quickstart (the main job) and the canary
-# judged on a real Prometheus. Each checks its own outcome and exits non-zero
+# The examples a new user runs: the quickstart (the main job), the canary
+# judged on a real Prometheus, and the containers behind the HTTP router. Each checks its own outcome and exits non-zero
 # otherwise.
 if [ "$#" = 0 ]; then
   echo "== examples"
   state="$(mktemp -d)"
-  "${SANDBOX[@]}" cargo run -q --example quickstart -- --auto-approve --state-dir "$state" > "$state/quickstart.log" 2>&1 \
+  "${SANDBOX[@]}" cargo run -q --all-features --example quickstart -- --auto-approve --state-dir "$state" > "$state/quickstart.log" 2>&1 \
     || { tail -40 "$state/quickstart.log"; exit 1; }
   tail -1 "$state/quickstart.log"
-  "${SANDBOX[@]}" cargo run -q --example canary_prometheus > "$state/canary.log" 2>&1 \
+  "${SANDBOX[@]}" cargo run -q --all-features --example canary_prometheus > "$state/canary.log" 2>&1 \
     || { tail -60 "$state/canary.log"; exit 1; }
   tail -1 "$state/canary.log"
+  "${SANDBOX[@]}" cargo run -q --all-features --example container_canary > "$state/containers.log" 2>&1 \
+    || { tail -60 "$state/containers.log"; exit 1; }
+  tail -1 "$state/containers.log"
   rm -rf "$state"
 fi

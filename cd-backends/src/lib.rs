@@ -25,6 +25,8 @@ mod history;
 pub mod local;
 #[cfg(any(feature = "terraform", feature = "ansible"))]
 mod process_group;
+#[cfg(feature = "router")]
+pub mod router;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 #[cfg(feature = "ssh")]

@@ -189,3 +189,28 @@ impl<R: Router + ?Sized> Router for Arc<R> {
         (**self).switch(slot, cx).await
     }
 }
+
+/// A [`Router`] that can split traffic between slots by weight (an HTTP
+/// proxy, a service mesh, a load balancer with weighted target groups), for
+/// a canary judged on real traffic ([`crate::TrafficCanary`]).
+#[async_trait]
+pub trait WeightedRouter: Router {
+    /// Sends each named slot its share, in percent (summing to 100; slots
+    /// not named get none), at once; returns after the slots that lost
+    /// their share have finished the requests they were serving (or the
+    /// router's drain timeout).
+    async fn set_weights(&self, weights: &[(String, u32)], cx: &DeployContext) -> Result<()>;
+
+    /// Each slot with its share now, in percent.
+    async fn weights(&self) -> Result<Vec<(String, u32)>>;
+}
+
+#[async_trait]
+impl<R: WeightedRouter + ?Sized> WeightedRouter for Arc<R> {
+    async fn set_weights(&self, weights: &[(String, u32)], cx: &DeployContext) -> Result<()> {
+        (**self).set_weights(weights, cx).await
+    }
+    async fn weights(&self) -> Result<Vec<(String, u32)>> {
+        (**self).weights().await
+    }
+}

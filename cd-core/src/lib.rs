@@ -56,7 +56,7 @@ pub mod strategy;
 pub mod telemetry;
 pub mod types;
 
-pub use deploy::{DeployContext, Deployer, DeployerCapabilities, Router};
+pub use deploy::{DeployContext, Deployer, DeployerCapabilities, Router, WeightedRouter};
 pub use error::{Error, ErrorInfo, ErrorKind, Result};
 pub use event::{
     CollectingSink, Emitter, Event, EventKind, EventSink, FnSink, LogLevel, RunStatus, TracingSink,
@@ -82,7 +82,7 @@ pub use store::{
     ApprovalRecord, Decision, Lease, LockAttempt, LockRequest, MemoryStore, NodeRecord, NodeStatus,
     ReleaseRecord, ReleaseStatus, RunRecord, Store, TargetRecord,
 };
-pub use strategy::{BlueGreen, Canary, Rolling, RolloutReport, Strategy};
+pub use strategy::{BlueGreen, Canary, Rolling, RolloutReport, Strategy, TrafficCanary};
 pub use types::{Artifact, Change, ChangeAction, Plan, Release, ReleaseSecrets, Revision, Target};
 
 /// Everything a pipeline author usually needs, in one import.

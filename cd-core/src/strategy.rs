@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use futures::future::join_all;
 use serde::{Deserialize, Serialize};
 
-use crate::deploy::{DeployContext, Deployer, Router};
+use crate::deploy::{DeployContext, Deployer, Router, WeightedRouter};
 use crate::error::{Error, ErrorInfo, ErrorKind, Result};
 use crate::event::EventKind;
 use crate::monitor::{Analysis, AnalysisOutcome, Monitor, MonitorContext};
@@ -978,6 +978,277 @@ impl Strategy for BlueGreen {
                     &report.deployed,
                     &report.previous,
                     "blue_green",
+                    cx,
+                )
+                .await
+            }
+        }
+    }
+}
+
+/// Canary by traffic share, in the manner of Argo Rollouts with a traffic
+/// router: the release goes to the idle one of two slots, then a
+/// [`WeightedRouter`] gives it a growing share of the traffic (`steps` in
+/// percent, e.g. `[10, 50, 100]`), judged by an analysis after every step
+/// (the canary slot against the stable one, as baseline). A failing step
+/// sends all traffic back to the stable slot at once, then rolls the canary
+/// slot back. At 100% the canary slot is the live one.
+///
+/// ```
+/// use cd_core::{Strategy, TrafficCanary};
+/// # struct R;
+/// # #[async_trait::async_trait]
+/// # impl cd_core::Router for R {
+/// #   async fn active(&self) -> cd_core::Result<Option<String>> { Ok(None) }
+/// #   async fn switch(&self, _: &str, _: &cd_core::DeployContext) -> cd_core::Result<()> { Ok(()) }
+/// # }
+/// # #[async_trait::async_trait]
+/// # impl cd_core::WeightedRouter for R {
+/// #   async fn set_weights(&self, _: &[(String, u32)], _: &cd_core::DeployContext) -> cd_core::Result<()> { Ok(()) }
+/// #   async fn weights(&self) -> cd_core::Result<Vec<(String, u32)>> { Ok(vec![]) }
+/// # }
+/// let unjudged = TrafficCanary::new(R, [10, 50, 100]);
+/// assert!(unjudged.validate(2).unwrap_err().to_string().contains("judge"));
+/// ```
+#[derive(Clone)]
+pub struct TrafficCanary {
+    router: Arc<dyn WeightedRouter>,
+    steps: Vec<u32>,
+    monitor: Option<(Arc<dyn Monitor>, Analysis)>,
+    inconclusive_passes: bool,
+}
+
+impl TrafficCanary {
+    /// Shares of traffic in percent, strictly rising, ending at 100.
+    pub fn new(router: impl WeightedRouter, steps: impl IntoIterator<Item = u32>) -> Self {
+        TrafficCanary {
+            router: Arc::new(router),
+            steps: steps.into_iter().collect(),
+            monitor: None,
+            inconclusive_passes: false,
+        }
+    }
+
+    /// The same with a shared router.
+    pub fn with_router(
+        router: Arc<dyn WeightedRouter>,
+        steps: impl IntoIterator<Item = u32>,
+    ) -> Self {
+        TrafficCanary {
+            router,
+            steps: steps.into_iter().collect(),
+            monitor: None,
+            inconclusive_passes: false,
+        }
+    }
+
+    /// The judge of every step.
+    pub fn analysis(mut self, monitor: impl Monitor, analysis: Analysis) -> Self {
+        self.monitor = Some((Arc::new(monitor), analysis));
+        self
+    }
+
+    /// Lets an inconclusive analysis pass a step (default: it aborts).
+    pub fn inconclusive_passes(mut self, yes: bool) -> Self {
+        self.inconclusive_passes = yes;
+        self
+    }
+}
+
+#[async_trait]
+impl Strategy for TrafficCanary {
+    fn name(&self) -> &str {
+        "traffic_canary"
+    }
+
+    fn validate(&self, targets: usize) -> Result<()> {
+        if targets != 2 {
+            return Err(Error::invalid(format!(
+                "a traffic canary needs exactly two slots (targets), got {targets}"
+            )));
+        }
+        if self.monitor.is_none() {
+            return Err(Error::invalid(
+                "traffic canary has no judge: a canary is never promoted unjudged; add an analysis",
+            ));
+        }
+        let rising = self.steps.windows(2).all(|w| w[0] < w[1]);
+        if self.steps.is_empty() || !rising || self.steps.last() != Some(&100) || self.steps[0] == 0
+        {
+            return Err(Error::invalid(format!(
+                "traffic canary steps must rise strictly from above 0 to 100 percent, got {:?}",
+                self.steps
+            )));
+        }
+        Ok(())
+    }
+
+    async fn deploy(
+        &self,
+        deployer: &dyn Deployer,
+        release: &Release,
+        targets: &[Target],
+        cx: &DeployContext,
+    ) -> Result<RolloutReport> {
+        self.validate(targets.len())?;
+        let weights = self.router.weights().await?;
+        let share = |name: &str| {
+            weights
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, w)| *w)
+                .unwrap_or(0)
+        };
+        let (stable, canary) = if share(&targets[1].name) > share(&targets[0].name) {
+            (&targets[1], &targets[0])
+        } else {
+            (&targets[0], &targets[1])
+        };
+        let rollout_started = Utc::now();
+        let mut report = RolloutReport {
+            strategy: "traffic_canary".into(),
+            version: release.version.clone(),
+            previous_slot: Some(stable.name.clone()),
+            ..Default::default()
+        };
+        let stable_rev = deployer.current(stable).await?;
+        if stable_rev.as_ref().map(|r| r.version.as_str()) == Some(release.version.as_str())
+            && share(&stable.name) == 100
+        {
+            report.active_slot = Some(stable.name.clone());
+            report
+                .previous
+                .insert(stable.name.clone(), stable_rev.clone());
+            report.deployed.extend(stable_rev);
+            report.noop = true;
+            return Ok(report);
+        }
+        cx.events.emit(EventKind::Rollout {
+            strategy: "traffic_canary".into(),
+            message: format!(
+                "deploying {} to canary slot {} (stable: {})",
+                release.version, canary.name, stable.name
+            ),
+        });
+        let half_done = std::sync::Mutex::new(HalfDone::new());
+        let (prev, rev, _) = match deploy_one(deployer, release, canary, cx, &half_done).await {
+            Ok(r) => r,
+            Err(e) => {
+                let e = e.with("target", &canary.name);
+                return Err(abort(deployer, &report, &half_done, cx, e).await);
+            }
+        };
+        report.previous.insert(canary.name.clone(), prev);
+        report.deployed.push(rev);
+        let back_to_stable = |why: String| async move {
+            let w = [(stable.name.clone(), 100), (canary.name.clone(), 0)];
+            if let Err(e) = self.router.set_weights(&w, &cx.for_cleanup()).await {
+                cx.events.warn(format!(
+                    "could not send all traffic back to {}: {e}",
+                    stable.name
+                ));
+            }
+            cx.events.emit(EventKind::Rollout {
+                strategy: "traffic_canary".into(),
+                message: format!("all traffic back to {}: {why}", stable.name),
+            });
+        };
+        for (s, pct) in self.steps.iter().enumerate() {
+            let w = [
+                (canary.name.clone(), *pct),
+                (stable.name.clone(), 100 - *pct),
+            ];
+            if let Err(e) = self.router.set_weights(&w, cx).await {
+                back_to_stable(format!("setting the weights failed: {e}")).await;
+                return Err(abort(deployer, &report, &half_done, cx, e).await);
+            }
+            cx.events.emit(EventKind::Rollout {
+                strategy: "traffic_canary".into(),
+                message: format!(
+                    "step {}/{}: {pct}% of traffic to {} ({})",
+                    s + 1,
+                    self.steps.len(),
+                    canary.name,
+                    release.version
+                ),
+            });
+            let scope = Scope {
+                targets: vec![canary.clone()],
+                baseline: vec![stable.clone()],
+                since: Utc::now(),
+                rollout_started,
+            };
+            let outcome = match analyse(&self.monitor, release, scope, cx).await {
+                Ok(o) => o,
+                Err(e) => {
+                    back_to_stable(format!("the analysis stopped: {e}")).await;
+                    let err = Error::new(
+                        e.kind(),
+                        format!(
+                            "traffic canary stopped during the analysis of step {} ({pct}%): {e}; traffic back on {}, slot {} reverted",
+                            s + 1,
+                            stable.name,
+                            canary.name
+                        ),
+                    );
+                    return Err(abort(deployer, &report, &half_done, cx, err).await);
+                }
+            };
+            let pass = match &outcome {
+                AnalysisOutcome::Pass => true,
+                AnalysisOutcome::Inconclusive(_) => self.inconclusive_passes,
+                AnalysisOutcome::Fail(_) => false,
+            };
+            if !pass {
+                back_to_stable(format!("analysis {outcome}")).await;
+                let err = Error::failed(format!(
+                    "traffic canary aborted at step {} ({pct}%): analysis {outcome}; traffic back on {}, slot {} reverted",
+                    s + 1,
+                    stable.name,
+                    canary.name
+                ))
+                .with("target", &canary.name);
+                return Err(abort(deployer, &report, &half_done, cx, err).await);
+            }
+        }
+        cx.events.emit(EventKind::Rollout {
+            strategy: "traffic_canary".into(),
+            message: format!(
+                "promoted {}: all traffic on {}",
+                release.version, canary.name
+            ),
+        });
+        report.active_slot = Some(canary.name.clone());
+        Ok(report)
+    }
+
+    async fn rollback(
+        &self,
+        deployer: &dyn Deployer,
+        report: &RolloutReport,
+        cx: &DeployContext,
+    ) -> Result<()> {
+        if report.noop {
+            return Ok(());
+        }
+        match &report.previous_slot {
+            // As blue-green: traffic goes back to the stable slot, which
+            // never stopped serving; the canary slot stays idle.
+            Some(prev) => {
+                let w = [(prev.clone(), 100)];
+                self.router.set_weights(&w, cx).await?;
+                cx.events.emit(EventKind::Rollout {
+                    strategy: "traffic_canary".into(),
+                    message: format!("all traffic back to slot {prev}"),
+                });
+                Ok(())
+            }
+            None => {
+                revert(
+                    deployer,
+                    &report.deployed,
+                    &report.previous,
+                    "traffic_canary",
                     cx,
                 )
                 .await

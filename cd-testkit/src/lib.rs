@@ -29,6 +29,7 @@
 //! [`SshFleet::start`].
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod podman;
 pub mod prometheus;
 pub mod webhook;

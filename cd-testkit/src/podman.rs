@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A running `podman system service`, stopped on drop.
+/// A running `podman system service`, stopped on drop. Starting one first
+/// removes the containers earlier test runs left ([`remove_test_apps`]):
+/// tests using Podman run one at a time.
 pub struct PodmanService {
     child: Child,
     socket: PathBuf,
@@ -29,6 +31,8 @@ impl PodmanService {
     /// required (see [`crate::require_tool`]).
     pub fn start() -> Option<Self> {
         let podman = crate::require_tool("podman")?;
+        // Leftovers of a killed run break every listing: clear them first.
+        remove_test_apps();
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("podman.sock");
         let child = Command::new(podman)
@@ -77,7 +81,8 @@ fn ping(socket: &Path) -> bool {
 }
 
 /// Builds `localhost/<name>:<tag>` with `podman import`: busybox-static,
-/// the given files (path inside the image, content) and `cmd`. Replaces an
+/// the given files (path inside the image, content; files under a
+/// `cgi-bin/` directory are made executable) and `cmd`. Replaces an
 /// image of that name. Panics when podman or busybox fails.
 pub fn build_image(name: &str, tag: &str, files: &[(&str, &str)], cmd: &[&str]) -> String {
     let podman = crate::require_tool("podman").expect("podman");
@@ -95,7 +100,11 @@ pub fn build_image(name: &str, tag: &str, files: &[(&str, &str)], cmd: &[&str]) 
     for (path, content) in files {
         let p = root.join(path.trim_start_matches('/'));
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-        std::fs::write(p, content).unwrap();
+        std::fs::write(&p, content).unwrap();
+        if path.contains("cgi-bin/") {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
     }
     let tar = dir.path().join("rootfs.tar");
     let ok = Command::new("tar")
@@ -141,29 +150,31 @@ pub fn remove_image(name: &str, tag: &str) {
     }
 }
 
-/// Removes every container labelled `cd.app=<app>` with the podman CLI,
-/// including those a killed test run left behind (their network namespace
-/// gone with that run's mount namespace, which makes the API refuse to
-/// list them). Tests call it first, with an app name of their own.
+/// The application names the tests, examples and benchmarks use.
+pub const TEST_APPS: &[&str] = &[
+    "roll", "fail", "err", "busy", "conf", "zero", "bad", "demo", "bench", "cli",
+];
+
+/// Removes every container labelled `cd.app=<app>` with the podman CLI
+/// (`rm --filter`), including those a killed test run left behind: their
+/// network namespace went with that run's mount namespace, after which
+/// `podman ps` and the API's container list fail for every container
+/// until they are removed.
 pub fn remove_app(app: &str) {
     let Some(podman) = crate::find_tool("podman") else {
         return;
     };
-    let out = Command::new(&podman)
-        .args(["ps", "-aq", "--filter", &format!("label=cd.app={app}")])
-        .output();
-    let Ok(out) = out else { return };
-    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
-    if ids.is_empty() {
-        return;
-    }
     let _ = Command::new(&podman)
-        .args(["rm", "-f"])
-        .args(&ids)
+        .args(["rm", "-f", "--filter", &format!("label=cd.app={app}")])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
+}
+
+/// [`remove_app`] for every name of [`TEST_APPS`]: what a test run (they
+/// run one at a time) leaves behind when it is killed.
+pub fn remove_test_apps() {
+    for app in TEST_APPS {
+        remove_app(app);
+    }
 }
