@@ -4,16 +4,18 @@
 //!
 //! The upstream is this binary re-executed (`CD_ROUTER_UPSTREAM=1`): a
 //! keep-alive server with a fixed 13-byte answer on one tokio worker. The
-//! router runs on one tokio worker; nginx with one worker process: each
-//! proxy gets one core's worth, wrk the other.
+//! router runs on one thread (a single-threaded tokio runtime); nginx with
+//! one worker process: each proxy gets one core's worth, wrk the other.
 //!
 //! ```text
 //! cargo bench --bench router --features router     # 5 s per case
 //! CD_ROUTER_SECS=10 cargo bench --bench router --features router
 //! ```
 //!
-//! Last line: `bench router: direct_rps=<a> routed_rps=<b> nginx_rps=<c>
-//! vs_nginx=<b/c> added_p99_ms=<d>` (router p99 minus direct p99).
+//! Router and nginx run three alternating rounds; their medians (by rps)
+//! are reported. Last line: `bench router: direct_rps=<a> routed_rps=<b>
+//! nginx_rps=<c> vs_nginx=<b/c> added_p99_ms=<d>` (router p99 minus direct
+//! p99).
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -62,7 +64,7 @@ fn nginx(upstream: u16, listen: u16, dir: &std::path::Path) -> Option<std::proce
 fn show(name: &str, f: &Option<Figures>) {
     match f {
         Some(f) => println!(
-            "{name:<8} {:>10.0} rps  p50 {:.3} ms  p99 {:.3} ms",
+            "{name:<16} {:>10.0} rps  p50 {:.3} ms  p99 {:.3} ms",
             f.rps, f.p50_ms, f.p99_ms
         ),
         None => println!("{name:<8} failed (wrk or nginx missing? scripts/setup.sh installs them)"),
@@ -80,19 +82,25 @@ fn main() {
         .unwrap_or(5);
     let (mut upstream, port) = start_fixed_server("CD_ROUTER_UPSTREAM");
 
-    // The router on a runtime of its own, one worker.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let router = rt
-        .block_on(
-            HttpRouter::builder("127.0.0.1:0")
+    // The router on a thread of its own with a single-threaded runtime, as
+    // nginx's one worker process.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let router = HttpRouter::builder("127.0.0.1:0")
                 .upstream("app", format!("127.0.0.1:{port}"))
-                .start(),
-        )
-        .unwrap();
+                .start()
+                .await
+                .unwrap();
+            tx.send(router.clone()).unwrap();
+            std::future::pending::<()>().await;
+        });
+    });
+    let router: HttpRouter = rx.recv().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let nginx_port = cd_testkit::reserve_port();
     let mut nginx = nginx(port, nginx_port.port, dir.path());
@@ -105,10 +113,28 @@ fn main() {
     let _ = run_wrk(&routed_url, 32, 1);
     let direct = run_wrk(&direct_url, 32, secs);
     show("direct", &direct);
-    let routed = run_wrk(&routed_url, 32, secs);
-    show("router", &routed);
-    let proxied = nginx.as_ref().and_then(|_| run_wrk(&nginx_url, 32, secs));
-    show("nginx", &proxied);
+    // Router and nginx alternate, three rounds each; the medians count (a
+    // shared 2-core box drifts by 10-20% between runs).
+    let (mut routed_runs, mut nginx_runs) = (Vec::new(), Vec::new());
+    for round in 1..=3 {
+        let r = run_wrk(&routed_url, 32, secs);
+        show(&format!("router#{round}"), &r);
+        routed_runs.extend(r);
+        let n = nginx.as_ref().and_then(|_| run_wrk(&nginx_url, 32, secs));
+        show(&format!("nginx#{round}"), &n);
+        nginx_runs.extend(n);
+    }
+    let median = |mut v: Vec<Figures>| -> Option<Figures> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+        Some(v[v.len() / 2])
+    };
+    let routed = median(routed_runs);
+    let proxied = median(nginx_runs);
+    show("router (median)", &routed);
+    show("nginx (median)", &proxied);
     let stats = router.stats();
     println!(
         "router upstream errors: {} of {} requests",

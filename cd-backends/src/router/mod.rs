@@ -11,16 +11,22 @@
 //!   with an analysis between them.
 //! - **Sticky sessions** (optional): requests carrying the same header or
 //!   cookie value go to the same upstream while the weights do not change.
-//! - **Retries**: a request without a body and with an idempotent method
-//!   (`GET`, `HEAD`, `OPTIONS`, `PUT`, `DELETE`) whose connection to an
-//!   upstream fails is sent to another upstream with weight (at most 2
-//!   retries); anything else gets a `502`.
+//! - **Retries**: a request whose upstream refuses the connection goes to
+//!   another upstream with weight (at most 2 retries): nothing was sent, so
+//!   this is safe for any method. A failure after the request was sent is a
+//!   `502` (it may have been processed).
+//! - **Connections**: each client connection keeps its own keep-alive
+//!   connection to each upstream (as nginx's `keepalive` upstreams), so no
+//!   pool is shared between connections.
 //! - **Headers**: `X-Forwarded-For` (appended), `X-Forwarded-Proto`,
 //!   `X-Forwarded-Host`.
 //! - **Its own samples**: per upstream, requests, errors (a 5xx answer or
 //!   no answer at all) and latency (HdrHistogram, µs); [`RouterMonitor`]
 //!   turns them into [`cd_core::Monitor`] samples, so a canary is judged on
 //!   the traffic it really served.
+//!
+//! It runs in the deploy process, or as a process of its own (`cd-router`)
+//! driven through its admin API ([`RemoteRouter`]).
 //!
 //! ```no_run
 //! # async fn demo() -> cd_core::Result<()> {
@@ -47,16 +53,47 @@ use cd_core::{
     DeployContext, Error, ErrorKind, Monitor, MonitorContext, Result, Sample, Target,
     WeightedRouter,
 };
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::Full;
 use hyper::body::{Body, Bytes, Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
-type ProxyBody = BoxBody<Bytes, hyper::Error>;
+mod admin;
+pub use admin::RemoteRouter;
+
+/// What the router answers with: an upstream's body, or its own short
+/// message (an enum, not a box: no allocation per request).
+enum ProxyBody {
+    Upstream(Tracked),
+    Own(Full<Bytes>),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream(t) => Pin::new(t).poll_frame(cx),
+            ProxyBody::Own(f) => Pin::new(f).poll_frame(cx).map_err(|e| match e {}),
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream(t) => t.is_end_stream(),
+            ProxyBody::Own(f) => f.is_end_stream(),
+        }
+    }
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            ProxyBody::Upstream(t) => t.size_hint(),
+            ProxyBody::Own(f) => f.size_hint(),
+        }
+    }
+}
 
 /// Per-upstream counters.
 struct Stats {
@@ -108,7 +145,6 @@ struct Shared {
     next: AtomicU64,
     sticky: Sticky,
     drain_timeout: Duration,
-    client: Client<HttpConnector, ProxyBody>,
     addr: SocketAddr,
     state_file: Option<std::path::PathBuf>,
     /// Bumped at every weight change, with every upstream's (requests,
@@ -226,12 +262,6 @@ impl HttpRouterBuilder {
         let addr = listener
             .local_addr()
             .map_err(|e| Error::invalid(format!("router address: {e}")))?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
         let shared = Arc::new(Shared {
             upstreams,
             table: RwLock::new(Arc::new(Table {
@@ -241,7 +271,6 @@ impl HttpRouterBuilder {
             next: AtomicU64::new(0),
             sticky: self.sticky,
             drain_timeout: self.drain_timeout,
-            client,
             addr,
             state_file: self.state_file,
             epoch: Mutex::new((0, Vec::new())),
@@ -261,9 +290,20 @@ impl HttpRouterBuilder {
                 let _ = stream.set_nodelay(true);
                 let s = s.clone();
                 tokio::spawn(async move {
+                    // Each client connection keeps its own upstream
+                    // connections (as nginx's keepalive upstreams): no
+                    // shared pool, no lock per request.
+                    let conns: Conns =
+                        Arc::new(Mutex::new((0..s.upstreams.len()).map(|_| None).collect()));
+                    let peer_ip = hyper::header::HeaderValue::from_str(&peer.ip().to_string())
+                        .unwrap_or_else(|_| hyper::header::HeaderValue::from_static("unknown"));
                     let service = hyper::service::service_fn(move |req| {
-                        let s = s.clone();
-                        async move { Ok::<_, std::convert::Infallible>(proxy(&s, req, peer).await) }
+                        let (s, conns, peer_ip) = (s.clone(), conns.clone(), peer_ip.clone());
+                        async move {
+                            Ok::<_, std::convert::Infallible>(
+                                proxy(&s, &conns, req, peer, &peer_ip).await,
+                            )
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .keep_alive(true)
@@ -639,12 +679,49 @@ impl Body for Tracked {
 }
 
 fn text(status: StatusCode, msg: String) -> Response<ProxyBody> {
-    let mut r = Response::new(Full::new(Bytes::from(msg)).map_err(|e| match e {}).boxed());
+    let mut r = Response::new(ProxyBody::Own(Full::new(Bytes::from(msg))));
     *r.status_mut() = status;
     r
 }
 
-async fn proxy(s: &Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+/// A client connection's upstream connections, by upstream index.
+type Conns = Arc<Mutex<Vec<Option<hyper::client::conn::http1::SendRequest<Incoming>>>>>;
+
+/// A ready connection to upstream `i`: the client connection's own if it is
+/// still open, else a new one.
+async fn connection(
+    s: &Shared,
+    conns: &Conns,
+    i: usize,
+) -> std::result::Result<hyper::client::conn::http1::SendRequest<Incoming>, String> {
+    let kept = conns.lock().unwrap_or_else(|p| p.into_inner())[i].take();
+    if let Some(mut sender) = kept {
+        if sender.ready().await.is_ok() {
+            return Ok(sender);
+        }
+    }
+    let stream = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect(s.upstreams[i].addr),
+    )
+    .await
+    .map_err(|_| "connect timed out after 2 s".to_string())?
+    .map_err(|e| e.to_string())?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+async fn proxy(
+    s: &Arc<Shared>,
+    conns: &Conns,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    peer_ip: &hyper::header::HeaderValue,
+) -> Response<ProxyBody> {
     let table = s.table.read().unwrap_or_else(|p| p.into_inner()).clone();
     let key = sticky_key(&s.sticky, &req).unwrap_or_else(|| {
         s.next
@@ -653,14 +730,6 @@ async fn proxy(s: &Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Res
             >> 32
     });
     let (mut parts, body) = req.into_parts();
-    let replayable = matches!(
-        parts.method,
-        hyper::Method::GET
-            | hyper::Method::HEAD
-            | hyper::Method::OPTIONS
-            | hyper::Method::PUT
-            | hyper::Method::DELETE
-    ) && body.is_end_stream();
     // X-Forwarded-*.
     let host = parts.headers.get(hyper::header::HOST).cloned();
     let xff = match parts
@@ -668,10 +737,10 @@ async fn proxy(s: &Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Res
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok())
     {
-        Some(prev) => format!("{prev}, {}", peer.ip()),
-        None => peer.ip().to_string(),
+        Some(prev) => format!("{prev}, {}", peer.ip()).parse().ok(),
+        None => Some(peer_ip.clone()),
     };
-    if let Ok(v) = xff.parse() {
+    if let Some(v) = xff {
         parts.headers.insert("x-forwarded-for", v);
     }
     parts.headers.insert(
@@ -681,14 +750,18 @@ async fn proxy(s: &Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Res
     if let Some(h) = host {
         parts.headers.insert("x-forwarded-host", h);
     }
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "/".into());
-    let mut body = Some(body.boxed());
+    // Upstreams get the origin form (`/path?query`).
+    if parts.uri.scheme().is_some() {
+        if let Some(pq) = parts.uri.path_and_query() {
+            if let Ok(u) = pq.as_str().parse() {
+                parts.uri = u;
+            }
+        }
+    }
+    // Find an upstream that takes a connection: one that refuses is skipped
+    // (the request has not been sent yet, so any method may go elsewhere).
     let mut tried: Vec<usize> = Vec::new();
-    loop {
+    let (i, mut sender) = loop {
         let Some(i) = pick(&table, key, &tried) else {
             return text(
                 StatusCode::BAD_GATEWAY,
@@ -699,53 +772,56 @@ async fn proxy(s: &Arc<Shared>, req: Request<Incoming>, peer: SocketAddr) -> Res
                 },
             );
         };
-        let up = &s.upstreams[i];
-        up.stats.requests.fetch_add(1, Ordering::Relaxed);
-        up.stats.in_flight.fetch_add(1, Ordering::SeqCst);
-        let guard = InFlight(&up.stats);
-        let uri: hyper::Uri = match format!("http://{}{path}", up.addr).parse() {
-            Ok(u) => u,
-            Err(e) => return text(StatusCode::BAD_REQUEST, format!("bad request path: {e}\n")),
-        };
-        let mut out = Request::from_parts(parts.clone(), ());
-        *out.uri_mut() = uri;
-        let b = match body.take() {
-            Some(b) => b,
-            None => Empty::<Bytes>::new().map_err(|e| match e {}).boxed(),
-        };
-        let out = out.map(|()| b);
-        let started = Instant::now();
-        match s.client.request(out).await {
-            Ok(resp) => {
-                let us = started.elapsed().as_micros().max(1) as u64;
-                if let Ok(mut h) = up.stats.latency.lock() {
-                    let _ = h.record(us.min(60_000_000));
-                }
-                if resp.status().is_server_error() {
-                    up.stats.errors.fetch_add(1, Ordering::Relaxed);
-                }
-                // The body keeps the request in flight until it is sent.
-                std::mem::forget(guard);
-                let (p, inner) = resp.into_parts();
-                let tracked = Tracked {
-                    inner,
-                    shared: s.clone(),
-                    upstream: i,
-                };
-                return Response::from_parts(p, tracked.boxed());
-            }
+        match connection(s, conns, i).await {
+            Ok(sender) => break (i, sender),
             Err(e) => {
+                let up = &s.upstreams[i];
+                up.stats.requests.fetch_add(1, Ordering::Relaxed);
                 up.stats.errors.fetch_add(1, Ordering::Relaxed);
-                drop(guard);
                 tried.push(i);
-                let connect = e.is_connect();
-                if !(connect && replayable) || tried.len() > 2 {
+                if tried.len() > 2 {
                     return text(
                         StatusCode::BAD_GATEWAY,
-                        format!("upstream {} failed: {e}\n", up.name),
+                        format!("upstream {} refused: {e}\n", up.name),
                     );
                 }
             }
+        }
+    };
+    let up = &s.upstreams[i];
+    up.stats.requests.fetch_add(1, Ordering::Relaxed);
+    up.stats.in_flight.fetch_add(1, Ordering::SeqCst);
+    let guard = InFlight(&up.stats);
+    let started = Instant::now();
+    let result = sender.send_request(Request::from_parts(parts, body)).await;
+    match result {
+        Ok(resp) => {
+            // The connection goes back for this client's next request.
+            conns.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(sender);
+            let us = started.elapsed().as_micros().max(1) as u64;
+            if let Ok(mut h) = up.stats.latency.lock() {
+                let _ = h.record(us.min(60_000_000));
+            }
+            if resp.status().is_server_error() {
+                up.stats.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            // The body keeps the request in flight until it is sent.
+            std::mem::forget(guard);
+            let (p, inner) = resp.into_parts();
+            let tracked = Tracked {
+                inner,
+                shared: s.clone(),
+                upstream: i,
+            };
+            Response::from_parts(p, ProxyBody::Upstream(tracked))
+        }
+        Err(e) => {
+            up.stats.errors.fetch_add(1, Ordering::Relaxed);
+            drop(guard);
+            text(
+                StatusCode::BAD_GATEWAY,
+                format!("upstream {} failed: {e}\n", up.name),
+            )
         }
     }
 }
@@ -888,6 +964,10 @@ impl Monitor for RouterMonitor {
 mod tests {
     use super::*;
     use cd_testkit::webhook::WebhookReceiver;
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
 
     async fn get(url: &str, header: Option<(&str, &str)>) -> u16 {
         let client: Client<HttpConnector, Empty<Bytes>> =
@@ -998,5 +1078,47 @@ mod tests {
         drop(r);
         let r = build().start().await.unwrap();
         assert_eq!(r.weights(), [("a".to_string(), 0), ("b".to_string(), 100)]);
+    }
+}
+
+#[cfg(test)]
+mod admin_tests {
+    use super::*;
+    use cd_core::Router as _;
+    use cd_testkit::webhook::WebhookReceiver;
+
+    #[tokio::test]
+    async fn a_remote_router_drives_the_router_through_its_admin_api() {
+        let (a, b) = (
+            WebhookReceiver::start().await,
+            WebhookReceiver::start().await,
+        );
+        let addr = |r: &WebhookReceiver| r.url("").trim_start_matches("http://").to_string();
+        let router = HttpRouter::builder("127.0.0.1:0")
+            .upstream("blue", addr(&a))
+            .upstream("green", addr(&b))
+            .start()
+            .await
+            .unwrap();
+        let admin = router.serve_admin("127.0.0.1:0").await.unwrap();
+        let remote = RemoteRouter::new(format!("http://{admin}")).unwrap();
+        let cx = DeployContext::detached("test");
+        assert_eq!(remote.active().await.unwrap().as_deref(), Some("blue"));
+        remote
+            .set_weights(&[("blue".into(), 90), ("green".into(), 10)], &cx)
+            .await
+            .unwrap();
+        assert_eq!(
+            router.weights(),
+            [("blue".to_string(), 90), ("green".to_string(), 10)]
+        );
+        remote.switch("green", &cx).await.unwrap();
+        assert_eq!(router.weights()[1], ("green".to_string(), 100));
+        let err = remote
+            .set_weights(&[("blue".into(), 50)], &cx)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Invalid);
+        assert!(err.to_string().contains("sum to 100"), "{err}");
     }
 }
