@@ -288,3 +288,61 @@ async fn a_canary_answering_500_is_sent_back_to_zero_on_the_routers_own_samples(
     assert!(d.current(&targets[0]).await.unwrap().is_none());
     d.remove_all().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_update_of_replicas_behind_the_router_drops_nothing() {
+    remove_app("pool");
+    let Some(svc) = PodmanService::start() else {
+        return;
+    };
+    for v in ["v1", "v2"] {
+        image(v);
+    }
+    let mut b = ContainerDeployer::builder("pool")
+        .socket(svc.socket().display().to_string())
+        .image("localhost/cd-test:{version}")
+        .health_http("/health")
+        .health_timeout(Duration::from_secs(15))
+        .stop_timeout(Duration::from_secs(2));
+    for i in 1..=3 {
+        b = b.replica(format!("web-{i}"), cd_testkit::held_port());
+    }
+    let d = b.build().unwrap();
+    let targets = d.targets();
+    let cx = DeployContext::detached("production");
+    cd::core::Rolling::new()
+        .batch_size(3)
+        .deploy(&d, &Release::new("v1"), &targets, &cx)
+        .await
+        .unwrap();
+    let router = HttpRouter::builder("127.0.0.1:0")
+        .upstreams_of(&targets)
+        .start()
+        .await
+        .unwrap();
+    router.spread(&["web-1", "web-2", "web-3"]).unwrap();
+    assert_eq!(
+        router.weights().iter().map(|w| w.1).collect::<Vec<_>>(),
+        [34, 33, 33]
+    );
+    let load = Load::start(format!("{}/cgi-bin/app", router.url()));
+    load.more(100).await;
+
+    // One replica at a time leaves the rotation, is replaced, comes back.
+    let pool = cd::backends::router::Drained::new(d.clone(), router.clone());
+    cd::core::Rolling::new()
+        .batch_size(1)
+        .deploy(&pool, &Release::new("v2"), &targets, &cx)
+        .await
+        .unwrap();
+    load.more(100).await;
+    assert!(load.recent(50).iter().all(|v| v == "v2"), "{:?}", load.recent(50));
+    assert_eq!(
+        router.weights().iter().map(|w| w.1).collect::<Vec<_>>(),
+        [34, 33, 33],
+        "every replica back in rotation"
+    );
+    let (ok, failed) = load.stop().await;
+    assert!(failed.is_empty(), "{} of {ok} failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+    d.remove_all().await.unwrap();
+}

@@ -25,6 +25,10 @@
 //!   turns them into [`cd_core::Monitor`] samples, so a canary is judged on
 //!   the traffic it really served.
 //!
+//! - **Replica pools**: [`HttpRouter::spread`] shares traffic evenly between
+//!   replicas; [`Drained`] wraps their deployer so each replica leaves the
+//!   rotation (drained) while it is replaced: rolling updates drop nothing.
+//!
 //! It runs in the deploy process, or as a process of its own (`cd-router`)
 //! driven through its admin API ([`RemoteRouter`]).
 //!
@@ -60,7 +64,9 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
 mod admin;
+mod pool;
 pub use admin::RemoteRouter;
+pub use pool::Drained;
 
 /// What the router answers with: an upstream's body, or its own short
 /// message (an enum, not a box: no allocation per request).
@@ -478,6 +484,23 @@ impl HttpRouter {
             save_weights(path, &map)?;
         }
         Ok(())
+    }
+
+    /// Shares the traffic evenly between `names` (integer percentages, the
+    /// first ones get the remainder: 34/33/33); the others get none.
+    ///
+    /// Errors: as [`HttpRouter::set`]; [`ErrorKind::Invalid`] for no name.
+    pub fn spread(&self, names: &[&str]) -> Result<()> {
+        if names.is_empty() {
+            return Err(Error::invalid("spread needs at least one upstream"));
+        }
+        let n = names.len() as u32;
+        let w: Vec<(&str, u32)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| (*name, 100 / n + u32::from((i as u32) < 100 % n)))
+            .collect();
+        self.set(&w)
     }
 
     /// Waits until no request is in flight on the upstreams that have no
