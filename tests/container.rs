@@ -337,3 +337,49 @@ async fn the_container_deployer_passes_the_conformance_suite() {
     assert!(report.is_complete(), "{report:?}");
     d.remove_all().await.unwrap();
 }
+
+/// The image's own healthcheck decides. Podman runs healthchecks from
+/// systemd timers, which this sandbox has not: the test runs them itself
+/// (`podman healthcheck run`), as the timer would, until the deploy ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_containers_own_healthcheck_can_decide() {
+    remove_app("hc");
+    let Some(svc) = PodmanService::start() else {
+        return;
+    };
+    image("v1");
+    let d = ContainerDeployer::builder("hc")
+        .socket(svc.socket().display().to_string())
+        .image("localhost/cd-test:{version}")
+        .replica("hc-1", cd_testkit::held_port())
+        .healthcheck([
+            "CMD",
+            "/bin/wget",
+            "-q",
+            "-O",
+            "/dev/null",
+            "http://127.0.0.1:8080/health",
+        ])
+        .health_timeout(Duration::from_secs(20))
+        .build()
+        .unwrap();
+    let cx = DeployContext::detached("staging");
+    let t = Target::new("hc-1");
+    let plan = d.plan(&Release::new("v1"), &t, &cx).await.unwrap();
+    let apply = tokio::spawn({
+        let (d, cx) = (d.clone(), cx.clone());
+        async move { d.apply(&plan, &cx).await }
+    });
+    let podman = cd_testkit::find_tool("podman").unwrap();
+    while !apply.is_finished() {
+        let _ = tokio::process::Command::new(&podman)
+            .args(["healthcheck", "run", "hc-hc-1-v1"])
+            .output()
+            .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rev = apply.await.unwrap().unwrap();
+    assert_eq!(rev.version, "v1");
+    assert_eq!(body(d.host_port("hc-1").unwrap()).await, "v1");
+    d.remove_all().await.unwrap();
+}

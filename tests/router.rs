@@ -336,13 +336,22 @@ async fn a_rolling_update_of_replicas_behind_the_router_drops_nothing() {
         .await
         .unwrap();
     load.more(100).await;
-    assert!(load.recent(50).iter().all(|v| v == "v2"), "{:?}", load.recent(50));
+    assert!(
+        load.recent(50).iter().all(|v| v == "v2"),
+        "{:?}",
+        load.recent(50)
+    );
     assert_eq!(
         router.weights().iter().map(|w| w.1).collect::<Vec<_>>(),
         [34, 33, 33],
         "every replica back in rotation"
     );
     let (ok, failed) = load.stop().await;
-    assert!(failed.is_empty(), "{} of {ok} failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
+    assert!(
+        failed.is_empty(),
+        "{} of {ok} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
     d.remove_all().await.unwrap();
 }

@@ -152,7 +152,7 @@ pub fn remove_image(name: &str, tag: &str) {
 
 /// The application names the tests, examples and benchmarks use.
 pub const TEST_APPS: &[&str] = &[
-    "roll", "fail", "err", "busy", "conf", "zero", "bad", "pool", "demo", "bench", "cli",
+    "roll", "fail", "err", "busy", "conf", "zero", "bad", "pool", "hc", "demo", "bench", "cli",
 ];
 
 /// Removes every container labelled `cd.app=<app>` with the podman CLI

@@ -102,7 +102,10 @@ pub enum HealthProbe {
     /// `GET http://127.0.0.1:<host port><path>` answers 2xx.
     Http(String),
     /// The image's own `HEALTHCHECK` (or [`ContainerDeployerBuilder::healthcheck`])
-    /// says `healthy`.
+    /// says `healthy`. Docker runs healthchecks by itself; Podman schedules
+    /// them with systemd timers, so on a host without systemd they only run
+    /// when something calls `podman healthcheck run` (use
+    /// [`HealthProbe::Http`] there).
     Container,
     /// Running is enough.
     Running,
@@ -452,7 +455,7 @@ impl ContainerDeployer {
                 .and_then(|r| r.split(')').next())
                 .and_then(|n| n.trim().parse().ok())
         });
-        let health = c["Health"]["Status"]
+        let mut health = c["Health"]["Status"]
             .as_str()
             .map(str::to_string)
             .or_else(|| {
@@ -464,6 +467,16 @@ impl ContainerDeployer {
                             .replace("health: ", "")
                     })
             });
+        if health.is_none() && running && self.inner.cfg.health == HealthProbe::Container {
+            // Podman's list leaves it out; its inspect has it.
+            let inspect = self
+                .raw_get(&format!("/v1.41/containers/{id}/json"))
+                .await
+                .map_err(|e| e.with("container", id))?;
+            health = inspect["State"]["Health"]["Status"]
+                .as_str()
+                .map(str::to_string);
+        }
         Ok((running, exit, health))
     }
 
