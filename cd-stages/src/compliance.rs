@@ -1,5 +1,7 @@
 //! `ComplianceCheck`: simple built-in rules a release must satisfy.
 
+pub mod advisories;
+pub mod components;
 pub mod secrets;
 
 use std::io::Read;
