@@ -2,6 +2,7 @@
 
 pub mod advisories;
 pub mod components;
+pub mod sbom;
 pub mod secrets;
 
 use std::io::Read;
