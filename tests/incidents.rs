@@ -281,15 +281,14 @@ async fn a_receiver_that_never_answers_does_not_hold_up_the_rollback() {
 
     // The deliveries give up on their own, recorded.
     let incident = store.incidents(true, 1).await.unwrap().remove(0);
-    let end = std::time::Instant::now() + DEADLINE;
-    let records = loop {
+    let records = cd_testkit::eventually(DEADLINE, || async {
         let r = store.deliveries(&incident.id, 100).await.unwrap();
-        if r.iter().any(|d| d.outcome == DeliveryOutcome::GaveUp) || std::time::Instant::now() > end
-        {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        r.iter()
+            .any(|d| d.outcome == DeliveryOutcome::GaveUp)
+            .then_some(r)
+    })
+    .await
+    .expect("the deliveries never gave up");
     let outcomes: Vec<DeliveryOutcome> = records.iter().map(|d| d.outcome).collect();
     assert_eq!(
         outcomes,
@@ -436,19 +435,18 @@ async fn an_approval_waiting_is_announced_once() {
         "{n}"
     );
     let run_id = n["run_id"].as_str().unwrap().to_string();
-    let end = std::time::Instant::now() + DEADLINE;
-    while store
-        .events(&run_id, 0, 10_000)
-        .await
-        .unwrap()
-        .iter()
-        .filter(|e| matches!(e.kind, EventKind::GateWaiting { .. }))
-        .count()
-        < 3
-    {
-        assert!(std::time::Instant::now() < end, "the gate never rechecked");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    cd_testkit::eventually(DEADLINE, || async {
+        let waits = store
+            .events(&run_id, 0, 10_000)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| matches!(e.kind, EventKind::GateWaiting { .. }))
+            .count();
+        (waits >= 3).then_some(())
+    })
+    .await
+    .expect("the gate never rechecked");
     store
         .put_approval(&cd::core::ApprovalRecord {
             run_id: run_id.clone(),

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cd_core::{
     Analysis, Canary, Emitter, MemoryDeployer, MemoryStore, MonitorContext, NodeStatus, Pipeline,
@@ -79,15 +79,12 @@ async fn the_canary_judge_on_prometheus_metrics() {
     let judge = judge(&prom);
 
     // Wait until Prometheus holds enough points for both sides.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let same = loop {
+    let same = cd_testkit::eventually(Duration::from_secs(90), || async {
         let r = judge.judge_now(&cx(&["web2"], &["web3"])).await.unwrap();
-        if r.metrics[0].baseline_count >= 10 && r.metrics[0].canary_count >= 10 {
-            break r;
-        }
-        assert!(Instant::now() < deadline, "no data after 90 s: {r:?}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+        (r.metrics[0].baseline_count >= 10 && r.metrics[0].canary_count >= 10).then_some(r)
+    })
+    .await
+    .expect("no data after 90 s");
     // Identical distributions pass.
     assert_eq!(same.verdict, Verdict::Pass, "{same:?}");
     assert_eq!(same.score, 100.0);

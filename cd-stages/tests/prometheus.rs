@@ -5,7 +5,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cd_core::{
     Analysis, AnalysisOutcome, Emitter, ErrorKind, Monitor, MonitorContext, Release, SampleStatus,
@@ -45,14 +45,13 @@ async fn sample_until(
     m: &PrometheusMonitor,
     done: impl Fn(&cd_core::Result<cd_core::Sample>) -> bool,
 ) -> cd_core::Result<cd_core::Sample> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let sample = || async {
         let s = m.sample(&cx()).await;
-        if done(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "never reached: last {s:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        done(&s).then_some(s)
+    };
+    match cd_testkit::eventually(Duration::from_secs(60), sample).await {
+        Ok(s) => s,
+        Err(()) => panic!("never reached: last {:?}", m.sample(&cx()).await),
     }
 }
 

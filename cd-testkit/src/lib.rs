@@ -1099,6 +1099,26 @@ pub fn files_holding(root: &Path, needle: &str, skip: &[&str]) -> Vec<PathBuf> {
     found
 }
 
+/// Waits until `check` returns `Some`, asking every 20 ms, and returns its
+/// value; after `deadline` returns the last `None` as `Err(())`. The one
+/// polling loop the tests share (no sleep as synchronisation elsewhere).
+pub async fn eventually<T, F, Fut>(deadline: Duration, mut check: F) -> Result<T, ()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if Instant::now() >= end {
+            return Err(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -151,13 +151,13 @@ impl WebhookReceiver {
         deadline: Duration,
         pred: impl Fn(&[Received]) -> bool,
     ) -> Vec<Received> {
-        let end = Instant::now() + deadline;
-        loop {
+        let received = || async {
             let got = self.received();
-            if pred(&got) || Instant::now() >= end {
-                return got;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            pred(&got).then_some(got)
+        };
+        match crate::eventually(deadline, received).await {
+            Ok(got) => got,
+            Err(()) => self.received(),
         }
     }
 }
