@@ -381,3 +381,66 @@ async fn run_show_prints_stored_load_and_test_results() {
     );
     assert!(text.contains("regressions: api::users::deletes"), "{text}");
 }
+
+#[tokio::test]
+async fn cdctl_sbom_prints_the_document_stored_with_the_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("state.db");
+    populate(&db).await;
+    let store = SqliteStore::open(&db).await.unwrap();
+    let bom = |n: usize| {
+        serde_json::json!({"bomFormat": "CycloneDX", "specVersion": "1.5", "version": 1,
+            "components": (0..n).map(|i| serde_json::json!({"type": "library", "name": format!("lib{i}"), "version": "1.0.0"})).collect::<Vec<_>>()})
+        .to_string()
+    };
+    let media = "application/vnd.cyclonedx+json; version=1.5";
+    // Two documents for v1: the later one is the one printed.
+    store
+        .put_release_document(&cd_core::ReleaseDocument::new("v1", "sbom", media, bom(1)))
+        .await
+        .unwrap();
+    let mut latest = cd_core::ReleaseDocument::new("v1", "sbom", media, bom(3));
+    latest.run_id = Some(DONE.into());
+    store.put_release_document(&latest).await.unwrap();
+    store
+        .put_release_document(&cd_core::ReleaseDocument::new(
+            "v2-broken",
+            "sbom",
+            media,
+            bom(2),
+        ))
+        .await
+        .unwrap();
+    store.close().await;
+
+    // The live release (v1) by default.
+    let out = ok(&cdctl(&db, &["sbom", "production"]));
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["components"].as_array().unwrap().len(), 3);
+    assert_eq!(out.trim(), latest.content);
+    // A named version.
+    let out = ok(&cdctl(&db, &["sbom", "production", "v2-broken"]));
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(doc["components"].as_array().unwrap().len(), 2);
+    // The summary, as text and JSON.
+    let out = ok(&cdctl(&db, &["sbom", "production", "--summary"]));
+    assert!(out.contains("components 3"), "{out}");
+    assert!(out.contains(&latest.sha256), "{out}");
+    assert!(out.contains(DONE), "{out}");
+    let out = ok(&cdctl(&db, &["--json", "sbom", "production", "--summary"]));
+    let meta: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(meta["components"], 3);
+    assert_eq!(meta["bytes"], latest.bytes);
+    // None stored: exit 3, saying how one gets stored.
+    let out = cdctl(&db, &["sbom", "production", "v9"]);
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no SBOM stored for release v9"), "{err}");
+    assert!(err.contains("SbomStage"), "{err}");
+    // No live release and no version named.
+    let out = cdctl(&db, &["sbom", "staging"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no live release in environment `staging`")
+    );
+}

@@ -1049,3 +1049,80 @@ async fn two_machines_sharing_a_store_agree_on_current_and_rollback() {
         assert!(!m.path().join(".terraform/cd/history").exists());
     }
 }
+
+#[tokio::test]
+async fn policy_gate_denies_a_real_plan_that_deletes_a_protected_resource() {
+    use cd_stages::compliance::policy::{Policy, PolicyGate};
+    let Some(tools) = tools() else { return };
+    let dir = fixture("app");
+    let tf = deployer(&tools, dir.path());
+    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let policy = Policy::new()
+        .file(policies.join("terraform_protected.rego"))
+        .unwrap()
+        .data(json!({"policy_config": {"protected_resource_types": ["null_resource"]}}))
+        .unwrap();
+    let pipeline = Pipeline::builder("infra")
+        .stage("plan", TerraformPlanStage::new(tf.clone()))
+        .gate("policy", PolicyGate::new(policy))
+        .needs(["plan"])
+        .stage("apply", TerraformApplyStage::from_plan(tf.clone(), "plan"))
+        .needs(["policy"])
+        .build()
+        .unwrap();
+    let store = Arc::new(MemoryStore::new());
+    let runner = Runner::new(store.clone()).environment("default");
+
+    // v1 creates everything (nothing destroyed): allowed and applied.
+    let v1 = Release::new("v1")
+        .config("color", "blue")
+        .config("workers", 1);
+    let report = runner.run(&pipeline, v1).await.unwrap();
+    assert_eq!(report.status, RunStatus::Succeeded, "{report}");
+
+    // v2 drops the worker: terraform plans a delete, the policy denies it,
+    // nothing is applied.
+    let v2 = Release::new("v2")
+        .config("color", "blue")
+        .config("workers", 0);
+    let report = runner.run(&pipeline, v2).await.unwrap();
+    assert_eq!(report.status, RunStatus::Failed, "{report}");
+    let reason = report
+        .node("policy")
+        .unwrap()
+        .error
+        .as_ref()
+        .unwrap()
+        .message
+        .clone();
+    assert!(
+        reason.contains(
+            "cd.terraform: null_resource.worker[0] would be deleted: null_resource is a protected resource type"
+        ),
+        "{reason}"
+    );
+    assert_eq!(
+        report.node("apply").unwrap().status,
+        cd_core::NodeStatus::Skipped
+    );
+    let outputs = tf
+        .outputs(&tf.target("default"), &context("default").0)
+        .await
+        .unwrap();
+    assert_eq!(outputs["color"].value, json!("blue"));
+    let state = std::process::Command::new(&tools.terraform)
+        .args(["state", "list"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&state.stdout);
+    assert!(listed.contains("null_resource.worker[0]"), "{listed}");
+
+    // v3 only changes an output: allowed.
+    let v3 = Release::new("v3")
+        .config("color", "blue")
+        .config("workers", 1)
+        .config("size", 3);
+    let report = runner.run(&pipeline, v3).await.unwrap();
+    assert_eq!(report.status, RunStatus::Succeeded, "{report}");
+}

@@ -80,7 +80,7 @@ pub use stage::{
 };
 pub use store::{
     ApprovalRecord, Decision, Lease, LockAttempt, LockRequest, MemoryStore, NodeRecord, NodeStatus,
-    ReleaseRecord, ReleaseStatus, RunRecord, Store, TargetRecord,
+    ReleaseDocument, ReleaseRecord, ReleaseStatus, RunRecord, Store, TargetRecord,
 };
 pub use strategy::{BlueGreen, Canary, Rolling, RolloutReport, Strategy, TrafficCanary};
 pub use types::{Artifact, Change, ChangeAction, Plan, Release, ReleaseSecrets, Revision, Target};

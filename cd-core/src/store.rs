@@ -180,6 +180,56 @@ pub struct ApprovalRecord {
     pub at: DateTime<Utc>,
 }
 
+/// A document kept with a release version: its SBOM, a provenance
+/// statement, a compliance report. The latest document of a kind for a
+/// version is what readers get ([`Store::release_document`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseDocument {
+    /// The release version it describes.
+    pub version: String,
+    /// What it is: `sbom` for a CycloneDX SBOM.
+    pub kind: String,
+    /// Its media type (`application/vnd.cyclonedx+json; version=1.5`).
+    pub media_type: String,
+    /// SHA-256 of `content`, lowercase hex.
+    pub sha256: String,
+    /// Length of `content` in bytes.
+    pub bytes: u64,
+    /// The run that made it, if a run did.
+    pub run_id: Option<String>,
+    /// The environment that run deployed to.
+    pub environment: Option<String>,
+    /// When it was stored.
+    pub created_at: DateTime<Utc>,
+    /// The document itself.
+    pub content: String,
+}
+
+impl ReleaseDocument {
+    /// A document of `kind` for `version`, stored now; the hash and length
+    /// are computed from `content`.
+    pub fn new(
+        version: impl Into<String>,
+        kind: impl Into<String>,
+        media_type: impl Into<String>,
+        content: impl Into<String>,
+    ) -> Self {
+        use sha2::{Digest, Sha256};
+        let content = content.into();
+        ReleaseDocument {
+            version: version.into(),
+            kind: kind.into(),
+            media_type: media_type.into(),
+            sha256: hex::encode(Sha256::digest(content.as_bytes())),
+            bytes: content.len() as u64,
+            run_id: None,
+            environment: None,
+            created_at: Utc::now(),
+            content,
+        }
+    }
+}
+
 /// A held environment lock: a lease that expires unless renewed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
@@ -475,6 +525,25 @@ pub trait Store: Send + Sync + 'static {
         let _ = (subject, limit);
         Ok(Vec::new())
     }
+
+    /// Keeps a document with a release version (an SBOM). Documents are
+    /// appended: storing another of the same kind for the same version
+    /// makes it the one [`Store::release_document`] returns, the older one
+    /// stays.
+    ///
+    /// The default returns [`ErrorKind::Unsupported`](crate::ErrorKind).
+    async fn put_release_document(&self, document: &ReleaseDocument) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "this store keeps no release documents ({} of {})",
+            document.kind, document.version
+        )))
+    }
+
+    /// The latest document of `kind` stored for `version`.
+    async fn release_document(&self, version: &str, kind: &str) -> Result<Option<ReleaseDocument>> {
+        let _ = (version, kind);
+        Ok(None)
+    }
 }
 
 /// A store in memory: fast, shared between tasks, gone with the process.
@@ -510,6 +579,7 @@ struct MemoryInner {
     target_records: Vec<TargetRecord>,
     incidents: Vec<IncidentRecord>,
     deliveries: Vec<DeliveryRecord>,
+    documents: Vec<ReleaseDocument>,
 }
 
 impl fmt::Debug for MemoryStore {
@@ -834,5 +904,19 @@ impl Store for MemoryStore {
             .take(limit)
             .cloned()
             .collect())
+    }
+    async fn put_release_document(&self, document: &ReleaseDocument) -> Result<()> {
+        self.lock().documents.push(document.clone());
+        Ok(())
+    }
+
+    async fn release_document(&self, version: &str, kind: &str) -> Result<Option<ReleaseDocument>> {
+        Ok(self
+            .lock()
+            .documents
+            .iter()
+            .rev()
+            .find(|d| d.version == version && d.kind == kind)
+            .cloned())
     }
 }

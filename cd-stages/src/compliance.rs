@@ -2,6 +2,8 @@
 
 pub mod advisories;
 pub mod components;
+#[cfg(feature = "policy")]
+pub mod policy;
 pub mod sbom;
 pub mod secrets;
 

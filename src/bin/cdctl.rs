@@ -71,7 +71,7 @@ mod cli {
 
     use chrono::{DateTime, Utc};
     use clap::{Parser, Subcommand};
-    use serde_json::json;
+    use serde_json::{json, Value};
 
     use cd_backends::sqlite::SqliteStore;
     use cd_core::{
@@ -118,6 +118,19 @@ mod cli {
             /// How many releases.
             #[arg(long, default_value_t = 20)]
             limit: usize,
+        },
+        /// Print the SBOM (CycloneDX 1.5 JSON) stored with a release: the
+        /// environment's live release, or VERSION. An SbomStage in the
+        /// pipeline stores it. Exit 3 when there is none.
+        Sbom {
+            /// The environment.
+            env: String,
+            /// The release version [default: the live one in ENV].
+            version: Option<String>,
+            /// Print what is stored (version, size, hash, components, run)
+            /// instead of the document.
+            #[arg(long)]
+            summary: bool,
         },
         /// Environment locks held now, and who waits for them.
         Locks,
@@ -296,6 +309,11 @@ mod cli {
                     },
             } => abandon(store, cli.json, id, reason, *force, actor.clone()).await,
             Command::History { env, limit } => history(&store, cli.json, env, *limit).await,
+            Command::Sbom {
+                env,
+                version,
+                summary,
+            } => sbom(&store, cli.json, env, version.as_deref(), *summary).await,
             Command::Locks => locks(&store, cli.json).await,
             Command::Unlock {
                 env,
@@ -699,6 +717,68 @@ mod cli {
                 say!("  {key}: {}", ids.join(", "));
             }
         }
+    }
+
+    async fn sbom(
+        store: &SqliteStore,
+        as_json: bool,
+        env: &str,
+        version: Option<&str>,
+        summary: bool,
+    ) -> Result<()> {
+        let version = match version {
+            Some(v) => v.to_string(),
+            None => store
+                .release_history(env, 100)
+                .await?
+                .into_iter()
+                .find(|r| r.status == cd_core::ReleaseStatus::Live)
+                .map(|r| r.version)
+                .ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!("no live release in environment `{env}`: name a version"),
+                    )
+                })?,
+        };
+        let doc = store
+            .release_document(&version, "sbom")
+            .await?
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                    "no SBOM stored for release {version} (an SbomStage in the pipeline stores one)"
+                ),
+                )
+            })?;
+        let parsed: Value = serde_json::from_str(&doc.content)?;
+        if !summary {
+            if as_json {
+                return print_json(&parsed);
+            }
+            println!("{}", doc.content);
+            return Ok(());
+        }
+        let components = parsed["components"].as_array().map(Vec::len).unwrap_or(0);
+        if as_json {
+            let mut meta = serde_json::to_value(&doc)?;
+            meta["content"] = Value::Null;
+            meta["components"] = json!(components);
+            return print_json(&meta);
+        }
+        say!("sbom of {version} ({})", doc.media_type);
+        say!("  components {components}");
+        say!("  bytes      {}", doc.bytes);
+        say!("  sha256     {}", doc.sha256);
+        say!("  stored     {}", time(doc.created_at));
+        if let Some(run) = &doc.run_id {
+            say!("  run        {run}");
+        }
+        if let Some(e) = &doc.environment {
+            say!("  env        {e}");
+        }
+        Ok(())
     }
 
     async fn history(store: &SqliteStore, as_json: bool, env: &str, limit: usize) -> Result<()> {

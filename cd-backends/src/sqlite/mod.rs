@@ -1242,4 +1242,45 @@ impl Store for SqliteStore {
             })
             .await
     }
+    async fn put_release_document(&self, document: &cd_core::ReleaseDocument) -> Result<()> {
+        let path = self.p();
+        let (version, kind) = (document.version.clone(), document.kind.clone());
+        let at = rows::ts(document.created_at);
+        let content = document.content.clone();
+        let mut meta = document.clone();
+        meta.content = String::new();
+        let record = to_json(&meta)?;
+        self.engine
+            .write(move |c| {
+                c.prepare_cached(
+                    "INSERT INTO release_documents (version, kind, record, content, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .and_then(|mut s| s.execute(params![version, kind, record, content, at]))
+                .map_err(|e| sql_err(&path, e))?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn release_document(
+        &self,
+        version: &str,
+        kind: &str,
+    ) -> Result<Option<cd_core::ReleaseDocument>> {
+        let path = self.p();
+        let (version, kind) = (version.to_string(), kind.to_string());
+        self.engine
+            .read(move |c| {
+                c.prepare_cached(
+                    "SELECT record, content FROM release_documents WHERE version = ?1 AND kind = ?2
+                     ORDER BY seq DESC LIMIT 1",
+                )
+                .and_then(|mut s| {
+                    s.query_row(params![version, kind], rows::release_document)
+                        .optional()
+                })
+                .map_err(|e| sql_err(&path, e))
+            })
+            .await
+    }
 }

@@ -254,3 +254,10 @@ pub(crate) fn delivery(row: &Row<'_>) -> rusqlite::Result<cd_core::incident::Del
     r.seq = seq.max(0) as u64;
     Ok(r)
 }
+
+/// A `release_documents` row (`record, content`).
+pub(crate) fn release_document(row: &Row<'_>) -> rusqlite::Result<cd_core::ReleaseDocument> {
+    let mut d: cd_core::ReleaseDocument = json(row, 0)?;
+    d.content = row.get(1)?;
+    Ok(d)
+}

@@ -57,6 +57,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "incidents",
         sql: include_str!("migrations/0006_incidents.sql"),
     },
+    Migration {
+        version: 7,
+        name: "release_documents",
+        sql: include_str!("migrations/0007_release_documents.sql"),
+    },
 ];
 
 /// The schema version this build writes.

@@ -563,9 +563,16 @@ pub fn check(
 #[derive(Debug, Clone)]
 pub struct AdvisoryCheck {
     db: std::path::PathBuf,
-    dir: std::path::PathBuf,
+    components: ComponentSource,
     fail_at: Level,
     ignores: Vec<Ignore>,
+    report_only: bool,
+}
+
+#[derive(Debug, Clone)]
+enum ComponentSource {
+    Dir(std::path::PathBuf),
+    SbomNode(String),
 }
 
 impl AdvisoryCheck {
@@ -574,10 +581,32 @@ impl AdvisoryCheck {
     pub fn new(db: impl Into<std::path::PathBuf>, dir: impl Into<std::path::PathBuf>) -> Self {
         AdvisoryCheck {
             db: db.into(),
-            dir: dir.into(),
+            components: ComponentSource::Dir(dir.into()),
             fail_at: Level::High,
             ignores: Vec::new(),
+            report_only: false,
         }
+    }
+
+    /// Advisories from `db`; components from the CycloneDX document an
+    /// upstream [`super::sbom::SbomStage`] node output under `sbom`
+    /// ([`super::sbom::components_from_cyclonedx`]). Fails with
+    /// [`cd_core::ErrorKind::Invalid`] naming the node when it output no SBOM.
+    pub fn sbom_from(db: impl Into<std::path::PathBuf>, node: impl Into<String>) -> Self {
+        AdvisoryCheck {
+            db: db.into(),
+            components: ComponentSource::SbomNode(node.into()),
+            fail_at: Level::High,
+            ignores: Vec::new(),
+            report_only: false,
+        }
+    }
+
+    /// Reports failing matches in the output instead of failing the stage,
+    /// for a [`super::policy::PolicyGate`] downstream to decide on.
+    pub fn report_only(mut self) -> Self {
+        self.report_only = true;
+        self
     }
 
     /// The lowest level that fails.
@@ -608,20 +637,48 @@ impl cd_core::Stage for AdvisoryCheck {
         "advisory-check".into()
     }
 
+    fn fingerprint(&self) -> String {
+        format!(
+            "advisory-check:{}:{:?}:{:?}:{}:{:?}",
+            self.db.display(),
+            self.components,
+            self.fail_at,
+            self.report_only,
+            self.ignores
+        )
+    }
+
     fn capabilities(&self) -> cd_core::Capabilities {
         cd_core::Capabilities::CHECK
     }
 
     async fn run(&self, cx: &cd_core::StageContext) -> Result<cd_core::StageOutput> {
-        let (db, dir, fail_at, ignores) = (
-            self.db.clone(),
-            self.dir.clone(),
-            self.fail_at,
-            self.ignores.clone(),
-        );
+        let (db, fail_at, ignores) = (self.db.clone(), self.fail_at, self.ignores.clone());
+        let from_sbom = match &self.components {
+            ComponentSource::Dir(_) => None,
+            ComponentSource::SbomNode(node) => {
+                let out = cx.require_output(node)?;
+                let doc = out.get("sbom").filter(|d| d["bomFormat"] == "CycloneDX");
+                let doc = doc.ok_or_else(|| {
+                    Error::invalid(format!(
+                        "node `{node}` output no CycloneDX SBOM under `sbom`"
+                    ))
+                    .with("node", cx.node())
+                })?;
+                Some(super::sbom::components_from_cyclonedx(doc))
+            }
+        };
+        let dir = match &self.components {
+            ComponentSource::Dir(d) => Some(d.clone()),
+            ComponentSource::SbomNode(_) => None,
+        };
         let (report, advisories) = tokio::task::spawn_blocking(move || -> Result<_> {
             let db = AdvisoryDb::load(&db)?;
-            let components = super::components::discover(&dir)?;
+            let components = match (from_sbom, dir) {
+                (Some(c), _) => c,
+                (None, Some(dir)) => super::components::discover(&dir)?,
+                (None, None) => Vec::new(),
+            };
             let today = chrono::Utc::now().date_naive();
             Ok((check(&db, &components, fail_at, &ignores, today), db.len()))
         })
@@ -654,7 +711,7 @@ impl cd_core::Stage for AdvisoryCheck {
             ));
         }
         let out = serde_json::to_value(&report).unwrap_or_default();
-        if report.failing.is_empty() {
+        if report.failing.is_empty() || self.report_only {
             return Ok(cd_core::StageOutput::json(out));
         }
         let list: Vec<String> = report

@@ -247,3 +247,185 @@ impl Sbom {
         })
     }
 }
+
+/// The media type SBOMs are stored under.
+pub const MEDIA_TYPE: &str = "application/vnd.cyclonedx+json; version=1.5";
+
+/// The [`cd_core::ReleaseDocument`] kind SBOMs are stored under.
+pub const DOCUMENT_KIND: &str = "sbom";
+
+/// The components listed in a CycloneDX JSON document (any spec version
+/// with `components[].purl`), for the advisory check: the ecosystem comes
+/// from the purl type (`cargo` → `crates.io`, `npm`, `pypi` → `PyPI`);
+/// components without a purl of those types are left out. Nested
+/// components are read too.
+pub fn components_from_cyclonedx(doc: &Value) -> Vec<Component> {
+    fn walk(list: &Value, out: &mut Vec<Component>) {
+        for c in list.as_array().into_iter().flatten() {
+            if let (Some(name), Some(version), Some(purl)) = (
+                c["name"].as_str(),
+                c["version"].as_str(),
+                c["purl"].as_str(),
+            ) {
+                let ecosystem = match purl.split(['/', ':']).nth(1) {
+                    Some("cargo") => Some("crates.io"),
+                    Some("npm") => Some("npm"),
+                    Some("pypi") => Some("PyPI"),
+                    _ => None,
+                };
+                if let Some(e) = ecosystem {
+                    // npm scopes are part of the name in the document.
+                    let name = match (e, c["group"].as_str()) {
+                        ("npm", Some(g)) if !g.is_empty() && !name.starts_with('@') => {
+                            format!("{g}/{name}")
+                        }
+                        _ => name.to_string(),
+                    };
+                    out.push(Component {
+                        ecosystem: e.into(),
+                        name,
+                        version: version.into(),
+                    });
+                }
+            }
+            walk(&c["components"], out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&doc["components"], &mut out);
+    out
+}
+
+#[derive(Debug, Clone)]
+enum SbomSource {
+    Cargo(std::path::PathBuf),
+    LockFiles(std::path::PathBuf),
+}
+
+/// A stage that makes the release's SBOM and stores it with the release
+/// version in the run's store (a [`cd_core::ReleaseDocument`] of kind
+/// [`DOCUMENT_KIND`]; `cdctl sbom <env> [version]` prints it).
+///
+/// Output:
+///
+/// ```json
+/// {"components": 312, "bytes": 171204, "sha256": "…", "stored": true,
+///  "sbom": { …the CycloneDX 1.5 document… }}
+/// ```
+///
+/// [`super::policy::PolicyGate`] finds the document under `sbom`, and
+/// [`super::advisories::AdvisoryCheck::sbom_from`] checks its components.
+///
+/// Errors: what [`Sbom::from_cargo`] or [`super::components::discover`]
+/// return, with the node named. A store that keeps no documents
+/// ([`cd_core::ErrorKind::Unsupported`]) is logged as a warning and the
+/// output says `"stored": false`.
+///
+/// ```
+/// use cd_stages::compliance::sbom::SbomStage;
+/// let sbom = SbomStage::cargo(".").name("shop");
+/// let from_locks = SbomStage::lock_files("dist/");
+/// # let _ = (sbom, from_locks);
+/// ```
+#[derive(Debug, Clone)]
+pub struct SbomStage {
+    source: SbomSource,
+    name: Option<String>,
+}
+
+impl SbomStage {
+    /// The SBOM of the Rust workspace at `dir` ([`Sbom::from_cargo`]).
+    pub fn cargo(dir: impl Into<std::path::PathBuf>) -> Self {
+        SbomStage {
+            source: SbomSource::Cargo(dir.into()),
+            name: None,
+        }
+    }
+
+    /// The SBOM of the lock files found under `dir` (Cargo.lock,
+    /// package-lock.json, requirements.txt; [`Sbom::from_components`]).
+    pub fn lock_files(dir: impl Into<std::path::PathBuf>) -> Self {
+        SbomStage {
+            source: SbomSource::LockFiles(dir.into()),
+            name: None,
+        }
+    }
+
+    /// The application's name in the SBOM (default: the pipeline's name).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+}
+
+#[async_trait::async_trait]
+impl cd_core::Stage for SbomStage {
+    fn kind(&self) -> String {
+        "sbom".into()
+    }
+
+    fn fingerprint(&self) -> String {
+        format!("sbom:{:?}:{:?}", self.source, self.name)
+    }
+
+    fn capabilities(&self) -> cd_core::Capabilities {
+        cd_core::Capabilities::CHECK
+    }
+
+    async fn run(&self, cx: &cd_core::StageContext) -> Result<cd_core::StageOutput> {
+        let name = self
+            .name
+            .clone()
+            .unwrap_or_else(|| cx.pipeline().to_string());
+        let version = cx.release().version.clone();
+        let source = self.source.clone();
+        let started = std::time::Instant::now();
+        let (v, name2) = (version.clone(), name.clone());
+        let sbom = tokio::task::spawn_blocking(move || match &source {
+            SbomSource::Cargo(dir) => Sbom::from_cargo(dir, &name2, &v),
+            SbomSource::LockFiles(dir) => Ok(Sbom::from_components(
+                &name2,
+                &v,
+                &super::components::discover(dir)?,
+            )),
+        })
+        .await
+        .map_err(|e| Error::failed(format!("sbom panicked: {e}")))?
+        .map_err(|e| e.with("node", cx.node()))?;
+        let doc = sbom.to_json();
+        let content = serde_json::to_string_pretty(&doc)?;
+        let mut record =
+            cd_core::ReleaseDocument::new(&version, DOCUMENT_KIND, MEDIA_TYPE, content);
+        record.run_id = Some(cx.run_id().to_string());
+        record.environment = Some(cx.environment().to_string());
+        let stored = match cx.store().put_release_document(&record).await {
+            Ok(()) => true,
+            Err(e) if e.kind() == cd_core::ErrorKind::Unsupported => {
+                cx.events()
+                    .warn(format!("sbom not stored: {}", e.message()));
+                false
+            }
+            Err(e) => return Err(e.with("node", cx.node())),
+        };
+        let licensed = sbom
+            .components
+            .values()
+            .filter(|c| c.license.is_some())
+            .count();
+        cx.log(format!(
+            "sbom: CycloneDX 1.5 for {name} {version}: {} component(s) ({licensed} with a license), {} bytes, sha256 {}…, {} in {} ms",
+            sbom.components.len(),
+            record.bytes,
+            &record.sha256[..12],
+            if stored { "stored with the release" } else { "not stored" },
+            started.elapsed().as_millis()
+        ));
+        Ok(cd_core::StageOutput::json(json!({
+            "components": sbom.components.len(),
+            "bytes": record.bytes,
+            "sha256": record.sha256,
+            "stored": stored,
+            "sbom": doc,
+        })))
+    }
+}

@@ -587,6 +587,7 @@ pub struct SecretScan {
     path: Option<PathBuf>,
     opts: ScanOptions,
     reasons: Vec<(String, String)>,
+    report_only: bool,
 }
 
 impl SecretScan {
@@ -596,6 +597,7 @@ impl SecretScan {
             path: Some(path.into()),
             opts: ScanOptions::default(),
             reasons: Vec::new(),
+            report_only: false,
         }
     }
 
@@ -605,6 +607,7 @@ impl SecretScan {
             path: None,
             opts: ScanOptions::default(),
             reasons: Vec::new(),
+            report_only: false,
         }
     }
 
@@ -629,6 +632,13 @@ impl SecretScan {
         self
     }
 
+    /// Reports findings in the output instead of failing the stage, for a
+    /// [`super::policy::PolicyGate`] downstream to decide on.
+    pub fn report_only(mut self) -> Self {
+        self.report_only = true;
+        self
+    }
+
     /// Skips files larger than `bytes`.
     pub fn max_file_bytes(mut self, bytes: u64) -> Self {
         self.opts.max_file_bytes = bytes;
@@ -640,6 +650,13 @@ impl SecretScan {
 impl cd_core::Stage for SecretScan {
     fn kind(&self) -> String {
         "secret-scan".into()
+    }
+
+    fn fingerprint(&self) -> String {
+        format!(
+            "secret-scan:{:?}:{:?}:{}:{}",
+            self.path, self.opts.allow, self.opts.max_file_bytes, self.report_only
+        )
     }
 
     fn capabilities(&self) -> cd_core::Capabilities {
@@ -689,7 +706,7 @@ impl cd_core::Stage for SecretScan {
             "report": report,
             "allowed_fingerprints": self.reasons.iter().map(|(f, r)| serde_json::json!({"fingerprint": f, "reason": r})).collect::<Vec<_>>(),
         });
-        if report.findings.is_empty() {
+        if report.findings.is_empty() || self.report_only {
             return Ok(cd_core::StageOutput::json(out));
         }
         let list: Vec<String> = report
