@@ -14,8 +14,15 @@
 //!    whose result is compared with the previous release's; a short
 //!    performance check (500 requests, p95 threshold, compared with the
 //!    previous release);
-//! 3. a compliance check (version present, artifact checksum matches);
-//! 4. an approval gate (`--auto-approve`, or approve it with `cdctl`);
+//! 3. compliance: a check (version present, artifact checksum matches);
+//!    the SBOM of this workspace (CycloneDX 1.5, stored with the release:
+//!    `cdctl sbom production v1`); a secret scan of its sources; an
+//!    advisory check of the SBOM's components against the demonstration
+//!    OSV advisories in `examples/quickstart-osv/`; and the Rego policies
+//!    in `policies/` deciding over those results;
+//! 4. an approval gate: `--auto-approve`, or approve it with `cdctl` and
+//!    the token the quickstart creates for the approver `you` in
+//!    `.cd/you.token` (the command is printed while the run waits);
 //! 5. a blue-green production deploy behind a local TCP router;
 //! 6. a bake period watching two monitors (health, and latency under
 //!    500 ms), with a verdict per monitor; a failed bake opens an incident.
@@ -40,6 +47,10 @@ use cd::core::{
     Analysis, Event, EventKind, FnSink, NodeStatus, Pipeline, Release, RunReport, RunStatus,
     Runner, Store,
 };
+use cd::stages::compliance::advisories::{AdvisoryCheck, Level};
+use cd::stages::compliance::policy::{Policy, PolicyGate};
+use cd::stages::compliance::sbom::SbomStage;
+use cd::stages::compliance::secrets::SecretScan;
 use cd::stages::{
     ApprovalGate, Bake, ComplianceCheck, Deploy, HttpCheck, HttpMonitor, LoadTest, TestSuite,
 };
@@ -51,6 +62,9 @@ const STAGING_PORT: u16 = 18090;
 const BLUE_PORT: u16 = 18091;
 const GREEN_PORT: u16 = 18092;
 const ROUTER_PORT: u16 = 18080;
+
+/// The state directory, for the commands the event printer suggests.
+static STATE_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -111,6 +125,34 @@ async fn run_demo(auto_approve: bool, state_dir: &Path) -> anyhow::Result<()> {
     let staging_url = format!("http://127.0.0.1:{STAGING_PORT}");
     let production_url = router.url();
 
+    // Compliance runs over this workspace (the demo service is built from
+    // it) with the example policies, except the production-approvals one:
+    // the quickstart has a single approver.
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut policy = Policy::new();
+    for file in [
+        "no_secrets.rego",
+        "no_critical_vulnerabilities.rego",
+        "images_by_digest.rego",
+        "terraform_protected.rego",
+    ] {
+        policy = policy.file(workspace.join("policies").join(file))?;
+    }
+
+    // The approver's token: made once, kept in the state directory (0600).
+    let _ = STATE_DIR.set(state_dir.to_path_buf());
+    let token_file = state_dir.join("you.token");
+    if !auto_approve && !token_file.exists() {
+        let (record, token) = cd::core::approval::issue_token("you", None, "quickstart")?;
+        store.put_token(&record).await?;
+        write_private(&token_file, token.expose())?;
+        println!(
+            "== approver token for `you` written to {} (token {}) ==",
+            token_file.display(),
+            record.id
+        );
+    }
+
     let pipeline = Pipeline::builder("quickstart")
         .stage("staging", Deploy::new(staging.clone()).env("staging"))
         .timeout(Duration::from_secs(30))
@@ -146,13 +188,37 @@ async fn run_demo(auto_approve: bool, state_dir: &Path) -> anyhow::Result<()> {
                 .version_pattern("v*")
                 .require_artifact(),
         )
+        .stage("sbom", SbomStage::cargo(workspace).name("quickstart"))
+        .stage(
+            "secret-scan",
+            SecretScan::paths(
+                [
+                    "src",
+                    "examples",
+                    "cd-core/src",
+                    "cd-stages/src",
+                    "cd-backends/src",
+                ]
+                .map(|d| workspace.join(d)),
+            )
+            .report_only(),
+        )
+        .stage(
+            "advisories",
+            AdvisoryCheck::sbom_from(workspace.join("examples/quickstart-osv"), "sbom")
+                .fail_at(Level::Critical)
+                .report_only(),
+        )
+        .needs(["sbom"])
+        .stage("policy", PolicyGate::new(policy))
+        .needs(["compliance", "sbom", "secret-scan", "advisories"])
         .gate(
             "approval",
             ApprovalGate::any_of(["you"])
                 .recheck_every(Duration::from_secs(2))
-                .auto_approve_if(auto_approve.then_some("you (--auto-approve)")),
+                .auto_approve_if(auto_approve.then_some("you")),
         )
-        .needs(["smoke-tests", "regression-tests", "load-test", "compliance"])
+        .needs(["smoke-tests", "regression-tests", "load-test", "policy"])
         .stage(
             "production",
             Deploy::new(production.clone())
@@ -202,6 +268,9 @@ async fn run_demo(auto_approve: bool, state_dir: &Path) -> anyhow::Result<()> {
         let release = Release::new(version).artifact_with_sha256(&exe, &sha);
         let report = runner.run(&pipeline, release).await?;
         println!("{report}");
+        if version == "v1" {
+            print_compliance(&report);
+        }
         reports.push(report);
     }
 
@@ -255,6 +324,79 @@ async fn run_demo(auto_approve: bool, state_dir: &Path) -> anyhow::Result<()> {
     outcome
 }
 
+/// The compliance results of a run, from its nodes' outputs.
+fn print_compliance(r: &RunReport) {
+    let out = |n: &str| r.output(n).cloned().unwrap_or_default();
+    let (sbom, scan, adv, policy) = (
+        out("sbom"),
+        out("secret-scan"),
+        out("advisories"),
+        out("policy"),
+    );
+    println!("== compliance of {} ==", r.release);
+    println!(
+        "  SBOM        CycloneDX 1.5, {} components, {} bytes, sha256 {}…{}",
+        sbom["components"],
+        sbom["bytes"],
+        sbom["sha256"]
+            .as_str()
+            .unwrap_or("")
+            .get(..12)
+            .unwrap_or(""),
+        if sbom["stored"] == true {
+            format!(" (stored: cdctl sbom production {})", r.release)
+        } else {
+            String::new()
+        }
+    );
+    let rep = &scan["report"];
+    println!(
+        "  secrets     {} finding(s) in {} files ({} bytes), {} skipped",
+        rep["findings"].as_array().map_or(0, Vec::len),
+        rep["files"],
+        rep["bytes"],
+        rep["skipped"].as_array().map_or(0, Vec::len)
+    );
+    let count = |k: &str| adv[k].as_array().map_or(0, Vec::len);
+    println!(
+        "  advisories  {} components checked: {} at or above critical, {} below, {} ignored",
+        adv["components"],
+        count("failing"),
+        count("below_threshold"),
+        count("ignored")
+    );
+    for m in adv["below_threshold"].as_array().into_iter().flatten() {
+        println!(
+            "              {} {}@{} ({}, {}): {}",
+            m["id"].as_str().unwrap_or(""),
+            m["component"]["name"].as_str().unwrap_or(""),
+            m["component"]["version"].as_str().unwrap_or(""),
+            m["level"].as_str().unwrap_or(""),
+            m["score"],
+            m["summary"].as_str().unwrap_or("")
+        );
+    }
+    println!(
+        "  policy      {} by {} package(s) in {:.1} ms: {} deny, {} warn",
+        if policy["allowed"] == true {
+            "allowed"
+        } else {
+            "denied"
+        },
+        policy["packages"].as_array().map_or(0, Vec::len),
+        policy["eval_ms"].as_f64().unwrap_or(0.0),
+        policy["deny"].as_array().map_or(0, Vec::len),
+        policy["warn"].as_array().map_or(0, Vec::len)
+    );
+    for m in policy["warn"].as_array().into_iter().flatten() {
+        println!(
+            "              warn {}: {}",
+            m["package"].as_str().unwrap_or(""),
+            m["message"].as_str().unwrap_or("")
+        );
+    }
+}
+
 fn check(v1: &RunReport, v2: &RunReport, live: Option<&str>) -> anyhow::Result<()> {
     if v1.status != RunStatus::Succeeded {
         bail!("v1 should have gone live, but the run {}", v1.status);
@@ -264,6 +406,11 @@ fn check(v1: &RunReport, v2: &RunReport, live: Option<&str>) -> anyhow::Result<(
             "v2-broken should have failed its bake, but the run {}",
             v2.status
         );
+    }
+    let policy = v1.output("policy").cloned().unwrap_or_default();
+    let components = v1.output("sbom").and_then(|o| o["components"].as_u64());
+    if policy["allowed"] != true || components.unwrap_or(0) == 0 {
+        bail!("v1's compliance should pass with an SBOM, got policy {policy} and {components:?} components");
     }
     let bake = v2.node("bake").map(|n| n.status);
     let prod = v2.node("production").map(|n| n.status);
@@ -283,8 +430,22 @@ fn print_event(e: &Event) {
         EventKind::NodeSucceeded { duration_ms } => format!("done in {duration_ms} ms"),
         EventKind::NodeFailed { error } => format!("FAILED: {}", error.message),
         EventKind::NodeSkipped { reason } => format!("skipped: {reason}"),
-        EventKind::GateWaiting { reason, .. } => format!("waiting: {reason}"),
-        EventKind::GatePassed => "approved".into(),
+        EventKind::GateWaiting { reason, .. } => {
+            // Once, and again only when it changes (not every recheck).
+            static LAST: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+            let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+            if *last == *reason {
+                return;
+            }
+            last.clone_from(reason);
+            format!(
+                "waiting: {reason}\n    e.g. cargo run --bin cdctl -- --db {dir}/state.db approve {} {node} --token-file {dir}/you.token",
+                e.run_id,
+                dir = STATE_DIR.get().map(|d| d.display().to_string()).unwrap_or_else(|| ".cd".into())
+            )
+        }
+        EventKind::GatePassed if node == "approval" => "approved".into(),
+        EventKind::GatePassed => "passed".into(),
         EventKind::RollbackStarted => "rolling back…".into(),
         EventKind::RolledBack { duration_ms } => format!("ROLLED BACK in {duration_ms} ms"),
         EventKind::RollbackFailed { error } => format!("ROLLBACK FAILED: {}", error.message),
@@ -312,6 +473,11 @@ fn print_event(e: &Event) {
             message.clone()
         }
         EventKind::Log { message, .. }
+            if matches!(node, "sbom" | "secret-scan" | "advisories" | "policy") =>
+        {
+            message.clone()
+        }
+        EventKind::Log { message, .. }
             if matches!(node, "regression-tests" | "load-test")
                 && !message.starts_with("running tests")
                 && !message.starts_with("load: GET") =>
@@ -321,6 +487,20 @@ fn print_event(e: &Event) {
         _ => return,
     };
     eprintln!("  [{node:>16}] {line}");
+}
+
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{text}")?;
+    Ok(())
 }
 
 fn sha256_hex(path: &Path) -> anyhow::Result<String> {

@@ -87,6 +87,25 @@ async fn populate(db: &Path) {
     gate.recheck_at = Some(now + ChronoDuration::seconds(30));
     store.put_nodes(&[build, gate]).await.unwrap();
     store
+        .put_approval_request(&cd_core::approval::ApprovalRequest {
+            run_id: RUN.into(),
+            node: "approval".into(),
+            pipeline: "web".into(),
+            definition_hash: "0123456789abcdef".into(),
+            release: "v3".into(),
+            environment: "production".into(),
+            approvers: vec!["bob".into(), "erin".into()],
+            anyone: false,
+            groups: vec![],
+            required: 1,
+            excluded: vec![],
+            comment_required: false,
+            created_at: now,
+            expires_at: None,
+        })
+        .await
+        .unwrap();
+    store
         .append_events(&[cd_core::Event {
             run_id: RUN.into(),
             seq: 1,
@@ -201,15 +220,23 @@ async fn cdctl_reads_and_operates_the_store() {
         serde_json::from_str(&ok(&cdctl(&db, &["locks", "--json"]))).unwrap();
     assert!(locks["locks"].as_array().unwrap().is_empty());
 
-    // approve a waiting gate; a finished run or an unknown node is refused.
+    // approve a waiting gate with a token; a finished run or an unknown
+    // node is refused (the security cases are in tests/approvals.rs).
+    let token = dir.path().join("bob.token");
+    let made = ok(&cdctl(
+        &db,
+        &["token", "create", "bob", "--out", token.to_str().unwrap()],
+    ));
+    assert!(made.contains("for bob written to"), "{made}");
+    let tf = token.to_str().unwrap();
     let approval: serde_json::Value = serde_json::from_str(&ok(&cdctl(
         &db,
         &[
             "approve",
             "7f3c",
             "approval",
-            "--as",
-            "bob",
+            "--token-file",
+            tf,
             "--comment",
             "lgtm",
             "--json",
@@ -217,16 +244,25 @@ async fn cdctl_reads_and_operates_the_store() {
     )))
     .unwrap();
     assert_eq!(approval["approver"], "bob");
+    assert_eq!(
+        approval["via"].as_str().map(|v| v.starts_with("cli ")),
+        Some(true)
+    );
     let stored = store.approvals(RUN, "approval").await.unwrap();
     assert_eq!(stored.len(), 1);
     assert_eq!(stored[0].decision, Decision::Approve);
     assert_eq!(stored[0].comment.as_deref(), Some("lgtm"));
-    let reject = cdctl(&db, &["reject", "7f3c", "nope", "--as", "bob"]);
+    let reject = cdctl(&db, &["reject", "7f3c", "nope", "--token-file", tf]);
     assert_eq!(reject.status.code(), Some(3));
-    let late = cdctl(&db, &["approve", DONE, "approval", "--as", "bob"]);
-    assert_eq!(late.status.code(), Some(2));
+    let late = cdctl(&db, &["approve", DONE, "approval", "--token-file", tf]);
+    assert_eq!(late.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&late.stderr).contains("already finished"));
     assert_eq!(store.approvals(DONE, "approval").await.unwrap().len(), 0);
+    // --as is gone, with an explanation.
+    let old = cdctl(&db, &["approve", "7f3c", "approval", "--as", "bob"]);
+    assert_eq!(old.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&old.stderr)
+        .contains("who decides comes from the approver's token"));
 }
 
 #[test]
@@ -431,6 +467,33 @@ async fn cdctl_sbom_prints_the_document_stored_with_the_release() {
     let meta: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(meta["components"], 3);
     assert_eq!(meta["bytes"], latest.bytes);
+    // A reader that stops early (`| head`): cdctl ends quietly, status 0.
+    let store = SqliteStore::open(&db).await.unwrap();
+    store
+        .put_release_document(&cd_core::ReleaseDocument::new(
+            "v-big",
+            "sbom",
+            media,
+            bom(8000),
+        ))
+        .await
+        .unwrap();
+    store.close().await;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cdctl"))
+        .arg("--db")
+        .arg(&db)
+        .args(["sbom", "production", "v-big"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(!err.contains("panicked"), "{err}");
     // None stored: exit 3, saying how one gets stored.
     let out = cdctl(&db, &["sbom", "production", "v9"]);
     assert_eq!(out.status.code(), Some(3));

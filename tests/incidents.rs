@@ -384,7 +384,7 @@ async fn cdctl_lists_acknowledges_and_resolves_incidents() {
     assert_eq!(code, 0);
     assert!(out.contains("no open incident"), "{out}");
     let (code, _, err) = run(vec!["incident", "resolve", id], vec![]).await.unwrap();
-    assert_eq!(code, 1, "resolving twice is a conflict: {err}");
+    assert_eq!(code, 5, "resolving twice is a conflict: {err}");
     assert!(err.contains("already resolved by bob"), "{err}");
     let (code, _, err) = run(vec!["incident", "ack", "inc-nope"], vec![])
         .await
@@ -447,17 +447,19 @@ async fn an_approval_waiting_is_announced_once() {
     })
     .await
     .expect("the gate never rechecked");
-    store
-        .put_approval(&cd::core::ApprovalRecord {
+    cd::core::approval::record_decision(
+        store.as_ref(),
+        &cd::core::approval::Actor::trusted("alice", "test").unwrap(),
+        &cd::core::approval::DecisionRequest {
             run_id: run_id.clone(),
             node: "approval".into(),
-            approver: "alice".into(),
             decision: cd::core::Decision::Approve,
             comment: None,
-            at: chrono::Utc::now(),
-        })
-        .await
-        .unwrap();
+            decision_id: "decision-1".into(),
+        },
+    )
+    .await
+    .unwrap();
     let report = run.await.unwrap().unwrap();
     assert_eq!(report.status, RunStatus::Succeeded, "{report}");
     assert_eq!(

@@ -332,6 +332,7 @@ async fn approvals_are_listed_oldest_first_per_gate() {
             None
         },
         at: at(s),
+        ..ApprovalRecord::new("r1", node, who, d)
     };
     // Inserted out of time order: "oldest first" is insertion order, as in
     // MemoryStore.
@@ -677,6 +678,7 @@ async fn fill(store: &SqliteStore) {
             decision: Decision::Approve,
             comment: Some("lgtm".into()),
             at: at(3),
+            ..ApprovalRecord::new("fixture-run-1", "approval", "alice", Decision::Approve)
         })
         .await
         .unwrap();
@@ -1048,4 +1050,75 @@ async fn a_new_database_and_its_directory_are_owner_only() {
             assert_eq!(mode(&p), 0o600, "{}", p.display());
         }
     }
+}
+
+#[tokio::test]
+async fn audited_approvals_tokens_and_requests_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.db");
+    let store = SqliteStore::open(&path).await.unwrap();
+    let record = ApprovalRecord {
+        comment: Some("ship it".into()),
+        decision_id: Some("d-1".into()),
+        via: Some("http 10.0.0.7:53122".into()),
+        token_id: Some("0123456789ab".into()),
+        release: Some("v7".into()),
+        pipeline: Some("web".into()),
+        definition_hash: Some("abc".into()),
+        ..ApprovalRecord::new("r1", "approval", "alice", Decision::Approve)
+    };
+    store.put_approval(&record).await.unwrap();
+    // The same decision id again: a replay, refused, nothing written.
+    let replay = ApprovalRecord {
+        approver: "bob".into(),
+        ..record.clone()
+    };
+    let err = store.put_approval(&replay).await.unwrap_err();
+    assert_eq!(err.kind(), cd_core::ErrorKind::Conflict, "{err}");
+    assert!(err.to_string().contains("d-1"), "{err}");
+
+    let (token, secret) = cd_core::approval::issue_token("alice", None, "admin").unwrap();
+    store.put_token(&token).await.unwrap();
+    let request = cd_core::approval::ApprovalRequest {
+        run_id: "r1".into(),
+        node: "approval".into(),
+        pipeline: "web".into(),
+        definition_hash: "abc".into(),
+        release: "v7".into(),
+        environment: "production".into(),
+        approvers: vec!["alice".into(), "bob".into()],
+        anyone: false,
+        groups: vec![],
+        required: 1,
+        excluded: vec![],
+        comment_required: false,
+        created_at: Utc::now(),
+        expires_at: None,
+    };
+    assert_eq!(store.put_approval_request(&request).await.unwrap(), request);
+    // A second put keeps the first request.
+    let later = cd_core::approval::ApprovalRequest {
+        required: 2,
+        ..request.clone()
+    };
+    assert_eq!(store.put_approval_request(&later).await.unwrap(), request);
+    store.close().await;
+
+    let store = SqliteStore::open(&path).await.unwrap();
+    assert_eq!(
+        store.approvals("r1", "approval").await.unwrap(),
+        vec![record]
+    );
+    assert_eq!(
+        store.approval_request("r1", "approval").await.unwrap(),
+        Some(request)
+    );
+    let stored = store.token(&token.id).await.unwrap().unwrap();
+    assert_eq!(stored, token);
+    assert!(!stored.hash.contains(secret.expose().as_str()));
+    assert_eq!(
+        cd_core::approval::authenticate_record(&stored, secret.expose(), Utc::now()).unwrap(),
+        "alice"
+    );
+    assert_eq!(store.tokens().await.unwrap().len(), 1);
 }

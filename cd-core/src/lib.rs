@@ -37,6 +37,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod approval;
 pub mod clock;
 pub mod conformance;
 pub mod deploy;

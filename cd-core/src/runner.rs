@@ -881,6 +881,10 @@ impl Runner {
                     Arc::from(run.pipeline.as_str()),
                     Arc::from(run.environment.as_str()),
                 ),
+                who: (
+                    Arc::from(run.started_by.as_str()),
+                    Arc::from(run.definition_hash.as_str()),
+                ),
             };
             exec.restore_outputs();
             let status = exec.main_loop().await?;
@@ -993,6 +997,8 @@ struct Execution<'a> {
     names: Vec<Arc<str>>,
     /// Run id, pipeline name, environment.
     ids: (Arc<str>, Arc<str>, Arc<str>),
+    /// Who started the run, and the definition hash.
+    who: (Arc<str>, Arc<str>),
 }
 
 impl Execution<'_> {
@@ -1025,6 +1031,8 @@ impl Execution<'_> {
             emitter: self.emitter.for_node_arc(name.clone()),
             cancel,
             store: self.runner.store.clone(),
+            actor: self.who.0.clone(),
+            definition_hash: self.who.1.clone(),
         }
     }
 

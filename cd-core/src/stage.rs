@@ -123,6 +123,8 @@ pub struct StageContext {
     pub(crate) emitter: Emitter,
     pub(crate) cancel: CancellationToken,
     pub(crate) store: Arc<dyn Store>,
+    pub(crate) actor: Arc<str>,
+    pub(crate) definition_hash: Arc<str>,
 }
 
 impl fmt::Debug for StageContext {
@@ -154,7 +156,36 @@ impl StageContext {
             emitter: Emitter::noop().for_node(node),
             cancel: CancellationToken::new(),
             store,
+            actor: Arc::from(""),
+            definition_hash: Arc::from(""),
         }
+    }
+
+    /// Sets who started the run (see [`StageContext::actor`]).
+    pub fn with_actor(mut self, actor: impl Into<String>) -> Self {
+        self.actor = Arc::from(actor.into());
+        self
+    }
+
+    /// Sets the pipeline's definition hash (see
+    /// [`StageContext::definition_hash`]).
+    pub fn with_definition_hash(mut self, hash: impl Into<String>) -> Self {
+        self.definition_hash = Arc::from(hash.into());
+        self
+    }
+
+    /// Who started the run ([`crate::Runner::actor`]; empty in a detached
+    /// context). Approval gates keep this person from approving their own
+    /// run.
+    pub fn actor(&self) -> &str {
+        &self.actor
+    }
+
+    /// The hash of the pipeline definition the run executes
+    /// ([`crate::Pipeline::definition_hash`]; empty in a detached context).
+    /// A decision recorded for one definition never counts for another.
+    pub fn definition_hash(&self) -> &str {
+        &self.definition_hash
     }
 
     /// Replaces the emitter (for tests that collect events).

@@ -178,6 +178,53 @@ pub struct ApprovalRecord {
     pub comment: Option<String>,
     /// When.
     pub at: DateTime<Utc>,
+    /// The decision's unique id (a replay of it is refused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision_id: Option<String>,
+    /// From where: `cli user@host`, `http 10.0.0.7:53122`, `auto-approve`,
+    /// `trusted: ...` (see [`crate::approval::Actor`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+    /// The token that proved the approver's identity, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_id: Option<String>,
+    /// The release version decided on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
+    /// The pipeline's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<String>,
+    /// The pipeline definition hash the decision is for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub definition_hash: Option<String>,
+}
+
+impl ApprovalRecord {
+    /// A decision with only the essentials; the audit fields (`via`,
+    /// `decision_id`, `definition_hash`, ...) empty. Records without a
+    /// `definition_hash` never count for an approval gate: use
+    /// [`crate::approval::record_decision`] to record decisions.
+    pub fn new(
+        run_id: impl Into<String>,
+        node: impl Into<String>,
+        approver: impl Into<String>,
+        decision: Decision,
+    ) -> Self {
+        ApprovalRecord {
+            run_id: run_id.into(),
+            node: node.into(),
+            approver: approver.into(),
+            decision,
+            comment: None,
+            at: Utc::now(),
+            decision_id: None,
+            via: None,
+            token_id: None,
+            release: None,
+            pipeline: None,
+            definition_hash: None,
+        }
+    }
 }
 
 /// A document kept with a release version: its SBOM, a provenance
@@ -425,6 +472,9 @@ pub trait Store: Send + Sync + 'static {
     async fn events(&self, run_id: &str, after_seq: u64, limit: usize) -> Result<Vec<Event>>;
 
     /// Records an approval or rejection.
+    ///
+    /// Errors: [`ErrorKind::Conflict`](crate::ErrorKind) when a record
+    /// with the same `decision_id` exists (a replay).
     async fn put_approval(&self, approval: &ApprovalRecord) -> Result<()>;
     /// Approvals of one gate of one run, oldest first.
     async fn approvals(&self, run_id: &str, node: &str) -> Result<Vec<ApprovalRecord>>;
@@ -526,6 +576,61 @@ pub trait Store: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// Stores the request an approval gate makes when it first waits. A
+    /// request already stored for the run and node is kept as it is (its
+    /// `created_at` and `expires_at` stand across restarts).
+    ///
+    /// The default returns [`ErrorKind::Unsupported`](crate::ErrorKind).
+    async fn put_approval_request(
+        &self,
+        request: &crate::approval::ApprovalRequest,
+    ) -> Result<crate::approval::ApprovalRequest> {
+        Err(Error::unsupported(format!(
+            "this store keeps no approval requests (run {} node {})",
+            request.run_id, request.node
+        )))
+    }
+
+    /// The approval request of a run's node.
+    async fn approval_request(
+        &self,
+        run_id: &str,
+        node: &str,
+    ) -> Result<Option<crate::approval::ApprovalRequest>> {
+        let _ = (run_id, node);
+        Ok(None)
+    }
+
+    /// Approval requests, newest first, at most `limit`.
+    async fn approval_requests(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<crate::approval::ApprovalRequest>> {
+        let _ = limit;
+        Ok(Vec::new())
+    }
+
+    /// Creates or replaces (by id) an API token record.
+    ///
+    /// The default returns [`ErrorKind::Unsupported`](crate::ErrorKind).
+    async fn put_token(&self, token: &crate::approval::TokenRecord) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "this store keeps no tokens (token {})",
+            token.id
+        )))
+    }
+
+    /// A token record by id.
+    async fn token(&self, id: &str) -> Result<Option<crate::approval::TokenRecord>> {
+        let _ = id;
+        Ok(None)
+    }
+
+    /// Every token record, newest first.
+    async fn tokens(&self) -> Result<Vec<crate::approval::TokenRecord>> {
+        Ok(Vec::new())
+    }
+
     /// Keeps a document with a release version (an SBOM). Documents are
     /// appended: storing another of the same kind for the same version
     /// makes it the one [`Store::release_document`] returns, the older one
@@ -580,6 +685,8 @@ struct MemoryInner {
     incidents: Vec<IncidentRecord>,
     deliveries: Vec<DeliveryRecord>,
     documents: Vec<ReleaseDocument>,
+    requests: Vec<crate::approval::ApprovalRequest>,
+    tokens: Vec<crate::approval::TokenRecord>,
 }
 
 impl fmt::Debug for MemoryStore {
@@ -697,7 +804,20 @@ impl Store for MemoryStore {
     }
 
     async fn put_approval(&self, approval: &ApprovalRecord) -> Result<()> {
-        self.lock().approvals.push(approval.clone());
+        let mut inner = self.lock();
+        if let Some(id) = &approval.decision_id {
+            if inner
+                .approvals
+                .iter()
+                .any(|a| a.decision_id.as_ref() == Some(id))
+            {
+                return Err(Error::new(
+                    crate::ErrorKind::Conflict,
+                    format!("decision {id} was already recorded (a replay)"),
+                ));
+            }
+        }
+        inner.approvals.push(approval.clone());
         Ok(())
     }
 
@@ -905,6 +1025,66 @@ impl Store for MemoryStore {
             .cloned()
             .collect())
     }
+    async fn put_approval_request(
+        &self,
+        request: &crate::approval::ApprovalRequest,
+    ) -> Result<crate::approval::ApprovalRequest> {
+        let mut inner = self.lock();
+        if let Some(r) = inner
+            .requests
+            .iter()
+            .find(|r| r.run_id == request.run_id && r.node == request.node)
+        {
+            return Ok(r.clone());
+        }
+        inner.requests.push(request.clone());
+        Ok(request.clone())
+    }
+
+    async fn approval_request(
+        &self,
+        run_id: &str,
+        node: &str,
+    ) -> Result<Option<crate::approval::ApprovalRequest>> {
+        Ok(self
+            .lock()
+            .requests
+            .iter()
+            .find(|r| r.run_id == run_id && r.node == node)
+            .cloned())
+    }
+
+    async fn approval_requests(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<crate::approval::ApprovalRequest>> {
+        Ok(self
+            .lock()
+            .requests
+            .iter()
+            .rev()
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn put_token(&self, token: &crate::approval::TokenRecord) -> Result<()> {
+        let mut inner = self.lock();
+        match inner.tokens.iter_mut().find(|t| t.id == token.id) {
+            Some(t) => *t = token.clone(),
+            None => inner.tokens.push(token.clone()),
+        }
+        Ok(())
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<crate::approval::TokenRecord>> {
+        Ok(self.lock().tokens.iter().find(|t| t.id == id).cloned())
+    }
+
+    async fn tokens(&self) -> Result<Vec<crate::approval::TokenRecord>> {
+        Ok(self.lock().tokens.iter().rev().cloned().collect())
+    }
+
     async fn put_release_document(&self, document: &ReleaseDocument) -> Result<()> {
         self.lock().documents.push(document.clone());
         Ok(())

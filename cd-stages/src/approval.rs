@@ -1,25 +1,38 @@
-//! `ApprovalGate`: a person (or two) must approve before the run goes on.
+//! `ApprovalGate`: people must approve before the run goes on, and only
+//! the people who may.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cd_core::{ApprovalRecord, Decision, Gate, Result, StageContext, Verdict};
+use cd_core::approval::{identity, ApprovalRequest, ApproverGroup, Excluded, Tally};
+use cd_core::{ApprovalRecord, Decision, Error, ErrorKind, Gate, Result, StageContext, Verdict};
 use chrono::Utc;
 
-/// Human approval, recorded in the run's [`cd_core::Store`].
+/// Human approval, durable and authenticated (see [`cd_core::approval`]).
 ///
-/// The gate reads the approvals of its run and node (written by `cdctl
-/// approve`, an HTTP API, or [`cd_core::Store::put_approval`] directly):
-/// - a rejection by a listed approver fails the gate, naming who and why;
-/// - enough approvals by distinct listed approvers pass it (one by default,
-///   two with [`ApprovalGate::four_eyes`]);
-/// - otherwise it waits, and its reason tells how to approve.
+/// When it first waits, the gate stores an [`ApprovalRequest`]: who may
+/// decide, how many must, who may not (the run's actor and the release's
+/// author, taken from the release configuration key `author`: four eyes),
+/// when it expires, whether a comment is required. Decisions are recorded
+/// through [`cd_core::approval::record_decision`] (`cdctl approve` with an
+/// approver's token, the web console), which refuses anyone the request
+/// does not allow. The gate itself counts only records that pass the same
+/// checks for this run, node and pipeline definition:
+/// - a rejection by someone who may decide fails the gate, naming who and
+///   why;
+/// - enough distinct approvals pass it: `required` from the listed
+///   approvers (one by default, two with [`ApprovalGate::four_eyes`]) and
+///   each group's own count;
+/// - past its expiry it fails;
+/// - otherwise it waits, and its reason says who may approve and how.
 ///
-/// Only listed approvers count; decisions by anyone else are ignored. A
-/// person's latest decision is the one that counts. While the gate waits the
-/// runner holds no thread and re-evaluates it every
-/// [`ApprovalGate::recheck_every`].
+/// A person's latest decision is theirs. While the gate waits the runner
+/// holds no thread and re-evaluates it every [`ApprovalGate::recheck_every`];
+/// the wait survives a restart.
+///
+/// Building a pipeline with a gate that names nobody is an error:
+/// [`ApprovalGate::anyone`] must be chosen explicitly. Names are
+/// identities ([`cd_core::approval::identity`]).
 ///
 /// ```
 /// use std::sync::Arc;
@@ -29,7 +42,7 @@ use chrono::Utc;
 /// let gate = ApprovalGate::any_of(["alice", "bob"]).four_eyes();
 /// let cx = StageContext::detached("approval", Release::new("v42"), Arc::new(MemoryStore::new()));
 /// match gate.evaluate(&cx).await.unwrap() {
-///     Verdict::Wait { reason, .. } => assert!(reason.contains("cdctl approve")),
+///     Verdict::Wait { reason, .. } => assert!(reason.contains("alice or bob (2 distinct)")),
 ///     other => panic!("{other:?}"),
 /// }
 /// # });
@@ -37,13 +50,19 @@ use chrono::Utc;
 #[derive(Debug, Clone)]
 pub struct ApprovalGate {
     approvers: Vec<String>,
+    anyone: bool,
+    groups: Vec<ApproverGroup>,
     required: usize,
     recheck: Duration,
     auto_approve: Option<String>,
+    expires_after: Option<Duration>,
+    comment_required: bool,
+    self_approval: bool,
 }
 
 impl ApprovalGate {
-    /// Approval by any one of these people. An empty list means anyone.
+    /// Approval by any one of these people (see [`ApprovalGate::required`]).
+    /// An empty list is refused when the pipeline is built.
     pub fn any_of<I, S>(approvers: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -51,18 +70,44 @@ impl ApprovalGate {
     {
         ApprovalGate {
             approvers: approvers.into_iter().map(Into::into).collect(),
+            anyone: false,
+            groups: Vec::new(),
             required: 1,
             recheck: Duration::from_secs(5),
             auto_approve: None,
+            expires_after: None,
+            comment_required: false,
+            self_approval: false,
         }
     }
 
-    /// Approval by anyone.
+    /// Approval by anyone who holds a token (still not the run's actor or
+    /// the release's author).
     pub fn anyone() -> Self {
-        Self::any_of(Vec::<String>::new())
+        let mut g = Self::any_of(Vec::<String>::new());
+        g.anyone = true;
+        g
     }
 
-    /// Requires two distinct approvers (the four-eyes principle).
+    /// Also requires `required` distinct approvals from the members of
+    /// group `name` (N of M), on top of the listed approvers' count. A
+    /// gate with only groups: `ApprovalGate::any_of(Vec::<String>::new())
+    /// .group(...)`.
+    pub fn group<I, S>(mut self, name: impl Into<String>, members: I, required: usize) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.groups.push(ApproverGroup {
+            name: name.into(),
+            members: members.into_iter().map(Into::into).collect(),
+            required: required.max(1),
+        });
+        self
+    }
+
+    /// Requires two distinct approvers (the four-eyes principle; the run's
+    /// actor and the release's author are never among them).
     pub fn four_eyes(self) -> Self {
         self.required(2)
     }
@@ -73,6 +118,26 @@ impl ApprovalGate {
         self
     }
 
+    /// The request expires `after` its first wait: no decision is taken
+    /// then, and the gate fails.
+    pub fn expires_after(mut self, after: Duration) -> Self {
+        self.expires_after = Some(after);
+        self
+    }
+
+    /// Every decision needs a comment.
+    pub fn require_comment(mut self) -> Self {
+        self.comment_required = true;
+        self
+    }
+
+    /// Lets the run's actor and the release's author decide too (off by
+    /// default; for one-person teams and demos).
+    pub fn allow_self_approval(mut self) -> Self {
+        self.self_approval = true;
+        self
+    }
+
     /// How often the runner asks again while waiting (default 5 s).
     pub fn recheck_every(mut self, d: Duration) -> Self {
         self.recheck = d;
@@ -80,9 +145,10 @@ impl ApprovalGate {
     }
 
     /// For demos and tests: when nobody has decided yet, the gate records
-    /// an approval by `name` itself (with the comment `auto-approved`) and
-    /// passes. The record shows in the store like any other approval. A
-    /// recorded rejection still fails the gate.
+    /// an approval by `name` itself (comment `auto-approved`, via
+    /// `auto-approve`) and passes. This is trust chosen in code, like
+    /// [`cd_core::approval::Actor::trusted`]. A recorded rejection still
+    /// fails the gate.
     pub fn auto_approve_as(mut self, name: impl Into<String>) -> Self {
         self.auto_approve = Some(name.into());
         self
@@ -97,68 +163,100 @@ impl ApprovalGate {
         }
     }
 
-    fn counts(&self, who: &str) -> bool {
-        self.approvers.is_empty() || self.approvers.iter().any(|a| a == who)
+    fn normalised(names: &[String]) -> Result<Vec<String>> {
+        names.iter().map(|n| identity(n)).collect()
     }
 
-    fn who(&self) -> String {
-        match self.approvers.len() {
-            0 => "anyone".to_string(),
-            1 => self.approvers[0].clone(),
-            n => format!(
-                "{} or {}",
-                self.approvers[..n - 1].join(", "),
-                self.approvers[n - 1]
-            ),
+    /// The request this gate makes in `cx` (normalised names, exclusions,
+    /// expiry from now).
+    pub fn request(&self, cx: &StageContext) -> Result<ApprovalRequest> {
+        let now = Utc::now();
+        let mut excluded = Vec::new();
+        if !self.self_approval {
+            if let Ok(actor) = identity(cx.actor()) {
+                excluded.push(Excluded {
+                    identity: actor,
+                    why: "started this run".into(),
+                });
+            }
+            if let Some(author) = cx.release().config.get("author").and_then(|a| a.as_str()) {
+                if let Ok(author) = identity(author) {
+                    if !excluded.iter().any(|e| e.identity == author) {
+                        excluded.push(Excluded {
+                            identity: author,
+                            why: format!("authored release {}", cx.release().version),
+                        });
+                    }
+                }
+            }
         }
+        Ok(ApprovalRequest {
+            run_id: cx.run_id().to_string(),
+            node: cx.node().to_string(),
+            pipeline: cx.pipeline().to_string(),
+            definition_hash: cx.definition_hash().to_string(),
+            release: cx.release().version.clone(),
+            environment: cx.environment().to_string(),
+            approvers: Self::normalised(&self.approvers)?,
+            anyone: self.anyone,
+            groups: self
+                .groups
+                .iter()
+                .map(|g| {
+                    Ok(ApproverGroup {
+                        name: g.name.clone(),
+                        members: Self::normalised(&g.members)?,
+                        required: g.required,
+                    })
+                })
+                .collect::<Result<_>>()?,
+            required: self.required,
+            excluded,
+            comment_required: self.comment_required,
+            created_at: now,
+            expires_at: self
+                .expires_after
+                .map(|d| now + cd_core::clock::chrono_duration(d)),
+        })
     }
 
-    /// Decides from a list of approval records (oldest first).
-    pub fn decide(&self, records: &[ApprovalRecord], run_id: &str, node: &str) -> Verdict {
-        // Each listed person's latest decision.
-        let mut latest: BTreeMap<&str, &ApprovalRecord> = BTreeMap::new();
-        for r in records.iter().filter(|r| self.counts(&r.approver)) {
-            latest.insert(r.approver.as_str(), r);
-        }
-        if let Some(reject) = latest
-            .values()
-            .filter(|r| r.decision == Decision::Reject)
-            .max_by_key(|r| r.at)
-        {
-            let why = reject
-                .comment
-                .as_deref()
-                .filter(|c| !c.trim().is_empty())
-                .unwrap_or("no reason given");
-            return Verdict::fail(format!("rejected by {}: {why}", reject.approver));
-        }
-        let approved: Vec<&str> = latest
-            .values()
-            .filter(|r| r.decision == Decision::Approve)
-            .map(|r| r.approver.as_str())
-            .collect();
-        if approved.len() >= self.required {
-            return Verdict::Pass;
-        }
-        let needed = if self.required == 1 {
-            format!("approval by {}", self.who())
-        } else {
-            format!(
-                "{} distinct approvals by {} ({} so far{})",
-                self.required,
-                self.who(),
-                approved.len(),
-                if approved.is_empty() {
+    /// Decides from a request and the records of its gate (oldest first).
+    pub fn decide(&self, request: &ApprovalRequest, records: &[ApprovalRecord]) -> Verdict {
+        match request.tally(records) {
+            Tally::Approved(_) => Verdict::Pass,
+            Tally::Rejected { by, comment } => {
+                let why = comment
+                    .as_deref()
+                    .filter(|c| !c.trim().is_empty())
+                    .unwrap_or("no reason given");
+                Verdict::fail(format!("rejected by {by}: {why}"))
+            }
+            Tally::Waiting { approved, missing } => {
+                let so_far = if approved.is_empty() {
                     String::new()
                 } else {
-                    format!(": {}", approved.join(", "))
+                    format!("; approved so far by {}", approved.join(", "))
+                };
+                let now = Utc::now();
+                if let Some(at) = request.expires_at.filter(|at| *at <= now) {
+                    return Verdict::fail(format!(
+                        "approval expired at {} ({missing} still needed{so_far})",
+                        at.to_rfc3339()
+                    ));
                 }
-            )
-        };
-        Verdict::wait(
-            self.recheck,
-            format!("waiting for {needed}: run `cdctl approve {run_id} {node} --as <name>` (or `cdctl reject {run_id} {node} --as <name> --comment <why>`)"),
-        )
+                let recheck = match request.expires_at {
+                    Some(at) => self.recheck.min((at - now).to_std().unwrap_or_default()),
+                    None => self.recheck,
+                };
+                Verdict::wait(
+                    recheck,
+                    format!(
+                        "waiting for approval of `{}` ({missing}{so_far}); who may decide: {}. Approve with `cdctl approve {} {}` and an approver's token (or reject with `cdctl reject ... --comment <why>`)",
+                        request.node, request.who(), request.run_id, request.node
+                    ),
+                )
+            }
+        }
     }
 }
 
@@ -169,21 +267,79 @@ impl Gate for ApprovalGate {
     }
 
     fn fingerprint(&self) -> String {
-        format!("{self:?}")
+        format!(
+            "approval:{:?}:{}:{:?}:{}:{:?}:{:?}:{}:{}",
+            self.approvers,
+            self.anyone,
+            self.groups,
+            self.required,
+            self.auto_approve,
+            self.expires_after,
+            self.comment_required,
+            self.self_approval
+        )
+    }
+
+    fn validate(&self) -> Result<()> {
+        if !self.anyone && self.approvers.is_empty() && self.groups.is_empty() {
+            return Err(Error::invalid(
+                "the approval gate names no approver: list them (ApprovalGate::any_of, ::group) or choose ApprovalGate::anyone() explicitly",
+            ));
+        }
+        for name in self
+            .approvers
+            .iter()
+            .chain(self.groups.iter().flat_map(|g| g.members.iter()))
+            .chain(self.auto_approve.iter())
+        {
+            identity(name)?;
+        }
+        for g in &self.groups {
+            if g.members.len() < g.required {
+                return Err(Error::invalid(format!(
+                    "approval group {} needs {} approvals but has {} member(s)",
+                    g.name,
+                    g.required,
+                    g.members.len()
+                )));
+            }
+        }
+        if !self.anyone && !self.approvers.is_empty() && self.approvers.len() < self.required {
+            return Err(Error::invalid(format!(
+                "the approval gate needs {} distinct approvals but lists {} approver(s)",
+                self.required,
+                self.approvers.len()
+            )));
+        }
+        Ok(())
     }
 
     async fn evaluate(&self, cx: &StageContext) -> Result<Verdict> {
+        self.validate().map_err(|e| e.with("node", cx.node()))?;
+        let mine = self.request(cx)?;
+        // The first request stands (its expiry too), across restarts.
+        let request = match cx.store().put_approval_request(&mine).await {
+            Ok(stored) => stored,
+            Err(e) if e.kind() == ErrorKind::Unsupported => mine,
+            Err(e) => return Err(e),
+        };
         let records = cx.store().approvals(cx.run_id(), cx.node()).await?;
-        let verdict = self.decide(&records, cx.run_id(), cx.node());
+        let verdict = self.decide(&request, &records);
         if let (Verdict::Wait { .. }, Some(name)) = (&verdict, &self.auto_approve) {
             cx.store()
                 .put_approval(&ApprovalRecord {
-                    run_id: cx.run_id().to_string(),
-                    node: cx.node().to_string(),
-                    approver: name.clone(),
-                    decision: Decision::Approve,
                     comment: Some("auto-approved".into()),
-                    at: Utc::now(),
+                    decision_id: Some(uuid::Uuid::new_v4().to_string()),
+                    via: Some("auto-approve".into()),
+                    release: Some(cx.release().version.clone()),
+                    pipeline: Some(cx.pipeline().to_string()),
+                    definition_hash: Some(cx.definition_hash().to_string()),
+                    ..ApprovalRecord::new(
+                        cx.run_id(),
+                        cx.node(),
+                        identity(name)?,
+                        Decision::Approve,
+                    )
                 })
                 .await?;
             cx.log(format!("auto-approved as {name}"));
@@ -202,7 +358,13 @@ mod tests {
     use super::*;
 
     fn cx(store: &Arc<MemoryStore>) -> StageContext {
-        StageContext::detached("approval", Release::new("v1"), store.clone())
+        StageContext::detached(
+            "approval",
+            Release::new("v1").config("author", "dana"),
+            store.clone(),
+        )
+        .with_actor("carl")
+        .with_definition_hash("def1")
     }
 
     async fn decide(
@@ -213,15 +375,20 @@ mod tests {
     ) {
         store
             .put_approval(&ApprovalRecord {
-                run_id: "detached".into(),
-                node: "approval".into(),
-                approver: who.into(),
-                decision,
                 comment: comment.map(str::to_string),
-                at: Utc::now(),
+                definition_hash: Some("def1".into()),
+                via: Some("test".into()),
+                ..ApprovalRecord::new("detached", "approval", who, decision)
             })
             .await
             .unwrap();
+    }
+
+    async fn wait_reason(gate: &ApprovalGate, store: &Arc<MemoryStore>) -> String {
+        match gate.evaluate(&cx(store)).await.unwrap() {
+            Verdict::Wait { reason, .. } => reason,
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]
@@ -237,41 +404,83 @@ mod tests {
             panic!("{v:?}")
         };
         assert_eq!(recheck_after, Duration::from_millis(10));
+        assert!(reason.contains("who may decide: alice or bob; not carl (started this run), dana (authored release v1)"), "{reason}");
         assert!(
-            reason.contains("waiting for approval by alice or bob"),
+            reason.contains("cdctl approve detached approval"),
             "{reason}"
         );
-        assert!(
-            reason.contains("cdctl approve detached approval --as <name>"),
-            "{reason}"
-        );
+
+        // The request is stored for tools to check decisions against.
+        let req = store
+            .approval_request("detached", "approval")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(req.approvers, ["alice", "bob"]);
+        assert_eq!(req.definition_hash, "def1");
 
         // Someone who is not listed does not count.
         decide(&store, "mallory", Decision::Approve, None).await;
         decide(&store, "mallory", Decision::Reject, Some("mischief")).await;
-        assert!(matches!(
-            gate.evaluate(&cx(&store)).await.unwrap(),
-            Verdict::Wait { .. }
-        ));
+        wait_reason(&gate, &store).await;
 
         decide(&store, "bob", Decision::Approve, None).await;
         assert_eq!(gate.evaluate(&cx(&store)).await.unwrap(), Verdict::Pass);
     }
 
     #[tokio::test]
-    async fn four_eyes_needs_two_distinct_people() {
+    async fn records_for_another_definition_or_unaudited_do_not_count() {
         let store = Arc::new(MemoryStore::new());
-        let gate = ApprovalGate::any_of(["alice", "bob", "carol"]).four_eyes();
+        let gate = ApprovalGate::any_of(["alice"]);
+        store
+            .put_approval(&ApprovalRecord {
+                definition_hash: Some("def0".into()),
+                ..ApprovalRecord::new("detached", "approval", "alice", Decision::Approve)
+            })
+            .await
+            .unwrap();
+        store
+            .put_approval(&ApprovalRecord::new(
+                "detached",
+                "approval",
+                "alice",
+                Decision::Approve,
+            ))
+            .await
+            .unwrap();
+        wait_reason(&gate, &store).await;
+    }
+
+    #[tokio::test]
+    async fn four_eyes_needs_two_distinct_people_neither_actor_nor_author() {
+        let store = Arc::new(MemoryStore::new());
+        let gate = ApprovalGate::any_of(["alice", "bob", "carl", "dana"]).four_eyes();
         decide(&store, "alice", Decision::Approve, None).await;
         decide(&store, "alice", Decision::Approve, Some("really")).await;
-        let Verdict::Wait { reason, .. } = gate.evaluate(&cx(&store)).await.unwrap() else {
-            panic!("one person twice is not two")
-        };
+        decide(&store, "carl", Decision::Approve, None).await;
+        decide(&store, "dana", Decision::Approve, None).await;
+        let reason = wait_reason(&gate, &store).await;
         assert!(
-            reason.contains("2 distinct approvals by alice, bob or carol (1 so far: alice)"),
+            reason.contains("1 more from bob; approved so far by alice"),
             "{reason}"
         );
-        decide(&store, "carol", Decision::Approve, None).await;
+        decide(&store, "bob", Decision::Approve, None).await;
+        assert_eq!(gate.evaluate(&cx(&store)).await.unwrap(), Verdict::Pass);
+    }
+
+    #[tokio::test]
+    async fn groups_need_their_own_count() {
+        let store = Arc::new(MemoryStore::new());
+        let gate = ApprovalGate::any_of(["alice", "bob"]).group("sre", ["erin", "frank", "gus"], 2);
+        decide(&store, "alice", Decision::Approve, None).await;
+        decide(&store, "erin", Decision::Approve, None).await;
+        let reason = wait_reason(&gate, &store).await;
+        assert!(reason.contains("1 more from group sre"), "{reason}");
+        assert!(
+            reason.contains("group sre: 2 of erin, frank or gus"),
+            "{reason}"
+        );
+        decide(&store, "gus", Decision::Approve, None).await;
         assert_eq!(gate.evaluate(&cx(&store)).await.unwrap(), Verdict::Pass);
     }
 
@@ -317,6 +526,7 @@ mod tests {
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].approver, "quickstart");
         assert_eq!(records[0].comment.as_deref(), Some("auto-approved"));
+        assert_eq!(records[0].via.as_deref(), Some("auto-approve"));
 
         // A recorded rejection still wins over auto-approval.
         let store = Arc::new(MemoryStore::new());
@@ -328,13 +538,23 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn anyone_may_approve_an_open_gate() {
+    async fn anyone_must_be_explicit() {
         let store = Arc::new(MemoryStore::new());
+        let empty = ApprovalGate::any_of(Vec::<String>::new());
+        let err = empty.validate().unwrap_err();
+        assert!(err.to_string().contains("ApprovalGate::anyone()"), "{err}");
+        assert!(ApprovalGate::any_of(["alice "]).validate().is_err());
+        assert!(ApprovalGate::any_of([""]).validate().is_err());
+        assert!(ApprovalGate::any_of(["alice"])
+            .four_eyes()
+            .validate()
+            .is_err());
+
         let gate = ApprovalGate::anyone();
-        let Verdict::Wait { reason, .. } = gate.evaluate(&cx(&store)).await.unwrap() else {
-            panic!()
-        };
-        assert!(reason.contains("approval by anyone"), "{reason}");
+        let reason = wait_reason(&gate, &store).await;
+        assert!(reason.contains("who may decide: anyone"), "{reason}");
+        decide(&store, "carl", Decision::Approve, None).await; // the actor
+        wait_reason(&gate, &store).await;
         decide(&store, "zoe", Decision::Approve, None).await;
         assert_eq!(gate.evaluate(&cx(&store)).await.unwrap(), Verdict::Pass);
     }

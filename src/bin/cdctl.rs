@@ -61,8 +61,23 @@ fn term_safe(s: &str) -> String {
 #[cfg(feature = "sqlite")]
 macro_rules! say {
     ($($arg:tt)+) => {
-        println!("{}", $crate::term_safe(&format!($($arg)+)))
+        $crate::out(&$crate::term_safe(&format!($($arg)+)))
     };
+}
+
+/// Writes one line to stdout. A closed pipe (`cdctl runs | head`) ends
+/// cdctl quietly with status 0 instead of a panic, as other Unix tools do.
+#[cfg(feature = "sqlite")]
+fn out(line: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = writeln!(stdout, "{line}").and_then(|_| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(1);
+    }
 }
 
 #[cfg(feature = "sqlite")]
@@ -74,12 +89,14 @@ mod cli {
     use serde_json::{json, Value};
 
     use cd_backends::sqlite::SqliteStore;
-    use cd_core::{
-        ApprovalRecord, Decision, Error, ErrorKind, NodeStatus, Result, RunStatus, Store,
-    };
+    use cd_core::{Decision, Error, ErrorKind, NodeStatus, Result, RunStatus, Store};
 
     /// Inspect and operate the runs, locks, approvals and release history in
     /// a cd state database.
+    ///
+    /// Exit status: 0 done; 1 failed; 2 invalid input; 3 not found; 4 not
+    /// allowed (no, a wrong, revoked or expired token; not an approver);
+    /// 5 conflict (already decided, finished, expired, replayed).
     #[derive(Debug, Parser)]
     #[command(name = "cdctl", version, after_long_help = super::ROLLBACK_HELP)]
     struct Cli {
@@ -150,10 +167,16 @@ mod cli {
             #[arg(long = "as", value_name = "NAME")]
             actor: Option<String>,
         },
-        /// Approve a waiting approval gate of a run.
+        /// Approve a waiting approval gate of a run, with your token.
+        /// Refused, with the list of who may, when you may not.
         Approve(Decide),
-        /// Reject a waiting approval gate of a run.
+        /// Reject a waiting approval gate of a run, with your token.
         Reject(Decide),
+        /// API tokens: one per approver.
+        Token {
+            #[command(subcommand)]
+            command: TokenCommand,
+        },
         /// List incidents, newest first (a failed bake opens one).
         Incidents {
             /// Only unresolved ones (open or acknowledged).
@@ -233,12 +256,44 @@ mod cli {
         run: String,
         /// The approval gate's node name.
         node: String,
-        /// Who decides (the gate checks that this person may).
-        #[arg(long = "as", value_name = "NAME")]
-        approver: String,
-        /// A comment kept with the decision.
+        /// A comment kept with the decision (some gates require one).
         #[arg(long)]
         comment: Option<String>,
+        /// Read the approver's token from this file (else $CD_TOKEN, else
+        /// a prompt when stdin is a terminal). The token says who you are.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// A unique id for this decision, so a retried command is not
+        /// recorded twice [default: a new UUID].
+        #[arg(long, value_name = "ID")]
+        decision_id: Option<String>,
+        /// Gone: who decides comes from the token.
+        #[arg(long = "as", value_name = "NAME", hide = true)]
+        approver: Option<String>,
+    }
+
+    #[derive(Debug, Subcommand)]
+    enum TokenCommand {
+        /// Create an API token for NAME and print it once (it is stored
+        /// only as an HMAC-SHA256 hash). Give it to that person: with it
+        /// they approve and reject (`cdctl approve`, the web console).
+        Create {
+            /// The identity: a-z, 0-9, '.', '_', '@', '-' (lower-cased).
+            name: String,
+            /// Expire after this long (`30d`, `12h`) [default: never].
+            #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+            expires_in: Option<std::time::Duration>,
+            /// Write the token to this file (mode 0600) instead of stdout.
+            #[arg(long, value_name = "FILE")]
+            out: Option<PathBuf>,
+        },
+        /// List tokens (ids, identities, state; never the secrets).
+        List,
+        /// Revoke a token: it stops working at once.
+        Revoke {
+            /// The token id (12 hex digits, as `token list` shows).
+            id: String,
+        },
     }
 
     pub(super) fn main() {
@@ -261,6 +316,8 @@ mod cli {
             std::process::exit(match e.kind() {
                 ErrorKind::NotFound => 3,
                 ErrorKind::Invalid => 2,
+                ErrorKind::Auth => 4,
+                ErrorKind::Conflict => 5,
                 _ => 1,
             });
         }
@@ -288,7 +345,7 @@ mod cli {
     }
 
     fn print_json(value: &impl serde::Serialize) -> Result<()> {
-        println!("{}", serde_json::to_string_pretty(value)?);
+        crate::out(&serde_json::to_string_pretty(value)?);
         Ok(())
     }
 
@@ -323,6 +380,7 @@ mod cli {
             } => unlock(&store, cli.json, env, *force, reason, actor.clone()).await,
             Command::Approve(d) => decide(&store, cli.json, d, Decision::Approve).await,
             Command::Reject(d) => decide(&store, cli.json, d, Decision::Reject).await,
+            Command::Token { command } => token(&store, cli.json, command).await,
             Command::Incidents { open, limit } => incidents(store, cli.json, *open, *limit).await,
             Command::Incident { command } => match command {
                 IncidentCommand::Show { id } => incident_show(store, cli.json, id).await,
@@ -409,7 +467,7 @@ mod cli {
         }
         say!("  reason    {}", incident.reason);
         if !deliveries.is_empty() {
-            println!();
+            crate::out("");
             let mut t = Table::new(&["KIND", "NOTIFIER", "ATTEMPT", "OUTCOME", "ERROR", "AT"]);
             for d in &deliveries {
                 t.row(vec![
@@ -609,7 +667,7 @@ mod cli {
             }
             None => say!("finished  -"),
         }
-        println!();
+        crate::out("");
         if nodes.is_empty() {
             say!("no node records");
         } else {
@@ -635,7 +693,7 @@ mod cli {
             t.print();
         }
         if !approvals.is_empty() {
-            println!();
+            crate::out("");
             let mut t = Table::new(&["GATE", "BY", "DECISION", "AT", "COMMENT"]);
             for a in &approvals {
                 t.row(vec![
@@ -648,7 +706,7 @@ mod cli {
             }
             t.print();
         }
-        println!();
+        crate::out("");
         if total > events.len() {
             say!(
                 "events (last {} of {total}; --events N for more):",
@@ -661,7 +719,7 @@ mod cli {
             say!("  {e}");
         }
         for (node, name, data) in &results {
-            println!();
+            crate::out("");
             if name == "load_report" {
                 print_load(node, data);
             } else {
@@ -757,7 +815,7 @@ mod cli {
             if as_json {
                 return print_json(&parsed);
             }
-            println!("{}", doc.content);
+            crate::out(&doc.content);
             return Ok(());
         }
         let components = parsed["components"].as_array().map(Vec::len).unwrap_or(0);
@@ -851,7 +909,7 @@ mod cli {
             t.print();
         }
         if !waiters.is_empty() {
-            println!();
+            crate::out("");
             let mut t = Table::new(&["ENV", "WAITING", "SINCE", "LAST ASKED"]);
             for w in &waiters {
                 t.row(vec![
@@ -957,64 +1015,197 @@ mod cli {
         Ok(())
     }
 
+    fn read_token(d: &Decide) -> Result<Option<String>> {
+        use std::io::IsTerminal;
+        if let Some(f) = &d.token_file {
+            let text = std::fs::read_to_string(f).map_err(|e| {
+                Error::new(
+                    ErrorKind::Auth,
+                    format!("reading the token file {}: {e}", f.display()),
+                )
+            })?;
+            return Ok(Some(text.trim().to_string()));
+        }
+        if let Ok(t) = std::env::var("CD_TOKEN") {
+            return Ok(Some(t));
+        }
+        if std::io::stdin().is_terminal() {
+            let t = rpassword::prompt_password("token: ")
+                .map_err(|e| Error::new(ErrorKind::Auth, format!("reading the token: {e}")))?;
+            return Ok(Some(t.trim().to_string()));
+        }
+        Ok(None)
+    }
+
     async fn decide(
         store: &SqliteStore,
         as_json: bool,
         d: &Decide,
         decision: Decision,
     ) -> Result<()> {
-        let run = store.find_run(&d.run).await?;
-        if run.status != RunStatus::Running {
+        if let Some(name) = &d.approver {
             return Err(Error::invalid(format!(
-                "run {} already finished ({}); nothing to decide",
-                run.id, run.status
+                "--as {name:?} is gone: who decides comes from the approver's token (--token-file, $CD_TOKEN, or the prompt); `cdctl token create <name>` makes one"
             )));
         }
-        let nodes = store.nodes(&run.id).await?;
-        if let Some(n) = nodes.iter().find(|n| *n.node == *d.node) {
-            if !matches!(
-                n.status,
-                NodeStatus::Waiting | NodeStatus::Pending | NodeStatus::Running
-            ) {
-                return Err(Error::invalid(format!(
-                    "node `{}` of run {} is {}, not waiting for a decision",
-                    d.node, run.id, n.status
-                )));
-            }
-        } else if !nodes.is_empty() {
-            let names: Vec<_> = nodes.iter().map(|n| &*n.node).collect();
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                format!(
-                    "run {} has no node `{}` (it has {})",
-                    run.id,
-                    d.node,
-                    names.join(", ")
-                ),
-            ));
-        }
-        let record = ApprovalRecord {
-            run_id: run.id.clone(),
-            node: d.node.clone(),
-            approver: d.approver.clone(),
-            decision,
-            comment: d.comment.clone(),
-            at: Utc::now(),
-        };
-        store.put_approval(&record).await?;
+        let run = store.find_run(&d.run).await?;
+        let who = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        let token = read_token(d)?;
+        let actor =
+            cd_core::approval::authenticate(store, token.as_deref(), &format!("cli {who}@{host}"))
+                .await?;
+        let record = cd_core::approval::record_decision(
+            store,
+            &actor,
+            &cd_core::approval::DecisionRequest {
+                run_id: run.id.clone(),
+                node: d.node.clone(),
+                decision,
+                comment: d.comment.clone(),
+                decision_id: d
+                    .decision_id
+                    .clone()
+                    .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            },
+        )
+        .await?;
         if as_json {
             return print_json(&record);
         }
         say!(
-            "{} `{}` of run {} as {}; the gate takes it into account at its next check",
+            "{} `{}` of run {} as {} (token {}); the gate takes it into account at its next check",
             match decision {
                 Decision::Approve => "approved",
                 Decision::Reject => "rejected",
             },
             d.node,
             run.id,
-            d.approver
+            record.approver,
+            record.token_id.as_deref().unwrap_or("-")
         );
+        Ok(())
+    }
+
+    async fn token(store: &SqliteStore, as_json: bool, command: &TokenCommand) -> Result<()> {
+        match command {
+            TokenCommand::Create {
+                name,
+                expires_in,
+                out,
+            } => {
+                let creator = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+                let (record, token) = cd_core::approval::issue_token(name, *expires_in, &creator)?;
+                store.put_token(&record).await?;
+                if let Some(path) = out {
+                    write_secret_file(path, token.expose())?;
+                    say!(
+                        "token {} for {} written to {}{}",
+                        record.id,
+                        record.identity,
+                        path.display(),
+                        expiry(&record)
+                    );
+                    return Ok(());
+                }
+                if as_json {
+                    return print_json(&json!({"id": record.id, "identity": record.identity,
+                        "expires_at": record.expires_at, "token": token.expose()}));
+                }
+                say!("{}", token.expose());
+                eprintln!(
+                    "token {} for {}{}: shown once, keep it secret",
+                    record.id,
+                    record.identity,
+                    expiry(&record)
+                );
+                Ok(())
+            }
+            TokenCommand::List => {
+                let list = store.tokens().await?;
+                if as_json {
+                    let v: Vec<Value> = list
+                        .iter()
+                        .map(|t| {
+                            json!({"id": t.id, "identity": t.identity, "created_at": t.created_at,
+                                "created_by": t.created_by, "expires_at": t.expires_at, "revoked_at": t.revoked_at})
+                        })
+                        .collect();
+                    return print_json(&v);
+                }
+                if list.is_empty() {
+                    say!("no tokens: `cdctl token create <name>` makes one");
+                    return Ok(());
+                }
+                let now = Utc::now();
+                let mut t = Table::new(&["ID", "IDENTITY", "STATE", "CREATED", "BY", "EXPIRES"]);
+                for r in &list {
+                    let state = if r.revoked_at.is_some() {
+                        "revoked"
+                    } else if r.expires_at.is_some_and(|e| e <= now) {
+                        "expired"
+                    } else {
+                        "active"
+                    };
+                    t.row(vec![
+                        r.id.clone(),
+                        r.identity.clone(),
+                        state.into(),
+                        time(r.created_at),
+                        r.created_by.clone(),
+                        r.expires_at.map(time).unwrap_or_else(|| "never".into()),
+                    ]);
+                }
+                t.print();
+                Ok(())
+            }
+            TokenCommand::Revoke { id } => {
+                let mut record = store.token(id).await?.ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::NotFound,
+                        format!("no token {id} (see `cdctl token list`)"),
+                    )
+                })?;
+                if record.revoked_at.is_none() {
+                    record.revoked_at = Some(Utc::now());
+                    store.put_token(&record).await?;
+                }
+                if as_json {
+                    return print_json(
+                        &json!({"id": record.id, "identity": record.identity, "revoked_at": record.revoked_at}),
+                    );
+                }
+                say!(
+                    "token {} of {} revoked at {}",
+                    record.id,
+                    record.identity,
+                    record.revoked_at.map(time).unwrap_or_default()
+                );
+                Ok(())
+            }
+        }
+    }
+
+    fn expiry(r: &cd_core::approval::TokenRecord) -> String {
+        r.expires_at
+            .map(|e| format!(", expires {}", time(e)))
+            .unwrap_or_default()
+    }
+
+    fn write_secret_file(path: &std::path::Path, text: &str) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| Error::invalid(format!("writing {}: {e}", path.display())))?;
+        writeln!(f, "{text}")
+            .map_err(|e| Error::invalid(format!("writing {}: {e}", path.display())))?;
         Ok(())
     }
 

@@ -904,24 +904,47 @@ impl Store for SqliteStore {
     async fn put_approval(&self, approval: &ApprovalRecord) -> Result<()> {
         let path = self.p();
         let a = approval.clone();
+        let audit = to_json(&rows::ApprovalAudit {
+            via: a.via.clone(),
+            token_id: a.token_id.clone(),
+            release: a.release.clone(),
+            pipeline: a.pipeline.clone(),
+            definition_hash: a.definition_hash.clone(),
+        })?;
         self.engine
             .write(move |c| {
-                c.prepare_cached(
-                    "INSERT INTO approvals (run_id, node, approver, decision, comment, at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![
-                        a.run_id,
-                        a.node,
-                        a.approver,
-                        rows::decision_str(a.decision),
-                        a.comment,
-                        ts(a.at)
-                    ])
-                })
-                .map_err(|e| sql_err(&path, e))?;
-                Ok(())
+                let inserted = c
+                    .prepare_cached(
+                        "INSERT INTO approvals (run_id, node, approver, decision, comment, at, decision_id, audit)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    )
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            a.run_id,
+                            a.node,
+                            a.approver,
+                            rows::decision_str(a.decision),
+                            a.comment,
+                            ts(a.at),
+                            a.decision_id,
+                            audit
+                        ])
+                    });
+                match inserted {
+                    Ok(_) => Ok(()),
+                    Err(rusqlite::Error::SqliteFailure(e, _))
+                        if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+                    {
+                        Err(Error::new(
+                            ErrorKind::Conflict,
+                            format!(
+                                "decision {} was already recorded (a replay)",
+                                a.decision_id.as_deref().unwrap_or("-")
+                            ),
+                        ))
+                    }
+                    Err(e) => Err(sql_err(&path, e)),
+                }
             })
             .await
     }
@@ -1242,6 +1265,116 @@ impl Store for SqliteStore {
             })
             .await
     }
+    async fn put_approval_request(
+        &self,
+        request: &cd_core::approval::ApprovalRequest,
+    ) -> Result<cd_core::approval::ApprovalRequest> {
+        let path = self.p();
+        let r = request.clone();
+        let record = to_json(request)?;
+        self.engine
+            .write(move |c| {
+                c.prepare_cached(
+                    "INSERT INTO approval_requests (run_id, node, record, created_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (run_id, node) DO NOTHING",
+                )
+                .and_then(|mut s| s.execute(params![r.run_id, r.node, record, rows::ts(r.created_at)]))
+                .map_err(|e| sql_err(&path, e))?;
+                c.prepare_cached("SELECT record FROM approval_requests WHERE run_id = ?1 AND node = ?2")
+                    .and_then(|mut s| s.query_row(params![r.run_id, r.node], rows::approval_request))
+                    .map_err(|e| sql_err(&path, e))
+            })
+            .await
+    }
+
+    async fn approval_request(
+        &self,
+        run_id: &str,
+        node: &str,
+    ) -> Result<Option<cd_core::approval::ApprovalRequest>> {
+        let path = self.p();
+        let (run_id, node) = (run_id.to_string(), node.to_string());
+        self.engine
+            .read(move |c| {
+                c.prepare_cached(
+                    "SELECT record FROM approval_requests WHERE run_id = ?1 AND node = ?2",
+                )
+                .and_then(|mut s| {
+                    s.query_row(params![run_id, node], rows::approval_request)
+                        .optional()
+                })
+                .map_err(|e| sql_err(&path, e))
+            })
+            .await
+    }
+
+    async fn approval_requests(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<cd_core::approval::ApprovalRequest>> {
+        let path = self.p();
+        self.engine
+            .read(move |c| {
+                let mut stmt = c
+                    .prepare_cached(
+                        "SELECT record FROM approval_requests ORDER BY seq DESC LIMIT ?1",
+                    )
+                    .map_err(|e| sql_err(&path, e))?;
+                let v = stmt
+                    .query_map(params![clamp_i64(limit as u64)], rows::approval_request)
+                    .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
+                    .map_err(|e| sql_err(&path, e))?;
+                Ok(v)
+            })
+            .await
+    }
+
+    async fn put_token(&self, token: &cd_core::approval::TokenRecord) -> Result<()> {
+        let path = self.p();
+        let (id, identity) = (token.id.clone(), token.identity.clone());
+        let at = rows::ts(token.created_at);
+        let record = to_json(token)?;
+        self.engine
+            .write(move |c| {
+                c.prepare_cached(
+                    "INSERT INTO tokens (id, identity, record, created_at) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (id) DO UPDATE SET record = excluded.record",
+                )
+                .and_then(|mut s| s.execute(params![id, identity, record, at]))
+                .map_err(|e| sql_err(&path, e))?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<cd_core::approval::TokenRecord>> {
+        let path = self.p();
+        let id = id.to_string();
+        self.engine
+            .read(move |c| {
+                c.prepare_cached("SELECT record FROM tokens WHERE id = ?1")
+                    .and_then(|mut s| s.query_row(params![id], rows::token).optional())
+                    .map_err(|e| sql_err(&path, e))
+            })
+            .await
+    }
+
+    async fn tokens(&self) -> Result<Vec<cd_core::approval::TokenRecord>> {
+        let path = self.p();
+        self.engine
+            .read(move |c| {
+                let mut stmt = c
+                    .prepare_cached("SELECT record FROM tokens ORDER BY created_at DESC, id")
+                    .map_err(|e| sql_err(&path, e))?;
+                let v = stmt
+                    .query_map([], rows::token)
+                    .and_then(|r| r.collect::<rusqlite::Result<Vec<_>>>())
+                    .map_err(|e| sql_err(&path, e))?;
+                Ok(v)
+            })
+            .await
+    }
+
     async fn put_release_document(&self, document: &cd_core::ReleaseDocument) -> Result<()> {
         let path = self.p();
         let (version, kind) = (document.version.clone(), document.kind.clone());

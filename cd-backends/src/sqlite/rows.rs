@@ -152,9 +152,32 @@ fn decision_parse(s: &str) -> Option<Decision> {
 }
 
 /// Columns of `approvals`, in the order [`approval`] reads them.
-pub(crate) const APPROVAL_COLUMNS: &str = "run_id, node, approver, decision, comment, at";
+pub(crate) const APPROVAL_COLUMNS: &str =
+    "run_id, node, approver, decision, comment, at, decision_id, audit";
+
+/// The audit fields of an approval, kept as JSON in `approvals.audit`.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+pub(crate) struct ApprovalAudit {
+    #[serde(default)]
+    pub via: Option<String>,
+    #[serde(default)]
+    pub token_id: Option<String>,
+    #[serde(default)]
+    pub release: Option<String>,
+    #[serde(default)]
+    pub pipeline: Option<String>,
+    #[serde(default)]
+    pub definition_hash: Option<String>,
+}
 
 pub(crate) fn approval(row: &Row<'_>) -> rusqlite::Result<ApprovalRecord> {
+    let audit: Option<String> = row.get(7)?;
+    let audit: ApprovalAudit = match audit {
+        Some(text) => serde_json::from_str(&text).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(7, rusqlite::types::Type::Text, Box::new(e))
+        })?,
+        None => ApprovalAudit::default(),
+    };
     Ok(ApprovalRecord {
         run_id: row.get(0)?,
         node: row.get(1)?,
@@ -162,6 +185,12 @@ pub(crate) fn approval(row: &Row<'_>) -> rusqlite::Result<ApprovalRecord> {
         decision: parsed(row, 3, decision_parse)?,
         comment: row.get(4)?,
         at: time(row, 5)?,
+        decision_id: row.get(6)?,
+        via: audit.via,
+        token_id: audit.token_id,
+        release: audit.release,
+        pipeline: audit.pipeline,
+        definition_hash: audit.definition_hash,
     })
 }
 
@@ -260,4 +289,16 @@ pub(crate) fn release_document(row: &Row<'_>) -> rusqlite::Result<cd_core::Relea
     let mut d: cd_core::ReleaseDocument = json(row, 0)?;
     d.content = row.get(1)?;
     Ok(d)
+}
+
+/// An `approval_requests` row's `record` column.
+pub(crate) fn approval_request(
+    row: &Row<'_>,
+) -> rusqlite::Result<cd_core::approval::ApprovalRequest> {
+    json(row, 0)
+}
+
+/// A `tokens` row's `record` column.
+pub(crate) fn token(row: &Row<'_>) -> rusqlite::Result<cd_core::approval::TokenRecord> {
+    json(row, 0)
 }

@@ -62,6 +62,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "release_documents",
         sql: include_str!("migrations/0007_release_documents.sql"),
     },
+    Migration {
+        version: 8,
+        name: "approval_identity",
+        sql: include_str!("migrations/0008_approval_identity.sql"),
+    },
 ];
 
 /// The schema version this build writes.

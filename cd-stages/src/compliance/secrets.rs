@@ -585,6 +585,7 @@ fn scan_items(
 #[derive(Debug, Clone)]
 pub struct SecretScan {
     path: Option<PathBuf>,
+    more: Vec<PathBuf>,
     opts: ScanOptions,
     reasons: Vec<(String, String)>,
     report_only: bool,
@@ -595,16 +596,35 @@ impl SecretScan {
     pub fn path(path: impl Into<PathBuf>) -> Self {
         SecretScan {
             path: Some(path.into()),
+            more: Vec::new(),
             opts: ScanOptions::default(),
             reasons: Vec::new(),
             report_only: false,
         }
     }
 
+    /// Scans several paths (directories, archives or files) as one scan:
+    /// one report, findings in path order. Errors on the first path that
+    /// cannot be read, naming it.
+    pub fn paths<I, P>(paths: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<PathBuf>,
+    {
+        let mut all = paths.into_iter().map(Into::into);
+        let mut scan = match all.next() {
+            Some(first) => SecretScan::path(first),
+            None => SecretScan::artifact(),
+        };
+        scan.more = all.collect();
+        scan
+    }
+
     /// Scans the release's artifact.
     pub fn artifact() -> Self {
         SecretScan {
             path: None,
+            more: Vec::new(),
             opts: ScanOptions::default(),
             reasons: Vec::new(),
             report_only: false,
@@ -654,8 +674,8 @@ impl cd_core::Stage for SecretScan {
 
     fn fingerprint(&self) -> String {
         format!(
-            "secret-scan:{:?}:{:?}:{}:{}",
-            self.path, self.opts.allow, self.opts.max_file_bytes, self.report_only
+            "secret-scan:{:?}:{:?}:{:?}:{}:{}",
+            self.path, self.more, self.opts.allow, self.opts.max_file_bytes, self.report_only
         )
     }
 
@@ -681,14 +701,30 @@ impl cd_core::Stage for SecretScan {
         };
         let opts = self.opts.clone();
         let started = std::time::Instant::now();
-        let p = path.clone();
-        let report = tokio::task::spawn_blocking(move || scan_path(&p, &opts))
-            .await
-            .map_err(|e| cd_core::Error::failed(format!("secret scan panicked: {e}")))?
-            .map_err(|e| e.with("node", cx.node()))?;
+        let mut all = vec![path.clone()];
+        all.extend(self.more.iter().cloned());
+        let report = tokio::task::spawn_blocking(move || {
+            let mut total = SecretReport::default();
+            for p in &all {
+                let r = scan_path(p, &opts)?;
+                total.files += r.files;
+                total.bytes += r.bytes;
+                total.findings.extend(r.findings);
+                total.skipped.extend(r.skipped);
+                total.allowed += r.allowed;
+            }
+            Ok::<_, cd_core::Error>(total)
+        })
+        .await
+        .map_err(|e| cd_core::Error::failed(format!("secret scan panicked: {e}")))?
+        .map_err(|e| e.with("node", cx.node()))?;
+        let shown = if self.more.is_empty() {
+            path.display().to_string()
+        } else {
+            format!("{} (+{} more)", path.display(), self.more.len())
+        };
         cx.log(format!(
-            "secret scan of {}: {} file(s), {} bytes in {} ms: {} finding(s), {} allowed, {} skipped",
-            path.display(),
+            "secret scan of {shown}: {} file(s), {} bytes in {} ms: {} finding(s), {} allowed, {} skipped",
             report.files,
             report.bytes,
             started.elapsed().as_millis(),
@@ -716,9 +752,8 @@ impl cd_core::Stage for SecretScan {
             .map(|f| format!("{}:{} ({}, {})", f.file, f.line, f.rule, f.redacted))
             .collect();
         Err(cd_core::Error::failed(format!(
-            "{} secret(s) found in {}: {}{}",
+            "{} secret(s) found in {shown}: {}{}",
             report.findings.len(),
-            path.display(),
             list.join("; "),
             if report.findings.len() > 5 {
                 "; ..."
