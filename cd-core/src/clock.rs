@@ -100,3 +100,56 @@ mod tests {
         );
     }
 }
+
+/// Where "now" comes from, so gates that depend on the calendar
+/// (deployment windows) can be tested at any instant without sleeping.
+pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
+    /// The current instant, UTC.
+    fn now(&self) -> DateTime<Utc>;
+}
+
+/// The system's clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+/// A clock that shows what it is told: for tests.
+///
+/// ```
+/// use cd_core::clock::{Clock, ManualClock};
+/// let t0 = "2026-03-29T00:59:00Z".parse().unwrap();
+/// let clock = ManualClock::new(t0);
+/// clock.advance(std::time::Duration::from_secs(60));
+/// assert_eq!(clock.now().to_rfc3339(), "2026-03-29T01:00:00+00:00");
+/// ```
+#[derive(Debug, Clone)]
+pub struct ManualClock(std::sync::Arc<std::sync::Mutex<DateTime<Utc>>>);
+
+impl ManualClock {
+    /// A clock showing `at`.
+    pub fn new(at: DateTime<Utc>) -> Self {
+        ManualClock(std::sync::Arc::new(std::sync::Mutex::new(at)))
+    }
+
+    /// Shows `at` from now on (clones share the time).
+    pub fn set(&self, at: DateTime<Utc>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = at;
+    }
+
+    /// Moves the time forward by `d`.
+    pub fn advance(&self, d: Duration) {
+        let mut t = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *t = utc_add(*t, d);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

@@ -60,6 +60,7 @@ pub mod stats;
 pub mod testsuite;
 pub mod tls;
 pub mod webhook;
+pub mod windows;
 
 #[cfg(test)]
 pub(crate) mod test_server;
