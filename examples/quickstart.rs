@@ -20,9 +20,10 @@
 //!    advisory check of the SBOM's components against the demonstration
 //!    OSV advisories in `examples/quickstart-osv/`; and the Rego policies
 //!    in `policies/` deciding over those results;
-//! 4. an approval gate: `--auto-approve`, or approve it with `cdctl` and
-//!    the token the quickstart creates for the approver `you` in
-//!    `.cd/you.token` (the command is printed while the run waits);
+//! 4. an approval gate: `--auto-approve`, or approve it with `cdctl` or in
+//!    the web console (<http://127.0.0.1:18088/>) with the token the
+//!    quickstart creates for the approver `you` in `.cd/you.token` (both
+//!    are printed while the run waits);
 //! 5. a blue-green production deploy behind a local TCP router;
 //! 6. a bake period watching two monitors (health, and latency under
 //!    500 ms), with a verdict per monitor; a failed bake opens an incident.
@@ -62,6 +63,7 @@ const STAGING_PORT: u16 = 18090;
 const BLUE_PORT: u16 = 18091;
 const GREEN_PORT: u16 = 18092;
 const ROUTER_PORT: u16 = 18080;
+const CONSOLE_PORT: u16 = 18088;
 
 /// The state directory, for the commands the event printer suggests.
 static STATE_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
@@ -138,6 +140,18 @@ async fn run_demo(auto_approve: bool, state_dir: &Path) -> anyhow::Result<()> {
     ] {
         policy = policy.file(workspace.join("policies").join(file))?;
     }
+
+    // The web console over the same store: runs, their DAG, approvals.
+    let console_listener = tokio::net::TcpListener::bind(("127.0.0.1", CONSOLE_PORT))
+        .await
+        .with_context(|| format!("the console's port {CONSOLE_PORT}"))?;
+    tokio::spawn(cd::web::serve(
+        console_listener,
+        cd::web::Console::new(store.clone()),
+    ));
+    println!(
+        "== web console: http://127.0.0.1:{CONSOLE_PORT}/ (sign in with an approver's token) =="
+    );
 
     // The approver's token: made once, kept in the state directory (0600).
     let _ = STATE_DIR.set(state_dir.to_path_buf());
@@ -439,7 +453,7 @@ fn print_event(e: &Event) {
             }
             last.clone_from(reason);
             format!(
-                "waiting: {reason}\n    e.g. cargo run --bin cdctl -- --db {dir}/state.db approve {} {node} --token-file {dir}/you.token",
+                "waiting: {reason}\n    e.g. cargo run --bin cdctl -- --db {dir}/state.db approve {} {node} --token-file {dir}/you.token\n    or open http://127.0.0.1:{CONSOLE_PORT}/approvals and sign in with the token in {dir}/you.token",
                 e.run_id,
                 dir = STATE_DIR.get().map(|d| d.display().to_string()).unwrap_or_else(|| ".cd".into())
             )

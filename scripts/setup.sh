@@ -14,7 +14,9 @@ SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
 # ---------------------------------------------------------------- Debian packages
-APT_PKGS=(openssh-server openssh-client podman runc busybox-static nginx-light wrk hey prometheus chromium curl iproute2 procps)
+APT_PKGS=(openssh-server openssh-client podman runc busybox-static nginx-light wrk hey prometheus chromium nodejs curl iproute2 procps)
+# npm: Debian packages it apart; NodeSource's nodejs carries its own.
+command -v npm >/dev/null 2>&1 || APT_PKGS+=(npm)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -51,6 +53,16 @@ need_pip=()
 if [ "${#need_pip[@]}" -gt 0 ]; then
   log "pip install ${need_pip[*]}"
   "$VENV/bin/pip" install -q --disable-pip-version-check "${need_pip[@]}"
+fi
+
+# ---------------------------------------------------------------- Node tools
+# playwright-core drives Debian's chromium in the web console's browser test
+# (tests/web.rs, tests/browser/console.cjs); it downloads no browser.
+NODE_DIR="$TOOLS/node"
+if [ ! -f "$NODE_DIR/node_modules/playwright-core/package.json" ]; then
+  log "npm install playwright-core"
+  mkdir -p "$NODE_DIR"
+  (cd "$NODE_DIR" && npm install --silent --no-audit --no-fund playwright-core@1 >/dev/null)
 fi
 
 # ---------------------------------------------------------------- Terraform

@@ -35,6 +35,8 @@ pub use cd_stages as stages;
 
 #[cfg(feature = "prometheus-exporter")]
 pub mod telemetry;
+#[cfg(feature = "web")]
+pub mod web;
 
 /// The attribute the `Stage`, `Gate`, `Deployer`, `Monitor` and `Router`
 /// traits are written with: implement them as `#[cd::async_trait]`.

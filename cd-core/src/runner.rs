@@ -30,6 +30,11 @@ use crate::stage::{Outputs, StageContext, StageOutput, Verdict};
 use crate::store::{LockRequest, NodeRecord, NodeStatus, RunRecord, Store};
 use crate::types::Release;
 
+/// The event a run emits after `RunStarted` with its pipeline's graph:
+/// `{"nodes": [{"name", "kind", "gate", "finally", "needs": [..]}]}`, in
+/// definition order.
+pub const GRAPH_EVENT: &str = "pipeline_graph";
+
 /// How failed attempts are retried. Only errors marked retryable
 /// ([`Error::is_retryable`]) are retried; the delay doubles (by `multiplier`)
 /// from `initial_backoff` up to `max_backoff`.
@@ -805,6 +810,19 @@ impl Runner {
                 pipeline: run.pipeline.clone(),
                 release: run.release.version.clone(),
                 environment: env.clone(),
+            });
+            // The DAG, for consoles that draw the run (nodes in order).
+            emitter.emit(EventKind::Custom {
+                name: GRAPH_EVENT.into(),
+                data: serde_json::json!({
+                    "nodes": pipeline.nodes().iter().map(|n| serde_json::json!({
+                        "name": n.name,
+                        "kind": n.kind.describe(),
+                        "gate": n.kind.is_gate(),
+                        "finally": n.finally,
+                        "needs": n.needs,
+                    })).collect::<Vec<_>>(),
+                }),
             });
             self.store.create_run(&run).await?;
         }

@@ -172,6 +172,18 @@ mod cli {
         Approve(Decide),
         /// Reject a waiting approval gate of a run, with your token.
         Reject(Decide),
+        /// Serve the web console (runs, run pages with their DAG, environments,
+        /// approvals with Approve / Reject) over this database. Sign in with
+        /// a token.
+        #[cfg(feature = "web")]
+        Serve {
+            /// Address to listen on.
+            #[arg(long, default_value = "127.0.0.1:8080")]
+            listen: String,
+            /// Mark the session cookie Secure (behind HTTPS).
+            #[arg(long)]
+            secure_cookies: bool,
+        },
         /// API tokens: one per approver.
         Token {
             #[command(subcommand)]
@@ -381,6 +393,26 @@ mod cli {
             Command::Approve(d) => decide(&store, cli.json, d, Decision::Approve).await,
             Command::Reject(d) => decide(&store, cli.json, d, Decision::Reject).await,
             Command::Token { command } => token(&store, cli.json, command).await,
+            #[cfg(feature = "web")]
+            Command::Serve {
+                listen,
+                secure_cookies,
+            } => {
+                let listener = tokio::net::TcpListener::bind(listen.as_str())
+                    .await
+                    .map_err(|e| Error::invalid(format!("listening on {listen}: {e}")))?;
+                let addr = listener
+                    .local_addr()
+                    .map_err(|e| Error::invalid(format!("listening on {listen}: {e}")))?;
+                say!(
+                    "console at http://{addr}/ (sign in with a token: `cdctl token create <name>`)"
+                );
+                let console = cd::web::Console::new(std::sync::Arc::new(store))
+                    .secure_cookies(*secure_cookies);
+                cd::web::serve(listener, console)
+                    .await
+                    .map_err(|e| Error::failed(format!("console: {e}")))
+            }
             Command::Incidents { open, limit } => incidents(store, cli.json, *open, *limit).await,
             Command::Incident { command } => match command {
                 IncidentCommand::Show { id } => incident_show(store, cli.json, id).await,
