@@ -29,7 +29,8 @@ echo "== cargo nextest"
 echo "== doc tests"
 cargo test --workspace --all-features --doc
 # The examples a new user runs: the quickstart (the main job), the canary
-# judged on a real Prometheus, and the containers behind the HTTP router. Each checks its own outcome and exits non-zero
+# judged on a real Prometheus, the containers behind the HTTP router, and a
+# deploy binary mounting the operator CLI. Each checks its own outcome and exits non-zero
 # otherwise.
 if [ "$#" = 0 ]; then
   echo "== examples"
@@ -43,5 +44,9 @@ if [ "$#" = 0 ]; then
   "${SANDBOX[@]}" cargo run -q --all-features --example container_canary > "$state/containers.log" 2>&1 \
     || { tail -60 "$state/containers.log"; exit 1; }
   tail -1 "$state/containers.log"
+  # A deploy binary with the operator commands mounted: rollback --to v41.
+  "${SANDBOX[@]}" cargo run -q --all-features --example mydeploy -- --db "$state/mydeploy.db" demo > "$state/mydeploy.log" 2>&1 \
+    || { tail -40 "$state/mydeploy.log"; exit 1; }
+  tail -1 "$state/mydeploy.log"
   rm -rf "$state"
 fi

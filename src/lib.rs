@@ -33,6 +33,8 @@ pub use cd_backends as backends;
 pub use cd_core as core;
 pub use cd_stages as stages;
 
+#[cfg(feature = "sqlite")]
+pub mod cli;
 #[cfg(feature = "prometheus-exporter")]
 pub mod telemetry;
 #[cfg(feature = "web")]

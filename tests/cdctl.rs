@@ -500,6 +500,13 @@ async fn cdctl_sbom_prints_the_document_stored_with_the_release() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no SBOM stored for release v9"), "{err}");
     assert!(err.contains("SbomStage"), "{err}");
+    // Rollback and resume need a deploy binary's deployers and pipelines.
+    let out = cdctl(&db, &["rollback", "production", "--to", "v1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("mount cd::cli in your deploy binary"));
+    let out = cdctl(&db, &["resume", "7f3c"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs pipeline `web`"));
     // No live release and no version named.
     let out = cdctl(&db, &["sbom", "staging"]);
     assert_eq!(out.status.code(), Some(3));
