@@ -159,7 +159,7 @@ async fn run_demo(auto_approve: bool, state_dir: &Path) -> anyhow::Result<()> {
     if !auto_approve && !token_file.exists() {
         let (record, token) = cd::core::approval::issue_token("you", None, "quickstart")?;
         store.put_token(&record).await?;
-        write_private(&token_file, token.expose())?;
+        cd::cli::write_secret_file(&token_file, token.expose())?;
         println!(
             "== approver token for `you` written to {} (token {}) ==",
             token_file.display(),
@@ -501,20 +501,6 @@ fn print_event(e: &Event) {
         _ => return,
     };
     eprintln!("  [{node:>16}] {line}");
-}
-
-fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    writeln!(f, "{text}")?;
-    Ok(())
 }
 
 fn sha256_hex(path: &Path) -> anyhow::Result<String> {

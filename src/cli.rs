@@ -1413,7 +1413,12 @@ fn expiry(r: &cd_core::approval::TokenRecord) -> String {
         .unwrap_or_default()
 }
 
-fn write_secret_file(path: &std::path::Path, text: &str) -> Result<()> {
+/// Writes `text` and a newline to `path`, created or truncated with mode
+/// 0600 (owner only): for tokens.
+///
+/// Errors: [`ErrorKind::Invalid`] naming the file when it cannot be
+/// written.
+pub fn write_secret_file(path: &std::path::Path, text: &str) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
