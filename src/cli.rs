@@ -1420,13 +1420,22 @@ fn expiry(r: &cd_core::approval::TokenRecord) -> String {
 /// written.
 pub fn write_secret_file(path: &std::path::Path, text: &str) -> Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(Error::invalid(format!(
+            "{} is a symbolic link: refusing to write a secret through it",
+            path.display()
+        )));
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(0o600)
         .open(path)
+        .map_err(|e| Error::invalid(format!("writing {}: {e}", path.display())))?;
+    // An existing file keeps its mode on open: make it owner-only.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
         .map_err(|e| Error::invalid(format!("writing {}: {e}", path.display())))?;
     writeln!(f, "{text}")
         .map_err(|e| Error::invalid(format!("writing {}: {e}", path.display())))?;

@@ -72,6 +72,9 @@ struct Session {
     token_id: String,
     csrf: String,
     expires: DateTime<Utc>,
+    /// A message for the next page (ok, text), kept on the server so a
+    /// link cannot put words in the console's mouth.
+    flash: Option<(bool, String)>,
 }
 
 struct Inner {
@@ -165,6 +168,30 @@ impl Console {
             }
             None => None,
         }
+    }
+
+    fn set_flash(&self, headers: &HeaderMap, ok: bool, text: String) {
+        if let Some(id) = cookie(headers, COOKIE) {
+            if let Some(s) = self
+                .inner
+                .sessions
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get_mut(&id)
+            {
+                s.flash = Some((ok, text));
+            }
+        }
+    }
+
+    fn take_flash(&self, headers: &HeaderMap) -> Option<(bool, String)> {
+        let id = cookie(headers, COOKIE)?;
+        self.inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(&id)
+            .and_then(|s| s.flash.take())
     }
 
     /// The signed-in person, re-checking their token (revoked or expired
@@ -344,6 +371,7 @@ async fn login(State(c): State<Console>, Form(f): Form<LoginForm>) -> Response {
         token_id: actor.token_id.unwrap_or_default(),
         csrf: random_id(),
         expires: Utc::now() + chrono::Duration::hours(SESSION_HOURS),
+        flash: None,
     };
     c.inner
         .sessions
@@ -769,11 +797,11 @@ async fn approvals_page(
     State(c): State<Console>,
     headers: HeaderMap,
     req_ext: axum::http::Extensions,
-    Query(q): Query<BTreeMap<String, String>>,
 ) -> Response {
     let Some((s, _)) = c.actor(&headers, &remote_of(&req_ext)).await else {
         return to_login();
     };
+    let flash = c.take_flash(&headers);
     let store = c.inner.store.as_ref();
     let list = pending(store).await;
     let mut rows = Vec::new();
@@ -790,8 +818,9 @@ async fn approvals_page(
         Some(&s),
         html! {
             h1 { "Waiting for approval" }
-            @if let Some(m) = q.get("done") { div.ok { (m) } }
-            @if let Some(m) = q.get("error") { div.err { (m) } }
+            @if let Some((ok, m)) = &flash {
+                @if *ok { div.ok { (m) } } @else { div.err { (m) } }
+            }
             @if rows.is_empty() { p.muted { "Nothing is waiting for a decision." } }
             @for (r, tally, may) in &rows {
                 section style="border:1px solid #dde;padding:.8em;margin:.8em 0" {
@@ -804,7 +833,7 @@ async fn approvals_page(
                     @if let Some(at) = r.expires_at { p { "expires " (time(at)) } }
                     @match may {
                         Ok(()) => {
-                            form method="post" action={ "/approvals/" (r.run_id) "/" (r.node) } {
+                            form method="post" action={ "/approvals/" (segment(&r.run_id)) "/" (segment(&r.node)) } {
                                 input type="hidden" name="csrf" value=(s.csrf);
                                 input type="hidden" name="decision_id" value=(random_id());
                                 "comment " input name="comment" size="50" required[r.comment_required];
@@ -837,8 +866,24 @@ fn decision_of(s: &str) -> Option<Decision> {
     }
 }
 
-fn encode(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+/// What must be percent-encoded in one URL path segment.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}');
+
+/// `s` as one URL path segment (`/`, `?`, `#`, `%`, spaces, ...
+/// percent-encoded).
+fn segment(s: &str) -> String {
+    percent_encoding::utf8_percent_encode(s, SEGMENT).to_string()
 }
 
 async fn decide_form(
@@ -863,10 +908,20 @@ async fn decide_form(
             .into_response();
     }
     let Some(decision) = decision_of(&f.decision) else {
-        return Redirect::to("/approvals?error=unknown+decision").into_response();
+        c.set_flash(
+            &headers,
+            false,
+            format!("unknown decision {:?}", f.decision),
+        );
+        return Redirect::to("/approvals").into_response();
     };
     let Some(decision_id) = f.decision_id.filter(|d| !d.is_empty()) else {
-        return Redirect::to("/approvals?error=the+form+has+no+decision+id").into_response();
+        c.set_flash(
+            &headers,
+            false,
+            "the form has no decision id: reload the page".into(),
+        );
+        return Redirect::to("/approvals").into_response();
     };
     let req = DecisionRequest {
         run_id: run,
@@ -876,9 +931,10 @@ async fn decide_form(
         decision_id,
     };
     match approval::record_decision(c.inner.store.as_ref(), &actor, &req).await {
-        Ok(r) => Redirect::to(&format!(
-            "/approvals?done={}",
-            encode(&format!(
+        Ok(r) => c.set_flash(
+            &headers,
+            true,
+            format!(
                 "{} {} `{}` of run {}",
                 r.approver,
                 match r.decision {
@@ -887,13 +943,11 @@ async fn decide_form(
                 },
                 r.node,
                 r.run_id
-            ))
-        ))
-        .into_response(),
-        Err(e) => {
-            Redirect::to(&format!("/approvals?error={}", encode(&e.to_string()))).into_response()
-        }
+            ),
+        ),
+        Err(e) => c.set_flash(&headers, false, e.to_string()),
     }
+    Redirect::to("/approvals").into_response()
 }
 
 /// The API's caller, from `Authorization: Bearer <token>`.

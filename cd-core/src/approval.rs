@@ -25,8 +25,10 @@
 //!   decided already, the decision id has not been seen (a replay). Every
 //!   refusal is a typed error naming who may decide; nothing is recorded.
 //! - The gate counts only records that pass the same checks again (a
-//!   record written to the store by other means, for another definition,
-//!   or after expiry counts for nothing).
+//!   record without its audit fields, for another definition, or after
+//!   expiry counts for nothing). The store itself is trusted: whoever can
+//!   write it can create tokens and records (see the README's security
+//!   model); keep it writable by the deploy identity only.
 //!
 //! ```
 //! use cd_core::approval::{identity, issue_token, authenticate_record};
@@ -276,6 +278,51 @@ pub async fn authenticate(store: &dyn Store, token: Option<&str>, via: &str) -> 
     })
 }
 
+/// Who may not decide on a release: the run's actor (`started this run`)
+/// and the release's author (release configuration key `author`: `authored
+/// release v42`). Fails closed: an actor or author that is given but is
+/// not an identity is an error, not silently no exclusion. An empty actor
+/// (a detached context) excludes nobody.
+///
+/// Errors: [`ErrorKind::Invalid`] naming the value at fault.
+pub fn exclusions(actor: &str, release: &crate::Release) -> Result<Vec<Excluded>> {
+    let mut out = Vec::new();
+    if !actor.is_empty() {
+        let who = identity(actor).map_err(|e| {
+            Error::invalid(format!(
+                "the run's actor {actor:?} is not an identity ({}): set Runner::actor to the person's identity so four eyes can exclude them",
+                e.message()
+            ))
+        })?;
+        out.push(Excluded {
+            identity: who,
+            why: "started this run".into(),
+        });
+    }
+    if let Some(author) = release.config.get("author") {
+        let name = author.as_str().ok_or_else(|| {
+            Error::invalid(format!(
+                "release {}: `author` must be an identity string, not {author}",
+                release.version
+            ))
+        })?;
+        let who = identity(name).map_err(|e| {
+            Error::invalid(format!(
+                "release {}: author {name:?} is not an identity ({})",
+                release.version,
+                e.message()
+            ))
+        })?;
+        if !out.iter().any(|e| e.identity == who) {
+            out.push(Excluded {
+                identity: who,
+                why: format!("authored release {}", release.version),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// A group of approvers with its own required count (`2 of sre`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApproverGroup {
@@ -455,11 +502,14 @@ impl ApprovalRequest {
     }
 
     /// Whether a stored record counts for this request: same run, node and
-    /// definition, an eligible person, made before expiry, with a comment
-    /// when one is required.
+    /// definition, audited (a decision id and where it came from, as
+    /// [`record_decision`] writes), an eligible person, made before expiry,
+    /// with a comment when one is required.
     pub fn counts(&self, r: &ApprovalRecord) -> bool {
         r.run_id == self.run_id
             && r.node == self.node
+            && r.decision_id.is_some()
+            && r.via.is_some()
             && r.definition_hash.as_deref() == Some(self.definition_hash.as_str())
             && self.check_eligible(&r.approver).is_ok()
             && self.expires_at.is_none_or(|at| r.at < at)
@@ -490,8 +540,23 @@ impl ApprovalRequest {
             .map(|r| r.approver.clone())
             .collect();
         let mut missing = Vec::new();
+        // One approval counts once: group members fill their groups first
+        // (up to each group's count), the rest count towards `anyone`.
+        let mut used: BTreeSet<&str> = BTreeSet::new();
+        for g in &self.groups {
+            for a in approved
+                .iter()
+                .filter(|a| g.members.contains(a))
+                .take(g.required)
+            {
+                used.insert(a.as_str());
+            }
+        }
         let listed_ok = if self.anyone {
-            approved.len()
+            approved
+                .iter()
+                .filter(|a| !used.contains(a.as_str()))
+                .count()
         } else {
             approved
                 .iter()

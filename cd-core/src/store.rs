@@ -474,7 +474,9 @@ pub trait Store: Send + Sync + 'static {
     /// Records an approval or rejection.
     ///
     /// Errors: [`ErrorKind::Conflict`](crate::ErrorKind) when a record
-    /// with the same `decision_id` exists (a replay).
+    /// with the same `decision_id` exists (a replay), or an audited record
+    /// (one with a `decision_id`) by the same person for the same run and
+    /// node (one person counts once).
     async fn put_approval(&self, approval: &ApprovalRecord) -> Result<()>;
     /// Approvals of one gate of one run, oldest first.
     async fn approvals(&self, run_id: &str, node: &str) -> Result<Vec<ApprovalRecord>>;
@@ -816,6 +818,22 @@ impl Store for MemoryStore {
                     format!("decision {id} was already recorded (a replay)"),
                 ));
             }
+        }
+        if approval.decision_id.is_some()
+            && inner.approvals.iter().any(|a| {
+                a.decision_id.is_some()
+                    && a.run_id == approval.run_id
+                    && a.node == approval.node
+                    && a.approver == approval.approver
+            })
+        {
+            return Err(Error::new(
+                crate::ErrorKind::Conflict,
+                format!(
+                    "{} already decided `{}` of run {}; one person counts once",
+                    approval.approver, approval.node, approval.run_id
+                ),
+            ));
         }
         inner.approvals.push(approval.clone());
         Ok(())

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use cd_core::approval::{identity, ApprovalRequest, ApproverGroup, Excluded, Tally};
+use cd_core::approval::{identity, ApprovalRequest, ApproverGroup, Tally};
 use cd_core::{ApprovalRecord, Decision, Error, ErrorKind, Gate, Result, StageContext, Verdict};
 use chrono::Utc;
 
@@ -171,25 +171,12 @@ impl ApprovalGate {
     /// expiry from now).
     pub fn request(&self, cx: &StageContext) -> Result<ApprovalRequest> {
         let now = Utc::now();
-        let mut excluded = Vec::new();
-        if !self.self_approval {
-            if let Ok(actor) = identity(cx.actor()) {
-                excluded.push(Excluded {
-                    identity: actor,
-                    why: "started this run".into(),
-                });
-            }
-            if let Some(author) = cx.release().config.get("author").and_then(|a| a.as_str()) {
-                if let Ok(author) = identity(author) {
-                    if !excluded.iter().any(|e| e.identity == author) {
-                        excluded.push(Excluded {
-                            identity: author,
-                            why: format!("authored release {}", cx.release().version),
-                        });
-                    }
-                }
-            }
-        }
+        let excluded = if self.self_approval {
+            Vec::new()
+        } else {
+            cd_core::approval::exclusions(cx.actor(), cx.release())
+                .map_err(|e| e.with("node", cx.node()))?
+        };
         Ok(ApprovalRequest {
             run_id: cx.run_id().to_string(),
             node: cx.node().to_string(),
@@ -304,6 +291,31 @@ impl Gate for ApprovalGate {
                 )));
             }
         }
+        let mut seen: std::collections::BTreeMap<String, String> = Default::default();
+        for (who, place) in self
+            .approvers
+            .iter()
+            .map(|a| (a, "the listed approvers".to_string()))
+            .chain(self.groups.iter().flat_map(|g| {
+                g.members
+                    .iter()
+                    .map(move |m| (m, format!("group {}", g.name)))
+            }))
+        {
+            let id = identity(who)?;
+            if let Some(other) = seen.insert(id.clone(), place.clone()) {
+                if other != place {
+                    return Err(Error::invalid(format!(
+                        "{id} is in {other} and in {place}: one approval would count twice; list each person once"
+                    )));
+                }
+            }
+        }
+        if self.auto_approve.is_some() && (self.required > 1 || !self.groups.is_empty()) {
+            return Err(Error::invalid(
+                "auto-approve would satisfy several distinct approvals (four eyes, groups) on its own: use it only with one required approval",
+            ));
+        }
         if !self.anyone && !self.approvers.is_empty() && self.approvers.len() < self.required {
             return Err(Error::invalid(format!(
                 "the approval gate needs {} distinct approvals but lists {} approver(s)",
@@ -326,6 +338,14 @@ impl Gate for ApprovalGate {
         let records = cx.store().approvals(cx.run_id(), cx.node()).await?;
         let verdict = self.decide(&request, &records);
         if let (Verdict::Wait { .. }, Some(name)) = (&verdict, &self.auto_approve) {
+            let name = identity(name)?;
+            if let Some(e) = request.excluded.iter().find(|e| e.identity == name) {
+                cx.log(format!(
+                    "not auto-approving as {name}: {} (four eyes)",
+                    e.why
+                ));
+                return Ok(verdict);
+            }
             cx.store()
                 .put_approval(&ApprovalRecord {
                     comment: Some("auto-approved".into()),
@@ -334,12 +354,7 @@ impl Gate for ApprovalGate {
                     release: Some(cx.release().version.clone()),
                     pipeline: Some(cx.pipeline().to_string()),
                     definition_hash: Some(cx.definition_hash().to_string()),
-                    ..ApprovalRecord::new(
-                        cx.run_id(),
-                        cx.node(),
-                        identity(name)?,
-                        Decision::Approve,
-                    )
+                    ..ApprovalRecord::new(cx.run_id(), cx.node(), &name, Decision::Approve)
                 })
                 .await?;
             cx.log(format!("auto-approved as {name}"));
@@ -367,21 +382,30 @@ mod tests {
         .with_definition_hash("def1")
     }
 
+    async fn try_decide(
+        store: &Arc<MemoryStore>,
+        who: &str,
+        decision: Decision,
+        comment: Option<&str>,
+    ) -> Result<()> {
+        store
+            .put_approval(&ApprovalRecord {
+                comment: comment.map(str::to_string),
+                definition_hash: Some("def1".into()),
+                via: Some("test".into()),
+                decision_id: Some(uuid::Uuid::new_v4().to_string()),
+                ..ApprovalRecord::new("detached", "approval", who, decision)
+            })
+            .await
+    }
+
     async fn decide(
         store: &Arc<MemoryStore>,
         who: &str,
         decision: Decision,
         comment: Option<&str>,
     ) {
-        store
-            .put_approval(&ApprovalRecord {
-                comment: comment.map(str::to_string),
-                definition_hash: Some("def1".into()),
-                via: Some("test".into()),
-                ..ApprovalRecord::new("detached", "approval", who, decision)
-            })
-            .await
-            .unwrap();
+        try_decide(store, who, decision, comment).await.unwrap()
     }
 
     async fn wait_reason(gate: &ApprovalGate, store: &Arc<MemoryStore>) -> String {
@@ -421,7 +445,7 @@ mod tests {
 
         // Someone who is not listed does not count.
         decide(&store, "mallory", Decision::Approve, None).await;
-        decide(&store, "mallory", Decision::Reject, Some("mischief")).await;
+        decide(&store, "oscar", Decision::Reject, Some("mischief")).await;
         wait_reason(&gate, &store).await;
 
         decide(&store, "bob", Decision::Approve, None).await;
@@ -456,7 +480,9 @@ mod tests {
         let store = Arc::new(MemoryStore::new());
         let gate = ApprovalGate::any_of(["alice", "bob", "carl", "dana"]).four_eyes();
         decide(&store, "alice", Decision::Approve, None).await;
-        decide(&store, "alice", Decision::Approve, Some("really")).await;
+        // A second decision by the same person is refused by the store.
+        let again = try_decide(&store, "alice", Decision::Approve, Some("really")).await;
+        assert_eq!(again.unwrap_err().kind(), ErrorKind::Conflict);
         decide(&store, "carl", Decision::Approve, None).await;
         decide(&store, "dana", Decision::Approve, None).await;
         let reason = wait_reason(&gate, &store).await;
@@ -503,7 +529,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn latest_decision_of_a_person_counts() {
+    async fn a_person_decides_once() {
         let store = Arc::new(MemoryStore::new());
         let gate = ApprovalGate::any_of(["alice"]);
         decide(&store, "alice", Decision::Reject, None).await;
@@ -511,16 +537,26 @@ mod tests {
             gate.evaluate(&cx(&store)).await.unwrap(),
             Verdict::Fail("rejected by alice: no reason given".into())
         );
-        decide(&store, "alice", Decision::Approve, Some("fixed")).await;
-        assert_eq!(gate.evaluate(&cx(&store)).await.unwrap(), Verdict::Pass);
+        let e = try_decide(&store, "alice", Decision::Approve, Some("fixed"))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("one person counts once"), "{e}");
+        assert!(matches!(
+            gate.evaluate(&cx(&store)).await.unwrap(),
+            Verdict::Fail(_)
+        ));
     }
 
     #[tokio::test]
     async fn auto_approve_records_and_passes() {
         let store = Arc::new(MemoryStore::new());
-        let gate = ApprovalGate::any_of(["alice", "bob"])
+        // Auto-approve cannot stand in for four eyes.
+        assert!(ApprovalGate::any_of(["alice", "bob"])
             .four_eyes()
-            .auto_approve_as("quickstart");
+            .auto_approve_as("quickstart")
+            .validate()
+            .is_err());
+        let gate = ApprovalGate::any_of(["alice", "bob"]).auto_approve_as("quickstart");
         assert_eq!(gate.evaluate(&cx(&store)).await.unwrap(), Verdict::Pass);
         let records = store.approvals("detached", "approval").await.unwrap();
         assert_eq!(records.len(), 1);
@@ -535,6 +571,43 @@ mod tests {
             gate.evaluate(&cx(&store)).await.unwrap(),
             Verdict::Fail(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn overlapping_lists_and_bad_names_fail_closed() {
+        let e = ApprovalGate::any_of(["alice"])
+            .group("sre", ["alice", "erin"], 1)
+            .validate()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("alice is in the listed approvers and in group sre"),
+            "{e}"
+        );
+        // anyone() plus a group: one approval by a group member fills the
+        // group only; anyone else is still needed.
+        let store = Arc::new(MemoryStore::new());
+        let gate = ApprovalGate::anyone().group("sre", ["erin", "frank"], 1);
+        decide(&store, "erin", Decision::Approve, None).await;
+        let reason = wait_reason(&gate, &store).await;
+        assert!(reason.contains("1 more from anyone"), "{reason}");
+        decide(&store, "zoe", Decision::Approve, None).await;
+        assert_eq!(gate.evaluate(&cx(&store)).await.unwrap(), Verdict::Pass);
+        // An author that is not an identity is an error, not no exclusion.
+        let bad = StageContext::detached(
+            "approval",
+            Release::new("v1").config("author", "Dana <dana@example.com>"),
+            store.clone(),
+        );
+        let e = ApprovalGate::any_of(["alice"])
+            .evaluate(&bad)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("author \"Dana <dana@example.com>\" is not an identity"),
+            "{e}"
+        );
     }
 
     #[tokio::test]

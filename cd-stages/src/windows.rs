@@ -14,7 +14,8 @@
 //! change skips (02:30 on the spring-forward night in Europe/Paris) start
 //! at the first valid instant after the gap; local times that happen twice
 //! (the autumn fall-back) start a window or end a freeze at the later of
-//! the two, so a freeze never ends early.
+//! the two, and end a window or start a freeze at the earlier: closed time
+//! is never shortened.
 //!
 //! An override needs an approval by a member of a named group
 //! ([`DeploymentWindows::override_by`]): the same authenticated decision
@@ -227,14 +228,28 @@ impl DeploymentWindows {
         self
     }
 
-    /// The instant a local date-time starts: the first valid instant after
-    /// a DST gap; the later of two in a fall-back.
+    /// The instant of a local date-time that opens something (a window's
+    /// start, a freeze's end): the first valid instant after a DST gap; the
+    /// later of two in a fall-back.
     fn instant(&self, local: NaiveDateTime) -> DateTime<Utc> {
+        self.resolve(local, true)
+    }
+
+    /// The instant of a local date-time that closes something (a window's
+    /// end, a freeze's start): the earlier of two in a fall-back, so the
+    /// closed time is never shortened.
+    fn closing(&self, local: NaiveDateTime) -> DateTime<Utc> {
+        self.resolve(local, false)
+    }
+
+    fn resolve(&self, local: NaiveDateTime, later: bool) -> DateTime<Utc> {
         let mut t = local;
         for _ in 0..(4 * 60) {
             match self.tz.from_local_datetime(&t) {
                 chrono::LocalResult::Single(x) => return x.with_timezone(&Utc),
-                chrono::LocalResult::Ambiguous(_, later) => return later.with_timezone(&Utc),
+                chrono::LocalResult::Ambiguous(a, b) => {
+                    return if later { b } else { a }.with_timezone(&Utc)
+                }
                 chrono::LocalResult::None => t += TimeDelta::minutes(1),
             }
         }
@@ -244,7 +259,7 @@ impl DeploymentWindows {
     fn freeze_at(&self, now: DateTime<Utc>) -> Option<&Freeze> {
         self.freezes
             .iter()
-            .find(|f| self.instant(f.from) <= now && now < self.instant(f.until))
+            .find(|f| self.closing(f.from) <= now && now < self.instant(f.until))
     }
 
     /// The window open at `now`, if any (always `Some` when there are no
@@ -268,7 +283,7 @@ impl DeploymentWindows {
                 } else {
                     *d + TimeDelta::days(1)
                 };
-                let end = self.instant(end_day.and_time(w.end));
+                let end = self.closing(end_day.and_time(w.end));
                 start <= now && now < end
             })
         })
@@ -351,13 +366,8 @@ impl DeploymentWindows {
             .iter()
             .map(|m| identity(m))
             .collect::<Result<Vec<_>>>()?;
-        let mut excluded = Vec::new();
-        if let Ok(actor) = identity(cx.actor()) {
-            excluded.push(cd_core::approval::Excluded {
-                identity: actor,
-                why: "started this run".into(),
-            });
-        }
+        // Neither the run's actor nor the release's author overrides.
+        let excluded = cd_core::approval::exclusions(cx.actor(), cx.release())?;
         Ok(ApprovalRequest {
             run_id: cx.run_id().to_string(),
             node: cx.node().to_string(),

@@ -101,6 +101,15 @@ async fn a_local_time_that_happens_twice_ends_a_freeze_at_the_later_one() {
     assert!(reason.contains("2026-10-25T01:30:00Z"), "{reason}");
     clock.set(at("2026-10-25T01:30:00Z"));
     assert_eq!(verdict(&gate).await, Verdict::Pass);
+
+    // A freeze *starting* at 02:30 that night starts at the earlier 02:30
+    // (00:30 UTC): closed time is never shortened.
+    let starts = DeploymentWindows::new("Europe/Paris")
+        .unwrap()
+        .freeze("late", "2026-10-25 02:30", "2026-10-25 06:00")
+        .unwrap();
+    assert!(starts.is_open(at("2026-10-25T00:29:59Z")));
+    assert!(!starts.is_open(at("2026-10-25T00:30:00Z")));
 }
 
 #[tokio::test]

@@ -932,15 +932,23 @@ impl Store for SqliteStore {
                     });
                 match inserted {
                     Ok(_) => Ok(()),
-                    Err(rusqlite::Error::SqliteFailure(e, _))
+                    Err(rusqlite::Error::SqliteFailure(e, msg))
                         if e.code == rusqlite::ErrorCode::ConstraintViolation =>
                     {
+                        let per_person = msg.as_deref().is_some_and(|m| m.contains("approvals.approver"));
                         Err(Error::new(
                             ErrorKind::Conflict,
-                            format!(
-                                "decision {} was already recorded (a replay)",
-                                a.decision_id.as_deref().unwrap_or("-")
-                            ),
+                            if per_person {
+                                format!(
+                                    "{} already decided `{}` of run {}; one person counts once",
+                                    a.approver, a.node, a.run_id
+                                )
+                            } else {
+                                format!(
+                                    "decision {} was already recorded (a replay)",
+                                    a.decision_id.as_deref().unwrap_or("-")
+                                )
+                            },
                         ))
                     }
                     Err(e) => Err(sql_err(&path, e)),

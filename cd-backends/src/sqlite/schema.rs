@@ -67,6 +67,11 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         name: "approval_identity",
         sql: include_str!("migrations/0008_approval_identity.sql"),
     },
+    Migration {
+        version: 9,
+        name: "one_decision_per_person",
+        sql: include_str!("migrations/0009_one_decision_per_person.sql"),
+    },
 ];
 
 /// The schema version this build writes.
