@@ -104,6 +104,7 @@ pub fn out(line: &str) {
 pub struct Operator {
     pipelines: BTreeMap<String, Pipeline>,
     deploys: BTreeMap<String, Deploy>,
+    local_trust: bool,
 }
 
 impl std::fmt::Debug for Operator {
@@ -111,6 +112,7 @@ impl std::fmt::Debug for Operator {
         f.debug_struct("Operator")
             .field("pipelines", &self.pipelines.keys().collect::<Vec<_>>())
             .field("deploys", &self.deploys.keys().collect::<Vec<_>>())
+            .field("local_trust", &self.local_trust)
             .finish()
     }
 }
@@ -124,6 +126,17 @@ impl Operator {
     /// A pipeline `resume` may continue (by its name).
     pub fn pipeline(mut self, pipeline: Pipeline) -> Self {
         self.pipelines.insert(pipeline.name().to_string(), pipeline);
+        self
+    }
+
+    /// Local-trust mode: `approve` and `reject` without a token decide as
+    /// the operating-system user (`$USER`), recorded with via `trusted: cli
+    /// local user <user>@<host>`. For a deploy binary whose callers the host
+    /// already authenticates (a CI runner, a sudo wrapper); everything else
+    /// still applies (who may decide, four eyes, expiry). Off by default;
+    /// `cdctl` never turns it on. A token, when given, still wins.
+    pub fn trust_local_user(mut self) -> Self {
+        self.local_trust = true;
         self
     }
 
@@ -584,8 +597,8 @@ async fn run(op: &Operator, options: &Options, command: &Command) -> Result<()> 
             reason,
             actor,
         } => unlock(&store, json, env, *force, reason, actor.clone()).await,
-        Command::Approve(d) => decide(&store, json, d, Decision::Approve).await,
-        Command::Reject(d) => decide(&store, json, d, Decision::Reject).await,
+        Command::Approve(d) => decide(op, &store, json, d, Decision::Approve).await,
+        Command::Reject(d) => decide(op, &store, json, d, Decision::Reject).await,
         Command::Token { command } => token(&store, json, command).await,
         Command::Rollback { env, to, actor } => {
             op.rollback(store, json, env, to.as_deref(), actor.clone())
@@ -1261,7 +1274,13 @@ fn read_token(d: &Decide) -> Result<Option<String>> {
     Ok(None)
 }
 
-async fn decide(store: &SqliteStore, as_json: bool, d: &Decide, decision: Decision) -> Result<()> {
+async fn decide(
+    op: &Operator,
+    store: &SqliteStore,
+    as_json: bool,
+    d: &Decide,
+    decision: Decision,
+) -> Result<()> {
     if let Some(name) = &d.approver {
         return Err(Error::invalid(format!(
             "--as {name:?} is gone: who decides comes from the approver's token (--token-file, $CD_TOKEN, or the prompt); `cdctl token create <name>` makes one"
@@ -1273,9 +1292,17 @@ async fn decide(store: &SqliteStore, as_json: bool, d: &Decide, decision: Decisi
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into());
     let token = read_token(d)?;
-    let actor =
-        cd_core::approval::authenticate(store, token.as_deref(), &format!("cli {who}@{host}"))
-            .await?;
+    let actor = match token {
+        // Local trust, chosen in code by the host binary: no token means
+        // the operating-system user.
+        None if op.local_trust => {
+            cd_core::approval::Actor::trusted(&who, &format!("cli local user {who}@{host}"))?
+        }
+        token => {
+            cd_core::approval::authenticate(store, token.as_deref(), &format!("cli {who}@{host}"))
+                .await?
+        }
+    };
     let record = cd_core::approval::record_decision(
         store,
         &actor,

@@ -517,3 +517,62 @@ async fn a_run_waiting_for_approval_survives_its_process_being_killed() {
     let stored = f.store.get_run(&run).await.unwrap().unwrap();
     assert_eq!(stored.status, RunStatus::Succeeded);
 }
+
+#[tokio::test]
+async fn local_trust_is_a_choice_made_in_code() {
+    let f = Fixture::new().await;
+    // Whoever runs the tests is the local user.
+    let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+    let me = cd_core::approval::identity(&user).unwrap();
+    let (run, handle) = f
+        .waiting(ApprovalGate::any_of([me.as_str(), "bob"]), "v1")
+        .await;
+    let options = cd::cli::Options {
+        db: Some(f.db.clone()),
+        json: false,
+    };
+    let approve = cd::cli::Command::Approve(cd::cli::Decide {
+        run: run.clone(),
+        node: "approval".into(),
+        comment: Some("from the deploy host".into()),
+        token_file: None,
+        decision_id: None,
+        approver: None,
+    });
+    // cdctl's operator: no token, no decision.
+    let err = cd::cli::Operator::new()
+        .execute(&options, &approve)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), cd_core::ErrorKind::Auth, "{err}");
+    assert!(f
+        .store
+        .approvals(&run, "approval")
+        .await
+        .unwrap()
+        .is_empty());
+    // A host binary that chose local trust: the OS user decides, and the
+    // record says so.
+    cd::cli::Operator::new()
+        .trust_local_user()
+        .execute(&options, &approve)
+        .await
+        .unwrap();
+    let report = tokio::time::timeout(DEADLINE, handle)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.status, RunStatus::Succeeded, "{report}");
+    let records = f.store.approvals(&run, "approval").await.unwrap();
+    assert_eq!(records[0].approver, me);
+    assert!(
+        records[0]
+            .via
+            .as_deref()
+            .unwrap()
+            .starts_with("trusted: cli local user"),
+        "{:?}",
+        records[0].via
+    );
+    assert!(records[0].token_id.is_none());
+}
