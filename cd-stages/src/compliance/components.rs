@@ -1,7 +1,8 @@
 //! The components of a release, read from the package manifests and lock
 //! files found in a directory: `Cargo.lock` (registry packages, ecosystem
-//! `crates.io`), `package-lock.json` (lockfile v2/v3 `packages`, `npm`) and
-//! `requirements.txt` (pinned `name==version` lines, `PyPI`).
+//! `crates.io`), `package-lock.json` (lockfile v2/v3 `packages`, `npm`),
+//! `requirements.txt` (pinned `name==version` lines, `PyPI`) and
+//! `poetry.lock` (`[[package]]` tables, `PyPI`).
 //!
 //! ```
 //! use cd_stages::compliance::components::from_cargo_lock;
@@ -95,6 +96,43 @@ pub fn from_requirements(text: &str) -> Vec<Component> {
         .collect()
 }
 
+/// The packages of a Poetry `poetry.lock` (`[[package]]` tables with
+/// `name` and `version`; packages whose `source` is a directory, file or
+/// git repository are not on PyPI: left out).
+///
+/// Errors: [`cd_core::ErrorKind::Invalid`] naming `file` and the TOML
+/// error's place.
+pub fn from_poetry_lock(file: &str, text: &str) -> Result<Vec<Component>> {
+    let doc: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| Error::invalid(format!("{file}: {e}")).with("file", file))?;
+    let mut out = Vec::new();
+    for p in doc
+        .get("package")
+        .and_then(|p| p.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let s = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+        let source = p
+            .get("source")
+            .and_then(|v| v.get("type"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        if matches!(source, "directory" | "file" | "git" | "url") {
+            continue;
+        }
+        if !s("name").is_empty() && !s("version").is_empty() {
+            out.push(Component {
+                ecosystem: "PyPI".into(),
+                name: s("name").into(),
+                version: s("version").into(),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Every component of the lock files under `dir` (not under `target`,
 /// `node_modules` or `.git`), sorted, without duplicates.
 ///
@@ -122,6 +160,7 @@ pub fn discover(dir: &Path) -> Result<Vec<Component>> {
                 "Cargo.lock" => out.extend(from_cargo_lock(&shown, &read()?)?),
                 "package-lock.json" => out.extend(from_package_lock(&shown, &read()?)?),
                 "requirements.txt" => out.extend(from_requirements(&read()?)),
+                "poetry.lock" => out.extend(from_poetry_lock(&shown, &read()?)?),
                 _ => {}
             }
         }
