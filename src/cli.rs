@@ -29,7 +29,9 @@
 //!     Operate(Command),
 //! }
 //!
-//! # fn deploy_stage() -> cd::stages::Deploy { unimplemented!() }
+//! # fn deploy_stage() -> cd::stages::Deploy {
+//! #     cd::stages::Deploy::new(cd::core::MemoryDeployer::new(["web-1"]))
+//! # }
 //! let cli = MyDeploy::parse();
 //! match cli.command {
 //!     MyCommand::Deploy { version } => { /* run your pipeline */ }

@@ -371,13 +371,23 @@ async fn the_containers_own_healthcheck_can_decide() {
         async move { d.apply(&plan, &cx).await }
     });
     let podman = cd_testkit::find_tool("podman").unwrap();
-    while !apply.is_finished() {
-        let _ = tokio::process::Command::new(&podman)
-            .args(["healthcheck", "run", "hc-hc-1-v1"])
-            .output()
-            .await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    // Podman runs healthchecks from systemd timers, absent here: run them
+    // until the apply has seen the container healthy.
+    cd_testkit::eventually(Duration::from_secs(60), || {
+        let (podman, done) = (podman.clone(), apply.is_finished());
+        async move {
+            if done {
+                return Some(());
+            }
+            let _ = tokio::process::Command::new(&podman)
+                .args(["healthcheck", "run", "hc-hc-1-v1"])
+                .output()
+                .await;
+            None
+        }
+    })
+    .await
+    .expect("the apply never finished");
     let rev = apply.await.unwrap().unwrap();
     assert_eq!(rev.version, "v1");
     assert_eq!(body(d.host_port("hc-1").unwrap()).await, "v1");
