@@ -98,11 +98,7 @@ impl std::fmt::Debug for Console {
 }
 
 fn random_id() -> String {
-    format!(
-        "{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    )
+    approval::random_hex(32)
 }
 
 /// The remote address of a request, as the audit trail shows it.
@@ -170,33 +166,30 @@ impl Console {
         }
     }
 
-    fn set_flash(&self, headers: &HeaderMap, ok: bool, text: String) {
-        if let Some(id) = cookie(headers, COOKIE) {
-            if let Some(s) = self
-                .inner
-                .sessions
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get_mut(&id)
-            {
-                s.flash = Some((ok, text));
-            }
+    fn set_flash(&self, id: &str, ok: bool, text: String) {
+        if let Some(s) = self
+            .inner
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_mut(id)
+        {
+            s.flash = Some((ok, text));
         }
     }
 
-    fn take_flash(&self, headers: &HeaderMap) -> Option<(bool, String)> {
-        let id = cookie(headers, COOKIE)?;
+    fn take_flash(&self, id: &str) -> Option<(bool, String)> {
         self.inner
             .sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get_mut(&id)
+            .get_mut(id)
             .and_then(|s| s.flash.take())
     }
 
     /// The signed-in person, re-checking their token (revoked or expired
     /// ends the session).
-    async fn actor(&self, headers: &HeaderMap, remote: &Remote) -> Option<(Session, Actor)> {
+    async fn actor(&self, headers: &HeaderMap, remote: &Remote) -> Option<SignedIn> {
         let (id, s) = self.session(headers)?;
         let ok = match self.inner.store.token(&s.token_id).await {
             Ok(Some(t)) => t.revoked_at.is_none() && t.expires_at.is_none_or(|e| e > Utc::now()),
@@ -215,7 +208,11 @@ impl Console {
             token_id: Some(s.token_id.clone()),
             via: format!("http {}", remote.0),
         };
-        Some((s, actor))
+        Some(SignedIn {
+            id,
+            session: s,
+            actor,
+        })
     }
 }
 
@@ -276,6 +273,43 @@ fn remote_of(req_ext: &axum::http::Extensions) -> Remote {
         .get::<Remote>()
         .cloned()
         .unwrap_or(Remote("unknown".into()))
+}
+
+/// A signed-in person: the session (id and contents) and the actor their
+/// decisions are recorded as. Without one, pages send the browser to
+/// `/login`.
+struct SignedIn {
+    id: String,
+    session: Session,
+    actor: Actor,
+}
+
+impl axum::extract::FromRequestParts<Console> for SignedIn {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        c: &Console,
+    ) -> std::result::Result<Self, Response> {
+        let remote = remote_of(&parts.extensions);
+        c.actor(&parts.headers, &remote).await.ok_or_else(to_login)
+    }
+}
+
+/// The JSON API's caller, from `Authorization: Bearer <token>`; without a
+/// valid token the request is answered with the JSON error.
+struct ApiCaller(Actor);
+
+impl axum::extract::FromRequestParts<Console> for ApiCaller {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        c: &Console,
+    ) -> std::result::Result<Self, Response> {
+        let remote = remote_of(&parts.extensions);
+        api_actor(c, &parts.headers, &remote).await.map(ApiCaller)
+    }
 }
 
 const STYLE: &str = "body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#1d2433}\
@@ -443,13 +477,9 @@ fn duration(a: Option<DateTime<Utc>>, b: Option<DateTime<Utc>>) -> String {
 
 async fn runs_page(
     State(c): State<Console>,
-    headers: HeaderMap,
-    req_ext: axum::http::Extensions,
+    SignedIn { session: s, .. }: SignedIn,
     Query(q): Query<RunsQuery>,
 ) -> Response {
-    let Some((s, _)) = c.actor(&headers, &remote_of(&req_ext)).await else {
-        return to_login();
-    };
     let runs = c.inner.store.list_runs(200).await.unwrap_or_default();
     let runs: Vec<_> = runs
         .into_iter()
@@ -612,11 +642,10 @@ fn graph_markup(graph: &[(String, String, bool, Vec<String>)], nodes: &[NodeReco
 
 async fn graph_svg(
     State(c): State<Console>,
-    headers: HeaderMap,
-    req_ext: axum::http::Extensions,
+    signed_in: std::result::Result<SignedIn, Response>,
     Path(id): Path<String>,
 ) -> Response {
-    if c.actor(&headers, &remote_of(&req_ext)).await.is_none() {
+    if signed_in.is_err() {
         return StatusCode::UNAUTHORIZED.into_response();
     }
     let nodes = c.inner.store.nodes(&id).await.unwrap_or_default();
@@ -651,13 +680,9 @@ fn distribution_markup(node: &str, out: &Value) -> Markup {
 
 async fn run_page(
     State(c): State<Console>,
-    headers: HeaderMap,
-    req_ext: axum::http::Extensions,
+    SignedIn { session: s, .. }: SignedIn,
     Path(id): Path<String>,
 ) -> Response {
-    let Some((s, _)) = c.actor(&headers, &remote_of(&req_ext)).await else {
-        return to_login();
-    };
     let store = c.inner.store.as_ref();
     let Some(run) = store.get_run(&id).await.ok().flatten() else {
         return (
@@ -720,12 +745,8 @@ async fn run_page(
 
 async fn environments_page(
     State(c): State<Console>,
-    headers: HeaderMap,
-    req_ext: axum::http::Extensions,
+    SignedIn { session: s, .. }: SignedIn,
 ) -> Response {
-    let Some((s, _)) = c.actor(&headers, &remote_of(&req_ext)).await else {
-        return to_login();
-    };
     let store = c.inner.store.as_ref();
     let runs = store.list_runs(500).await.unwrap_or_default();
     let mut envs: Vec<String> = runs.iter().map(|r| r.environment.clone()).collect();
@@ -795,13 +816,9 @@ async fn pending(store: &dyn Store) -> Vec<approval::ApprovalRequest> {
 
 async fn approvals_page(
     State(c): State<Console>,
-    headers: HeaderMap,
-    req_ext: axum::http::Extensions,
+    SignedIn { session: s, id, .. }: SignedIn,
 ) -> Response {
-    let Some((s, _)) = c.actor(&headers, &remote_of(&req_ext)).await else {
-        return to_login();
-    };
-    let flash = c.take_flash(&headers);
+    let flash = c.take_flash(&id);
     let store = c.inner.store.as_ref();
     let list = pending(store).await;
     let mut rows = Vec::new();
@@ -888,14 +905,14 @@ fn segment(s: &str) -> String {
 
 async fn decide_form(
     State(c): State<Console>,
-    headers: HeaderMap,
-    req_ext: axum::http::Extensions,
+    SignedIn {
+        session: s,
+        actor,
+        id,
+    }: SignedIn,
     Path((run, node)): Path<(String, String)>,
     Form(f): Form<DecideForm>,
 ) -> Response {
-    let Some((s, actor)) = c.actor(&headers, &remote_of(&req_ext)).await else {
-        return to_login();
-    };
     if !f.csrf.as_deref().is_some_and(|t| csrf_ok(&s, t)) {
         return (
             StatusCode::FORBIDDEN,
@@ -908,16 +925,12 @@ async fn decide_form(
             .into_response();
     }
     let Some(decision) = decision_of(&f.decision) else {
-        c.set_flash(
-            &headers,
-            false,
-            format!("unknown decision {:?}", f.decision),
-        );
+        c.set_flash(&id, false, format!("unknown decision {:?}", f.decision));
         return Redirect::to("/approvals").into_response();
     };
     let Some(decision_id) = f.decision_id.filter(|d| !d.is_empty()) else {
         c.set_flash(
-            &headers,
+            &id,
             false,
             "the form has no decision id: reload the page".into(),
         );
@@ -932,7 +945,7 @@ async fn decide_form(
     };
     match approval::record_decision(c.inner.store.as_ref(), &actor, &req).await {
         Ok(r) => c.set_flash(
-            &headers,
+            &id,
             true,
             format!(
                 "{} {} `{}` of run {}",
@@ -945,7 +958,7 @@ async fn decide_form(
                 r.run_id
             ),
         ),
-        Err(e) => c.set_flash(&headers, false, e.to_string()),
+        Err(e) => c.set_flash(&id, false, e.to_string()),
     }
     Redirect::to("/approvals").into_response()
 }
@@ -982,29 +995,14 @@ fn api_error(e: &cd_core::Error) -> Response {
         .into_response()
 }
 
-async fn api_runs(
-    State(c): State<Console>,
-    headers: HeaderMap,
-    req_ext: axum::http::Extensions,
-) -> Response {
-    if let Err(r) = api_actor(&c, &headers, &remote_of(&req_ext)).await {
-        return r;
-    }
+async fn api_runs(State(c): State<Console>, _caller: ApiCaller) -> Response {
     match c.inner.store.list_runs(200).await {
         Ok(runs) => Json(runs).into_response(),
         Err(e) => api_error(&e),
     }
 }
 
-async fn api_run(
-    State(c): State<Console>,
-    headers: HeaderMap,
-    req_ext: axum::http::Extensions,
-    Path(id): Path<String>,
-) -> Response {
-    if let Err(r) = api_actor(&c, &headers, &remote_of(&req_ext)).await {
-        return r;
-    }
+async fn api_run(State(c): State<Console>, _caller: ApiCaller, Path(id): Path<String>) -> Response {
     let store = c.inner.store.as_ref();
     match store.get_run(&id).await {
         Ok(Some(run)) => {
@@ -1019,14 +1017,7 @@ async fn api_run(
     }
 }
 
-async fn api_approvals(
-    State(c): State<Console>,
-    headers: HeaderMap,
-    req_ext: axum::http::Extensions,
-) -> Response {
-    if let Err(r) = api_actor(&c, &headers, &remote_of(&req_ext)).await {
-        return r;
-    }
+async fn api_approvals(State(c): State<Console>, _caller: ApiCaller) -> Response {
     Json(pending(c.inner.store.as_ref()).await).into_response()
 }
 
@@ -1039,15 +1030,10 @@ struct ApiDecision {
 
 async fn api_decide(
     State(c): State<Console>,
-    headers: HeaderMap,
-    req_ext: axum::http::Extensions,
+    ApiCaller(actor): ApiCaller,
     Path((run, node)): Path<(String, String)>,
     Json(d): Json<ApiDecision>,
 ) -> Response {
-    let actor = match api_actor(&c, &headers, &remote_of(&req_ext)).await {
-        Ok(a) => a,
-        Err(r) => return r,
-    };
     let Some(decision) = decision_of(&d.decision) else {
         return api_error(&cd_core::Error::invalid(
             "decision must be \"approve\" or \"reject\"",

@@ -113,7 +113,10 @@ fn token_hash(id: &str, secret: &str) -> String {
     hex::encode(mac.finalize().into_bytes())
 }
 
-fn random_hex(bytes: usize) -> String {
+/// `bytes` random bytes from the operating system's generator, as
+/// lowercase hex (`2 * bytes` characters): token secrets, session ids,
+/// CSRF tokens.
+pub fn random_hex(bytes: usize) -> String {
     let mut out = String::with_capacity(bytes * 2);
     while out.len() < bytes * 2 {
         // uuid v4 draws from the OS generator (getrandom): 122 random bits

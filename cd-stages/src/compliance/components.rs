@@ -18,22 +18,31 @@ use cd_core::{Error, Result};
 
 use super::advisories::Component;
 
+/// The `[[package]]` tables of a TOML lock file (Cargo.lock, poetry.lock).
+fn lock_packages(file: &str, text: &str) -> Result<Vec<toml::Table>> {
+    let mut doc: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| Error::invalid(format!("{file}: {e}")).with("file", file))?;
+    Ok(match doc.remove("package") {
+        Some(toml::Value::Array(list)) => list
+            .into_iter()
+            .filter_map(|p| match p {
+                toml::Value::Table(t) => Some(t),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    })
+}
+
 /// Registry packages of a `Cargo.lock` (path and git packages are the
 /// project's own, or not on crates.io: left out).
 ///
 /// Errors: [`cd_core::ErrorKind::Invalid`] naming `file` and the TOML
 /// error's place.
 pub fn from_cargo_lock(file: &str, text: &str) -> Result<Vec<Component>> {
-    let doc: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| Error::invalid(format!("{file}: {e}")).with("file", file))?;
     let mut out = Vec::new();
-    for p in doc
-        .get("package")
-        .and_then(|p| p.as_array())
-        .into_iter()
-        .flatten()
-    {
+    for p in lock_packages(file, text)? {
         let s = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or_default();
         if s("source").starts_with("registry+") || s("source").starts_with("sparse+") {
             out.push(Component {
@@ -103,16 +112,8 @@ pub fn from_requirements(text: &str) -> Vec<Component> {
 /// Errors: [`cd_core::ErrorKind::Invalid`] naming `file` and the TOML
 /// error's place.
 pub fn from_poetry_lock(file: &str, text: &str) -> Result<Vec<Component>> {
-    let doc: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| Error::invalid(format!("{file}: {e}")).with("file", file))?;
     let mut out = Vec::new();
-    for p in doc
-        .get("package")
-        .and_then(|p| p.as_array())
-        .into_iter()
-        .flatten()
-    {
+    for p in lock_packages(file, text)? {
         let s = |k: &str| p.get(k).and_then(|v| v.as_str()).unwrap_or_default();
         let source = p
             .get("source")
